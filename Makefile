@@ -1,0 +1,37 @@
+# Two entry points (see README): `make quickstart` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is installed first and pinned: 2.13.0 is the CPU build on CI machines; a GPU machine may
+# override it, e.g. `make TORCH_SPEC="torch==2.13.0" install` with its own index.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install quickstart demo test test-all lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) scripts/make_demo_assets.py
+
+quickstart: demo
+	$(PY) -m pipeline train recipes/quickstart.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+# Includes the slow end-to-end quickstart acceptance test (minutes).
+test-all: install
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: install
+	$(VENV)/bin/ruff check pipeline tests scripts
+
+clean:
+	rm -rf runs mlruns.db mlartifacts demo .pytest_cache

@@ -1,0 +1,170 @@
+"""``python -m pipeline``: validate, plan, train, ui.
+
+Exit codes: 0 success; 1 the job ran and failed (contract broken, training or evaluation failed);
+2 the request itself is wrong (recipe, arguments, a missing file or model).
+
+Stage modules are imported inside each handler, so ``--help`` and ``validate`` never load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/medical_coding.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value (repeatable), validated like the file: --set training.learning_rate=1e-4",
+    )
+    parser.add_argument("--run-dir", help="output directory (default: runs/<recipe-name>/<run-id>/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (kept separate so tests and docs can inspect it)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="QLoRA fine-tuning on private data, driven by one YAML recipe. Offline by default.",
+        epilog="Run a command with --help for its options. Exit codes: 0 ok, 1 the job failed, 2 bad request.",
+    )
+    parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = commands.add_parser("validate", help="check the recipe and the data against its contract (no model)")
+    _recipe_args(p)
+    p.set_defaults(handler=cmd_validate)
+
+    p = commands.add_parser("plan", help="print the derived numbers: batch, steps, tokens, parameters (no weights)")
+    _recipe_args(p)
+    p.set_defaults(handler=cmd_plan)
+
+    p = commands.add_parser("train", help="validate, train the adapter, evaluate, and log everything to MLflow")
+    _recipe_args(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = commands.add_parser("ui", help="open the MLflow UI for the recipe's (or the default) store on 127.0.0.1")
+    p.add_argument("recipe", nargs="?", help="recipe whose tracking.uri to show (default: sqlite:///mlruns.db)")
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.set_defaults(handler=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    from pipeline.privacy import offline_environment
+
+    offline_environment()  # before any library that could reach the network is imported
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from pipeline.contracts import ContractFailed
+    from pipeline.recipe import RecipeError
+
+    try:
+        return args.handler(args)
+    except RecipeError as exc:
+        for line in exc.errors:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except ContractFailed as exc:
+        print(f"error: data contract failed:\n{exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202 - returns pipeline.recipe.Recipe
+    from pipeline.recipe import load_recipe
+
+    return load_recipe(args.recipe, args.overrides)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Recipe schema, input files, and every row against the contract; writes validation/ in the run dir."""
+    from pipeline import rundir
+    from pipeline.data import validate_data
+
+    recipe = _load(args)
+    out = rundir.new_run_dir(recipe.name, args.run_dir)
+    rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
+    validate_data(recipe, out, args.recipe)
+    print(f"Recipe {args.recipe} is valid; data meets the contract. Reports: {out / 'validation'}")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Derived numbers from the recipe, the base's config.json and the train file's row count."""
+    from pipeline import rundir
+    from pipeline.plan import find_model_config, make_plan, render_plan
+
+    recipe = _load(args)
+    train_file = Path(recipe.data.train)
+    rows = _count_lines(train_file) if train_file.is_file() else 0
+    config, source = find_model_config(recipe.model.path)
+    plan = make_plan(recipe, rows, config)
+    print(render_plan(plan, source))
+    if not train_file.is_file():
+        print(f"  (data.train {train_file} not found: steps assume 0 rows)")
+    else:
+        print(f"  (rows counted as non-blank lines of {train_file}; `validate` counts accepted rows)")
+    if args.run_dir:
+        rundir.write_json(Path(args.run_dir) / "plan.json", plan)
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """The whole job. The last line names the run directory and the MLflow run id."""
+    from pipeline.data import LossMaskError
+    from pipeline.model import ModelNotFound
+
+    recipe = _load(args)
+    from pipeline.train import train  # heavy: torch, transformers, trl
+
+    try:
+        result = train(recipe, recipe_source=args.recipe, run_dir=args.run_dir)
+    except ModelNotFound as exc:
+        print(f"error: {args.recipe}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LossMaskError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"Run directory: {result.run_dir}  MLflow run: {result.mlflow_run_id or '(tracking disabled)'}")
+    return EXIT_OK
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Start the MLflow UI for the configured store, on 127.0.0.1 unless told otherwise."""
+    import os
+
+    from pipeline.tracking import tracking_uri, ui_command
+
+    if args.recipe:
+        uri = tracking_uri(_load(args_with_no_overrides(args)))
+    else:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
+    command = ui_command(uri, args.host, args.port)
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    # Replace this process with the server, so Ctrl-C and kill reach it directly and nothing is orphaned.
+    os.execv(command[0], command)
+    return EXIT_OK  # not reached
+
+
+def args_with_no_overrides(args: argparse.Namespace) -> argparse.Namespace:
+    """``ui`` takes a recipe but no --set."""
+    return argparse.Namespace(recipe=args.recipe, overrides=[])
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())

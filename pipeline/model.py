@@ -1,0 +1,199 @@
+"""The base model: find it offline, load it in 4 bits, attach LoRA.
+
+``bnb_config()`` and ``lora_config()`` are the only places a recipe becomes a ``BitsAndBytesConfig`` or a
+``LoraConfig``, field by field, so a library rename changes one line here and nothing in recipes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.env import Env
+from pipeline.recipe import LoraSection, QuantizationSection, Recipe
+
+
+class ModelNotFound(Exception):
+    """The recipe's model.path is neither a local model directory nor in the local Hugging Face cache."""
+
+
+def resolve_model_path(path: str, revision: str | None = None) -> Path:
+    """Find the base model without touching the network.
+
+    Args:
+        path: A local directory, or a model id (``org/name``) looked up in the local Hugging Face cache.
+        revision: Cached commit or branch of the model id.
+
+    Returns:
+        The directory holding ``config.json`` and the weights.
+
+    Raises:
+        ModelNotFound: With the path, where it looked, and what to do.
+    """
+    local = Path(path)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelNotFound(f"model.path: {path} is a directory but has no config.json; is it a model directory?")
+        return local
+    looks_like_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if looks_like_id:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(repo_id=path, revision=revision, local_files_only=True))
+        except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            raise ModelNotFound(
+                f"model.path: {path} is not a local directory and is not in the local Hugging Face cache "
+                f"({HF_HUB_CACHE}). pipeline never downloads weights: copy the model to a directory and set "
+                f"model.path to it (or --set model.path=DIR), or populate the cache on a machine allowed to."
+            ) from None
+    raise ModelNotFound(f"model.path: {path}: no such directory (working directory: {Path.cwd()})")
+
+
+def bnb_config(q: QuantizationSection) -> Any:
+    """The recipe's quantization as transformers' ``BitsAndBytesConfig`` (None for a 16-bit base)."""
+    if not q.load_in_4bit:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+    )
+
+
+def lora_config(lora: LoraSection) -> Any:
+    """The recipe's adapter as peft's ``LoraConfig``."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
+        modules_to_save=list(lora.modules_to_save) or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def device_for(recipe: Recipe, env: Env) -> str:
+    """'cuda' or 'cpu', failing clearly when the recipe demands a GPU that is not there."""
+    wanted = recipe.hardware.device
+    if wanted == "cuda" and not env.cuda:
+        raise RuntimeError(
+            "hardware.device is 'cuda' but no CUDA GPU is visible. Run on a GPU machine, or for a CPU smoke run "
+            "pass --set hardware.device=cpu (and a small model)."
+        )
+    if wanted == "auto":
+        return "cuda" if env.cuda else "cpu"
+    return wanted
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The base's tokenizer, with a pad token (EOS when the base defines none) for batched training and generation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(recipe: Recipe, model_dir: Path, device: str) -> Any:
+    """Load the frozen base: 4-bit via bitsandbytes when the recipe says so, on one device.
+
+    Non-quantized parts (embeddings, norms, output head) are kept in the compute dtype: bf16 on a GPU,
+    fp32 when the recipe computes in fp32 (CPU).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, recipe.quantization.compute_dtype)
+    local_rank = _local_rank()
+    device_map = {"": f"cuda:{local_rank}"} if device == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=bnb_config(recipe.quantization),
+        dtype=dtype,
+        device_map=device_map,
+        attn_implementation=recipe.model.attn_implementation,
+        revision=None,  # model_dir is already the resolved snapshot
+    )
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
+
+
+def attach_lora(model: Any, recipe: Recipe) -> Any:
+    """Prepare the 4-bit base for training and wrap it with the recipe's LoRA adapter.
+
+    ``prepare_model_for_kbit_training`` freezes the base, casts small layers (norms) to fp32 for stability and
+    enables input gradients for checkpointing. It also upcasts the 16-bit embeddings and output head to fp32,
+    which costs 2 x 128,256 x 8,192 x 2 bytes = 3.9 GiB on a Llama-3 70B for no gain while they are frozen,
+    so those are cast back (as the QLoRA reference code does).
+    """
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if recipe.quantization.load_in_4bit:
+        kept = {name: p.dtype for name, p in model.named_parameters() if p.dtype in (torch.bfloat16, torch.float16)}
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        for name, param in model.named_parameters():
+            if name in kept and param.ndim == 2 and param.dtype == torch.float32:
+                param.data = param.data.to(kept[name])
+    return get_peft_model(model, lora_config(recipe.lora))
+
+
+def restore_adapter_dtype(model: Any, recipe: Recipe) -> int:
+    """Put trainable weights back in fp32 when the recipe computes in fp32.
+
+    TRL casts every trainable parameter of a 4-bit model to bf16 (the QLoRA paper's choice for bf16
+    compute on a GPU). With fp32 compute on a CPU that only costs: a CPU without native bf16 ran our demo
+    4.6x slower, and bf16 embeddings lose small updates. Returns the number of tensors cast.
+    """
+    import torch
+
+    if recipe.quantization.compute_dtype != "float32":
+        return 0
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
+def count_4bit_linear(model: Any) -> int:
+    """Number of bitsandbytes ``Linear4bit`` layers in a model (0 when bitsandbytes is not in use)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def eos_token_ids(tokenizer: Any, model: Any) -> set[int]:
+    """Every id that ends an answer: the tokenizer's EOS and the generation config's (e.g. Llama 3's <|eot_id|>)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return ids
+
+
+def _local_rank() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0"))

@@ -1,0 +1,463 @@
+"""The recipe: one typed, frozen, strict description of a fine-tuning job.
+
+A recipe is YAML. It may inherit from another recipe with ``extends: other.yaml`` (a path relative to
+the recipe that says it) and be adjusted from the command line with ``--set section.key=value``. All three
+sources are merged first and validated once, so an override gets exactly the checks a file does.
+
+Every problem is collected and reported together, each with the file that set the value, the dotted path,
+what was expected, and a "did you mean" for near-miss keys::
+
+    recipes/x.yaml: lora.alpah: unknown key (did you mean 'alpha'?)
+
+This module is a leaf: it imports only pydantic, yaml and the standard library, so ``--help``,
+``validate`` and ``plan`` stay fast on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+RECIPE_KEYS_ALLOWED_OUTSIDE_SCHEMA = ("extends",)
+
+
+class RecipeError(Exception):
+    """A recipe (or an override) is wrong. ``errors`` holds one readable line per problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+class _Section(BaseModel):
+    """Every section rejects unknown keys and cannot be changed after validation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """The base model."""
+
+    path: str = Field(
+        description="Local directory of the base model, or a Hugging Face model id looked up in the local "
+        "cache (HF_HOME) with no network access. Weights are never downloaded."
+    )
+    revision: str | None = Field(
+        default=None, description="Commit of the model id in the local cache; the newest cached one if unset."
+    )
+    license: str | None = Field(
+        default=None, description="License of the base weights, e.g. 'llama3.3' or 'apache-2.0'."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        default="sdpa", description="Attention kernel (transformers' attn_implementation)."
+    )
+
+
+class QuantizationSection(_Section):
+    """How the frozen base is stored (bitsandbytes through transformers' BitsAndBytesConfig)."""
+
+    load_in_4bit: bool = Field(
+        default=True, description="Store the base in 4 bits (QLoRA). False trains plain LoRA on a 16-bit base."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(
+        default="nf4", description="4-bit data type; NF4 is the QLoRA paper's choice for normal weights."
+    )
+    double_quant: bool = Field(
+        default=True,
+        description="Quantize the quantization constants too: 0.5 -> 0.127 bits per parameter (~3 GB on 65B).",
+    )
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="Dtype the 4-bit weights are dequantized to for each matmul."
+    )
+
+
+class LoraSection(_Section):
+    """The adapter (peft's LoraConfig)."""
+
+    r: int = Field(default=16, gt=0, le=1024, description="Adapter rank. Higher: more capacity and memory; 8-64 is typical.")
+    alpha: int = Field(default=32, gt=0, description="LoRA scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        default="all-linear",
+        description="Layers that get adapters: 'all-linear' (every linear layer but the output head, as the "
+        "QLoRA paper recommends) or a list of module names such as [q_proj, v_proj].",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full next to the adapters, e.g. [embed_tokens] for a new vocabulary.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return value
+
+
+class DataSection(_Section):
+    """Where the data is and which contract it must meet. Relative paths are relative to the working directory."""
+
+    contract: str = Field(description="Data contract (YAML) the rows are checked against, e.g. data_contracts/x.yaml.")
+    train: str = Field(description="Training split (JSON Lines).")
+    eval: str = Field(description="Evaluation split (JSON Lines). Never trained on.")
+    prompt_format: Literal["auto", "chat", "plain"] = Field(
+        default="auto",
+        description="'chat' renders prompts with the tokenizer's chat template, 'plain' with the task's own "
+        "template, 'auto' uses the chat template when the tokenizer has one.",
+    )
+
+
+class TrainingSection(_Section):
+    """Optimization (TRL's SFTConfig). Names follow transformers/TRL where the meaning is the same."""
+
+    max_length: int = Field(default=2048, gt=8, description="Longest tokenized example (prompt + completion).")
+    micro_batch_size: int = Field(default=1, gt=0, description="Examples per device per forward pass.")
+    gradient_accumulation_steps: int = Field(default=16, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(default=2.0e-4, gt=0, lt=1, description="Peak learning rate.")
+    num_epochs: float = Field(default=2.0, gt=0, description="Passes over the training split.")
+    max_steps: int | None = Field(
+        default=None, gt=0, description="Stop after this many optimizer steps; overrides num_epochs when set."
+    )
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of the steps spent warming up.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay on trainable weights.")
+    max_grad_norm: float = Field(default=0.3, gt=0, description="Gradient clipping norm (0.3 in the QLoRA paper).")
+    optim: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"] = Field(
+        default="paged_adamw_8bit",
+        description="Optimizer. Paged 8-bit AdamW keeps states in 2 bytes per parameter and pages them to host "
+        "memory under pressure; use adamw_torch on a CPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=True, description="Recompute activations in backward (non-reentrant): far less memory, ~30% slower."
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="Mixed precision; 'auto' is bf16 where the GPU supports it, else fp16, fp32 on CPU."
+    )
+    seed: int = Field(default=42, description="Seed for data order, adapter initialization and dropout.")
+    logging_steps: int = Field(default=10, gt=0, description="Log loss, learning rate and grad norm every N steps.")
+    save_steps: int = Field(default=200, gt=0, description="Write a checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept on disk (oldest deleted first).")
+
+
+class HardwareSection(_Section):
+    """The machine the recipe is written for."""
+
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="'auto' trains on the GPU when CUDA is available, else on the CPU."
+    )
+    gpu_memory_gb: float | None = Field(
+        default=None, gt=0, description="Memory of one target GPU in GB, for the plan's fit check."
+    )
+    num_gpus: int = Field(default=1, gt=0, description="GPUs the effective batch is spread over.")
+
+
+class EvalSection(_Section):
+    """Evaluation on the eval split after training."""
+
+    max_new_tokens: int = Field(
+        default=64, gt=0, description="Generation budget per example; answers cut here are counted."
+    )
+    batch_size: int = Field(default=8, gt=0, description="Examples generated together (left-padded).")
+    max_examples: int | None = Field(
+        default=None, gt=0, description="Score only the first N accepted eval rows (quick checks); all if unset."
+    )
+    systems: list[Literal["base", "finetuned"]] = Field(
+        default_factory=lambda: ["base", "finetuned"],
+        description="Local systems to score: the base with the adapter off, and the fine-tune.",
+    )
+
+
+class TrackingSection(_Section):
+    """MLflow tracking. Nothing is sent anywhere unless ``uri`` names a server."""
+
+    enabled: bool = Field(default=True, description="Log the run to MLflow.")
+    uri: str = Field(
+        default="sqlite:///mlruns.db",
+        description="MLflow tracking URI. The default is a SQLite file in the working directory, with artifacts "
+        "in ./mlartifacts beside it. MLFLOW_TRACKING_URI in the environment wins over this value.",
+    )
+    experiment: str | None = Field(default=None, description="MLflow experiment; the recipe name if unset.")
+
+
+class Recipe(_Section):
+    """A whole fine-tuning job."""
+
+    name: str = Field(description="Short name; runs go to runs/<name>/<run-id>/.")
+    task: Literal["medical_coding"] = Field(
+        description="What the model learns; decides the prompt, how answers are parsed, and the metrics."
+    )
+    description: str | None = Field(default=None, description="One line for people reading the run.")
+    model: ModelSection
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    hardware: HardwareSection = Field(default_factory=HardwareSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
+            raise ValueError("use 1-64 letters, digits, '.', '_' or '-' (it names a directory)")
+        return value
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe (extends and overrides applied, defaults filled in)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: YAML -> merged dict (with provenance) -> Recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load, merge and validate a recipe.
+
+    Args:
+        path: The recipe YAML.
+        overrides: ``section.key=value`` strings; values are parsed as YAML (``8``, ``true``, ``[a, b]``).
+
+    Returns:
+        The validated, frozen recipe.
+
+    Raises:
+        RecipeError: With every problem found, each naming its file and dotted path.
+    """
+    path = Path(path)
+    origin: dict[str, str] = {}
+    raw = _read_with_extends(path, origin, chain=())
+    errors: list[str] = []
+    for override in overrides:
+        try:
+            dotted, value = _parse_override(override)
+        except ValueError as exc:
+            errors.append(f"--set {override}: {exc}")
+            continue
+        _set_dotted(raw, dotted, value)
+        origin[dotted] = "--set"
+    if errors:
+        raise RecipeError(errors)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_errors(exc, Recipe, origin, default_file=str(path))) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError([f"{path}: file not found (working directory: {Path.cwd()})"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError([f"{where}: not valid YAML: {problem}"]) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}"])
+    return data
+
+
+def _read_with_extends(path: Path, origin: dict[str, str], chain: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise RecipeError([f"{path}: extends: cycle ({cycle})"])
+    data = _read_yaml(path)
+    parent_ref = data.pop("extends", None)
+    merged: dict[str, Any] = {}
+    if parent_ref is not None:
+        if not isinstance(parent_ref, str):
+            raise RecipeError([f"{path}: extends: expected a path to another recipe, got {parent_ref!r}"])
+        parent = (path.parent / parent_ref) if not Path(parent_ref).is_absolute() else Path(parent_ref)
+        if not parent.is_file():
+            raise RecipeError([f"{path}: extends: file not found: {parent}"])
+        merged = _read_with_extends(parent, origin, (*chain, resolved))
+    for dotted in _leaf_paths(data):
+        origin[dotted] = str(path)
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge mappings key by key; any other value (lists included) replaces what the parent had."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _leaf_paths(data: dict[str, Any], prefix: str = "") -> list[str]:
+    paths = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        paths.append(dotted)
+        if isinstance(value, dict):
+            paths.extend(_leaf_paths(value, dotted + "."))
+    return paths
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ValueError("expected section.key=value")
+    dotted, _, value_text = text.partition("=")
+    dotted = dotted.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", dotted):
+        raise ValueError(f"{dotted!r} is not a dotted key such as training.learning_rate")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text  # not YAML: keep the literal string and let the schema judge it
+    return dotted, value
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def format_validation_errors(
+    exc: ValidationError, schema: type[BaseModel], origin: dict[str, str], default_file: str
+) -> list[str]:
+    """Turn pydantic errors into ``file: dotted.path: what (expected ...)`` lines with key hints.
+
+    Args:
+        exc: The validation error.
+        schema: The model that was validated, to suggest near-miss keys.
+        origin: Which file set each dotted key (for recipes merged through ``extends``).
+        default_file: The file named when a key has no recorded origin.
+    """
+    lines = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"] if not _is_union_tag(part)]
+        dotted = ".".join(loc) or "(top level)"
+        source = _source_of(dotted, origin, default_file)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            allowed = _fields_at(schema, loc[:-1])
+            if schema is Recipe and not loc[:-1]:
+                allowed = allowed + list(RECIPE_KEYS_ALLOWED_OUTSIDE_SCHEMA)
+            hint = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
+            message = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            if allowed:
+                message += f"; allowed here: {', '.join(sorted(allowed))}"
+        elif kind == "missing":
+            message = "required key is missing"
+        else:
+            message = f"{err['msg']}, got {err.get('input')!r}"
+        lines.append(f"{source}: {dotted}: {message}")
+    # Several union members can report the same location; keep the first line per location.
+    seen, unique = set(), []
+    for line in lines:
+        key = line.split(": ", 2)[1] if line.count(": ") >= 2 else line
+        if key not in seen:
+            seen.add(key)
+            unique.append(line)
+    return unique
+
+
+def _is_union_tag(part: Any) -> bool:
+    """Pydantic inserts the union member ('literal[...]', 'list[str]') into error locations; drop it."""
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
+
+
+def _source_of(dotted: str, origin: dict[str, str], default_file: str) -> str:
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        key = ".".join(parts[:cut])
+        if key in origin:
+            return origin[key]
+    return default_file
+
+
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """The keys a section accepts, found by walking the schema along ``loc``."""
+    current: Any = model
+    parts = list(loc)
+    while True:
+        current = _model_in(current)
+        origin = get_origin(current)
+        if origin in (dict, list) and parts:
+            parts.pop(0)  # a mapping key or list index: step into the value type
+            current = get_args(current)[-1]
+            continue
+        if not parts:
+            break
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(parts.pop(0))
+        if field is None:
+            return []
+        current = field.annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    """``Section | None`` -> ``Section``: the schema a union refers to, if any."""
+    if get_origin(annotation) in (Union, UnionType):
+        for member in get_args(annotation):
+            if (isinstance(member, type) and issubclass(member, BaseModel)) or get_origin(member) in (dict, list):
+                return member
+    return annotation
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks that need the file system (kept out of the schema so recipes can be loaded anywhere)
+
+
+def check_data_files(recipe: Recipe, source: str | Path) -> None:
+    """Fail with every missing input file named at once.
+
+    Args:
+        recipe: A loaded recipe.
+        source: The recipe file, for the error text.
+
+    Raises:
+        RecipeError: If the contract or a split file does not exist.
+    """
+    errors = []
+    for key in ("contract", "train", "eval"):
+        value = getattr(recipe.data, key)
+        if not Path(value).is_file():
+            errors.append(
+                f"{source}: data.{key}: file not found: {value} (relative paths are resolved from the working "
+                f"directory {Path.cwd()}; fix the path or pass --set data.{key}=PATH)"
+            )
+    if errors:
+        raise RecipeError(errors)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings to dotted keys (``{"lora": {"r": 16}}`` -> ``{"lora.r": 16}``)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,66 @@
+"""The run directory: where every output of a command goes, written so a crash never leaves half a file.
+
+Layout (see docs/architecture.md)::
+
+    runs/<recipe-name>/<run-id>/
+      recipe.resolved.yaml  plan.json
+      validation/report.json  validation/quarantine.jsonl
+      checkpoints/  adapter/
+      eval/predictions.jsonl  eval/metrics.json  eval/report.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RUNS_ROOT = Path("runs")
+
+
+def new_run_dir(recipe_name: str, run_dir: str | Path | None = None) -> Path:
+    """Create the run directory: the one given, or ``runs/<recipe-name>/<UTC time>-<random>``."""
+    if run_dir is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        run_dir = RUNS_ROOT / recipe_name / f"{stamp}-{secrets.token_hex(2)}"
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a file atomically: a temporary file in the same directory, then a rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Atomic, indented JSON."""
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Atomic JSON Lines, one row per line."""
+    return write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))

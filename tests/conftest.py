@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny local assets (no downloads) and one trained tiny run for the whole session.
+
+The trained run is the expensive part (about half a minute): it is built once and serves the training,
+evaluation and tracking tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Same as every command: no library may reach the network during tests.
+from pipeline.privacy import offline_environment  # noqa: E402
+
+offline_environment()
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict[str, Path]:
+    """Small demo notes and a random-weight tiny Llama (widths multiples of 64 for 4-bit on CPU)."""
+    from pipeline.demo import TinyModelSpec, build_demo_dataset, build_tiny_base
+
+    root = tmp_path_factory.mktemp("assets")
+    data = build_demo_dataset(root / "data", num_train=160, num_eval=24, seed=1)
+    spec = TinyModelSpec(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                         max_position_embeddings=256, pretrain_steps=0)
+    model = build_tiny_base(root / "model", spec=spec)
+    return {"data": data, "model": model, "root": root}
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe_data(tiny_assets) -> dict:
+    """A recipe (as a dict) that extends the shipped quickstart with the tiny assets and a few steps."""
+    root = tiny_assets["root"]
+    return {
+        "extends": str(ROOT / "recipes" / "quickstart.yaml"),
+        "name": "tiny",
+        "model": {"path": str(tiny_assets["model"])},
+        "data": {
+            "contract": str(ROOT / "data_contracts" / "medical_coding.yaml"),
+            "train": str(tiny_assets["data"] / "train.jsonl"),
+            "eval": str(tiny_assets["data"] / "eval.jsonl"),
+        },
+        "training": {"micro_batch_size": 8, "max_steps": 12, "logging_steps": 4, "save_steps": 100,
+                     "max_length": 160},
+        "eval": {"batch_size": 12, "max_new_tokens": 8},
+        "tracking": {"uri": f"sqlite:///{root / 'mlruns.db'}", "experiment": "tiny-tests"},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe_path(tiny_assets, tiny_recipe_data) -> Path:
+    return write_recipe(tiny_assets["root"] / "tiny.yaml", tiny_recipe_data)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_assets, tiny_recipe_path):
+    """One real QLoRA run of the tiny model (4-bit NF4 on CPU), evaluated and tracked."""
+    from pipeline.recipe import load_recipe
+    from pipeline.train import train
+
+    recipe = load_recipe(tiny_recipe_path)
+    return train(recipe, recipe_source=tiny_recipe_path, run_dir=tiny_assets["root"] / "run")

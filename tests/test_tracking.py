@@ -1,0 +1,106 @@
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def client(trained_run):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=trained_run.summary["tracking_uri"])
+
+
+def test_run_holds_params_metrics_and_artifacts(trained_run, client):
+    run = client.get_run(trained_run.mlflow_run_id)
+    params = run.data.params
+    assert params["lora.r"] == "16" and params["training.max_steps"] == "12"
+    assert params["quantization.quant_type"] == "nf4" and params["model.path"].endswith("model")
+    metrics = run.data.metrics
+    for system in ("base", "finetuned"):
+        for name in ("micro_f1", "macro_f1", "exact_match", "invalid_code_rate"):
+            assert f"eval.{system}.{name}" in metrics
+    assert metrics["eval.finetuned.micro_f1"] == pytest.approx(trained_run.metrics["finetuned"]["micro_f1"])
+    history = client.get_metric_history(trained_run.mlflow_run_id, "train.loss")
+    assert [m.step for m in history] == [4, 8, 12]
+    assert client.get_metric_history(trained_run.mlflow_run_id, "train.learning_rate")
+    assert client.get_metric_history(trained_run.mlflow_run_id, "train.grad_norm")
+
+    def paths(prefix=""):
+        found = []
+        for item in client.list_artifacts(trained_run.mlflow_run_id, prefix or None):
+            found += paths(item.path) if item.is_dir else [item.path]
+        return found
+
+    artifacts = set(paths())
+    for name in ["recipe.resolved.yaml", "plan.json", "validation/report.json", "validation/quarantine.jsonl",
+                 "adapter/adapter_model.safetensors", "eval/report.md", "eval/metrics.json"]:
+        assert name in artifacts, name
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["task"] == "medical_coding"
+
+
+def test_params_stay_within_mlflow_limits(tmp_path):
+    from pipeline.recipe import load_recipe
+    from pipeline.tracking import MAX_PARAM_VALUE, Tracker, params_for
+
+    long_description = "x" * 10_000
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml",
+                         [f"description={long_description}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    params = params_for(recipe)
+    assert len(params["description"]) == MAX_PARAM_VALUE and params["description"].endswith("[truncated]")
+    tracker = Tracker(recipe, run_name="limits")
+    many = {f"extra.p{i}": str(i) for i in range(250)}  # over MLflow's 100-per-call batch limit
+    tracker.log_params({**params, **many})
+    tracker.end()
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}").get_run(tracker.run_id).data.params
+    assert logged["extra.p249"] == "249" and len(logged) == len(params) + 250
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_store_on_loopback_only(tmp_path, trained_run):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "ui", "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**__import__("os").environ, "MLFLOW_TRACKING_URI": trained_run.summary["tracking_uri"]},
+    )
+    try:
+        deadline = time.time() + 90
+        body = ""
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    body = response.read().decode()
+                    break
+            except OSError:
+                time.sleep(1)
+        assert body.strip() == "OK"
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={trained_run.mlflow_run_id}", timeout=5
+        ) as response:
+            assert trained_run.mlflow_run_id in response.read().decode()
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        if listening:  # ss is not on every machine; when it is, the socket must be bound to loopback
+            assert all("127.0.0.1:" in line for line in listening.splitlines())
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and any workers it started
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
