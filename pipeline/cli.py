@@ -126,14 +126,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """The whole job. The last line names the run directory and the MLflow run id."""
     from pipeline.data import LossMaskError
-    from pipeline.model import ModelNotFound
+    from pipeline.model import DeviceUnavailable, ModelNotFound
 
     recipe = _load(args)
     from pipeline.train import train  # heavy: torch, transformers, trl
 
     try:
         result = train(recipe, recipe_source=args.recipe, run_dir=args.run_dir)
-    except ModelNotFound as exc:
+    except (ModelNotFound, DeviceUnavailable) as exc:
         print(f"error: {args.recipe}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except LossMaskError as exc:

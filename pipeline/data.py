@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pipeline import rundir
 from pipeline.contracts import ContractFailed, DataContract, SplitResult, build_report, load_contract
 from pipeline.contracts import over_threshold, validate_split
-from pipeline.recipe import Recipe, check_data_files
+from pipeline.recipe import Recipe, RecipeError, check_data_files
 from pipeline.tasks import Task
 
 
@@ -73,9 +73,9 @@ def prompt_format(recipe: Recipe, tokenizer: Any) -> Literal["chat", "plain"]:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     wanted = recipe.data.prompt_format
     if wanted == "chat" and not has_template:
-        raise ValueError(
-            f"data.prompt_format is 'chat' but the tokenizer of {recipe.model.path} has no chat template; "
-            "use prompt_format: plain or auto"
+        raise RecipeError(
+            [f"data.prompt_format: 'chat' needs a chat template, and the tokenizer of {recipe.model.path} has "
+             "none; use prompt_format: plain (the task's own template) or auto"]
         )
     if wanted == "auto":
         return "chat" if has_template else "plain"

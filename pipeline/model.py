@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ from pipeline.recipe import LoraSection, QuantizationSection, Recipe
 
 class ModelNotFound(Exception):
     """The recipe's model.path is neither a local model directory nor in the local Hugging Face cache."""
+
+
+class DeviceUnavailable(Exception):
+    """The recipe asks for hardware this machine does not have."""
 
 
 def resolve_model_path(path: str, revision: str | None = None) -> Path:
@@ -87,7 +92,7 @@ def device_for(recipe: Recipe, env: Env) -> str:
     """'cuda' or 'cpu', failing clearly when the recipe demands a GPU that is not there."""
     wanted = recipe.hardware.device
     if wanted == "cuda" and not env.cuda:
-        raise RuntimeError(
+        raise DeviceUnavailable(
             "hardware.device is 'cuda' but no CUDA GPU is visible. Run on a GPU machine, or for a CPU smoke run "
             "pass --set hardware.device=cpu (and a small model)."
         )
@@ -151,7 +156,13 @@ def attach_lora(model: Any, recipe: Recipe) -> Any:
         for name, param in model.named_parameters():
             if name in kept and param.ndim == 2 and param.dtype == torch.float32:
                 param.data = param.data.to(kept[name])
-    return get_peft_model(model, lora_config(recipe.lora))
+    with warnings.catch_warnings():
+        # With modules_to_save=[embed_tokens] on a base with tied embeddings (the demo model), peft warns that
+        # the trained input copy and the frozen output head stop being tied. That is the intent: tying them
+        # (ensure_weight_tying) made demo steps 25% slower, and at equal training time micro-F1 was lower
+        # (0.69 after 500 tied steps vs 0.72 after 625 untied steps, both ~155 s).
+        warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
+        return get_peft_model(model, lora_config(recipe.lora))
 
 
 def restore_adapter_dtype(model: Any, recipe: Recipe) -> int:

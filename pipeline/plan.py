@@ -163,7 +163,7 @@ def make_plan(
         # 16-bit storage for what is not quantized; bf16/fp16 = 2 bytes, fp32 = 4 (CPU recipes).
         rest_bytes = 4 if recipe.quantization.compute_dtype == "float32" else 2
         weight_bytes = counts["quantized"] * NF4_DQ_BITS / 8 + counts["kept_16bit"] * rest_bytes
-        plan["weights_memory_gib"] = round(weight_bytes / 2**30, 2)
+        plan["weights_memory_gib"] = round(weight_bytes / 2**30, 4)
     return plan
 
 
@@ -186,7 +186,9 @@ def render_plan(plan: dict[str, Any], model_source: str | None = None) -> str:
             f"{_human(params['trainable'])} trainable ({params['trainable_percent']:.3g}%, "
             f"LoRA {_human(params['lora'])})"
         )
-        lines.append(f"  base weights in memory: {plan['weights_memory_gib']:.2f} GiB")
+        gib = plan["weights_memory_gib"]
+        shown = f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+        lines.append(f"  base weights in memory: {shown} (NF4 + double quantization for linear layers, rest 16/32-bit)")
     else:
         lines.append(f"  parameters: unknown ({model_source or 'model config not found'})")
     return "\n".join(lines)

@@ -125,6 +125,11 @@ class TrainingSection(_Section):
     max_steps: int | None = Field(
         default=None, gt=0, description="Stop after this many optimizer steps; overrides num_epochs when set."
     )
+    train_sampling_strategy: Literal["random", "group_by_length"] = Field(
+        default="random",
+        description="'random' shuffles freely; 'group_by_length' batches examples of similar length (less "
+        "padding, ~30% faster on the demo, but batches correlate with length: demo micro-F1 0.72 -> 0.50).",
+    )
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         default="cosine", description="Learning-rate schedule after warmup."
     )

@@ -47,7 +47,11 @@ def params_for(recipe: Recipe) -> dict[str, str]:
 
 
 class Tracker:
-    """An open MLflow run (or nothing at all when tracking is disabled)."""
+    """An open MLflow run (or nothing at all when tracking is disabled).
+
+    Uses an explicit ``MlflowClient`` bound to one store rather than mlflow's global "active run" state, so
+    several runs against different stores in one process (notebooks, tests) never mix.
+    """
 
     def __init__(self, recipe: Recipe, run_name: str):
         self.enabled = recipe.tracking.enabled
@@ -55,39 +59,51 @@ class Tracker:
         self.uri = tracking_uri(recipe)
         if not self.enabled:
             return
-        import mlflow
+        from mlflow.tracking import MlflowClient
 
-        self._mlflow = mlflow
-        mlflow.set_tracking_uri(self.uri)
+        self._client = MlflowClient(tracking_uri=self.uri)
         name = recipe.tracking.experiment or recipe.name
-        experiment = mlflow.get_experiment_by_name(name)
+        experiment = self._client.get_experiment_by_name(name)
         if experiment is None:
-            experiment_id = mlflow.create_experiment(name, artifact_location=artifact_root(self.uri))
+            experiment_id = self._client.create_experiment(name, artifact_location=artifact_root(self.uri))
         else:
             experiment_id = experiment.experiment_id
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
-        self.run_id = run.info.run_id
+        self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
 
     def log_params(self, params: dict[str, str]) -> None:
         """Log params in batches of at most 100."""
         if not self.enabled:
             return
-        items = list(params.items())
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(items), PARAMS_PER_BATCH):
-            self._mlflow.log_params(dict(items[start : start + PARAMS_PER_BATCH]))
+            self._client.log_batch(self.run_id, params=items[start : start + PARAMS_PER_BATCH])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Tags on the run (pipeline version, base model, task...)."""
-        if self.enabled:
-            self._mlflow.set_tags({k: str(v)[:MAX_PARAM_VALUE] for k, v in tags.items()})
+        if not self.enabled:
+            return
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:MAX_PARAM_VALUE]) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Numeric metrics; non-numeric values are skipped."""
         if not self.enabled:
             return
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if numeric:
-            self._mlflow.log_metrics(numeric, step=step)
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        for start in range(0, len(batch), 1000):  # MLflow accepts up to 1,000 metrics per batch
+            self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file or a whole directory into the run's artifacts."""
@@ -95,14 +111,14 @@ class Tracker:
             return
         path = Path(path)
         if path.is_dir():
-            self._mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
+            self._client.log_artifacts(self.run_id, str(path), artifact_path=artifact_path or path.name)
         elif path.is_file():
-            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run as FINISHED, FAILED or KILLED."""
-        if self.enabled and self._mlflow.active_run() is not None:
-            self._mlflow.end_run(status=status)
+        if self.enabled and self.run_id is not None:
+            self._client.set_terminated(self.run_id, status=status)
 
 
 def ui_command(uri: str, host: str, port: int) -> list[str]:

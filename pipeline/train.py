@@ -62,6 +62,7 @@ def sft_config(recipe: Recipe, run_dir: Path, device: str, env: Env) -> Any:
         num_train_epochs=t.num_epochs,
         max_steps=t.max_steps if t.max_steps is not None else -1,
         lr_scheduler_type=t.lr_scheduler_type,
+        train_sampling_strategy=t.train_sampling_strategy,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps (transformers 5)
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,

@@ -55,7 +55,7 @@ def tiny_recipe_data(tiny_assets) -> dict:
             "eval": str(tiny_assets["data"] / "eval.jsonl"),
         },
         "training": {"micro_batch_size": 8, "max_steps": 12, "logging_steps": 4, "save_steps": 100,
-                     "max_length": 160},
+                     "max_length": 384},
         "eval": {"batch_size": 12, "max_new_tokens": 8},
         "tracking": {"uri": f"sqlite:///{root / 'mlruns.db'}", "experiment": "tiny-tests"},
     }
