@@ -39,7 +39,8 @@ class FieldRule(BaseModel):
     pattern: str | None = Field(default=None, description="Regular expression a string must match in full.")
     enum: list[str | int | float | bool] | None = Field(default=None, description="The only allowed values.")
     vocabulary: Literal["icd10cm"] | None = Field(
-        default=None, description="A code system the value must belong to: 'icd10cm' (the official ICD-10-CM table)."
+        default=None,
+        description="A code system the value must belong to: 'icd10cm' (the official ICD-10-CM table).",
     )
     billable_only: bool = Field(
         default=False, description="With vocabulary icd10cm: only billable codes (leaves of the table) pass."
@@ -173,7 +174,11 @@ def _check_value(name: str, value: Any, rule: FieldRule) -> list[Reason]:
             reasons.append(Reason("vocabulary", name, f"{_clip(value)!r} is not an ICD-10-CM code"))
         elif status == "not_billable" and rule.billable_only:
             reasons.append(
-                Reason("billable", name, f"{value!r} is an ICD-10-CM category, not a billable code; use a subcode")
+                Reason(
+                    "billable",
+                    name,
+                    f"{value!r} is an ICD-10-CM category, not a billable code; use a subcode",
+                )
             )
     if rule.type == "list":
         if rule.min_items is not None and len(value) < rule.min_items:

@@ -11,8 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import rundir
-from pipeline.contracts import ContractFailed, DataContract, SplitResult, build_report, load_contract
-from pipeline.contracts import over_threshold, validate_split
+from pipeline.contracts import (
+    ContractFailed,
+    DataContract,
+    SplitResult,
+    build_report,
+    load_contract,
+    over_threshold,
+    validate_split,
+)
 from pipeline.recipe import Recipe, RecipeError, check_data_files
 from pipeline.tasks import Task
 
@@ -59,7 +66,8 @@ def render_report(report: dict[str, Any]) -> str:
     for name, split in report["splits"].items():
         failed = ", ".join(f"{k}={v}" for k, v in split["failed_checks"].items()) or "-"
         lines.append(
-            f"  {name:<6} {split['rows_in']:>9,} {split['rows_accepted']:>9,} {split['rows_quarantined']:>12,}  {failed}"
+            f"  {name:<6} {split['rows_in']:>9,} {split['rows_accepted']:>9,} "
+            f"{split['rows_quarantined']:>12,}  {failed}"
         )
     return "\n".join(lines)
 
@@ -74,8 +82,10 @@ def prompt_format(recipe: Recipe, tokenizer: Any) -> Literal["chat", "plain"]:
     wanted = recipe.data.prompt_format
     if wanted == "chat" and not has_template:
         raise RecipeError(
-            [f"data.prompt_format: 'chat' needs a chat template, and the tokenizer of {recipe.model.path} has "
-             "none; use prompt_format: plain (the task's own template) or auto"]
+            [
+                f"data.prompt_format: 'chat' needs a chat template, and the tokenizer of {recipe.model.path} has "
+                "none; use prompt_format: plain (the task's own template) or auto"
+            ]
         )
     if wanted == "auto":
         return "chat" if has_template else "plain"

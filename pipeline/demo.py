@@ -166,7 +166,9 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     )
     tok.train_from_iterator(texts, trainer=trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
@@ -259,7 +261,11 @@ def _pretrain(model: Any, tokenizer: Any, corpus: list[str], spec: TinyModelSpec
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % 50 == 0 or step + 1 == spec.pretrain_steps:
-            print(f"  pre-train step {step + 1}/{spec.pretrain_steps}  loss {loss.item():.3f}  ({time.time() - start:.0f}s)", flush=True)
+            print(
+                f"  pre-train step {step + 1}/{spec.pretrain_steps}  loss {loss.item():.3f}  "
+                f"({time.time() - start:.0f}s)",
+                flush=True,
+            )
     model.eval()
 
 

@@ -20,7 +20,14 @@ from pipeline.recipe import EvalSection
 from pipeline.tasks import Task, per_label_f1
 
 # Metrics shown in the terminal table and report, in this order.
-TABLE_METRICS = ("micro_f1", "micro_precision", "micro_recall", "macro_f1", "exact_match", "invalid_code_rate")
+TABLE_METRICS = (
+    "micro_f1",
+    "micro_precision",
+    "micro_recall",
+    "macro_f1",
+    "exact_match",
+    "invalid_code_rate",
+)
 
 
 def generate(
@@ -166,7 +173,7 @@ def write_outputs(
     """predictions.jsonl, metrics.json (with per-label scores), report.md and a per-label F1 plot."""
     predictions = []
     for system, outs in outputs.items():
-        for row, out in zip(rows, outs):
+        for row, out in zip(rows, outs, strict=True):
             predictions.append(
                 {
                     "system": system,
@@ -181,8 +188,10 @@ def write_outputs(
     rundir.write_jsonl(eval_dir / "predictions.jsonl", predictions)
     golds = [task.gold(row) for row in rows]
     per_label = {s: per_label_f1(golds, [task.parse(o["text"]) for o in outs]) for s, outs in outputs.items()}
-    rundir.write_json(eval_dir / "metrics.json", {"main_metric": task.main_metric, "systems": metrics,
-                                                   "per_label": per_label})
+    rundir.write_json(
+        eval_dir / "metrics.json",
+        {"main_metric": task.main_metric, "systems": metrics, "per_label": per_label},
+    )
     rundir.write_text(eval_dir / "report.md", render_report(task, metrics, per_label))
     save_per_label_plot(eval_dir / "per_label_f1.png", per_label)
 
@@ -208,7 +217,12 @@ def render_report(task: Task, metrics: dict[str, dict[str, Any]], per_label: dic
         lines += [f"Fine-tune minus base on {task.main_metric}: {diff:+.3f}", ""]
     if "finetuned" in per_label:
         worst = sorted(per_label["finetuned"].items(), key=lambda kv: (kv[1]["f1"], -kv[1]["support"]))[:10]
-        lines += ["## Weakest labels (fine-tune)", "", "| label | F1 | precision | recall | support |", "|---|---|---|---|---|"]
+        lines += [
+            "## Weakest labels (fine-tune)",
+            "",
+            "| label | F1 | precision | recall | support |",
+            "|---|---|---|---|---|",
+        ]
         lines += [
             f"| {label} | {s['f1']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} | {s['support']:.0f} |"
             for label, s in worst
@@ -230,8 +244,12 @@ def save_per_label_plot(path: Path, per_label: dict[str, dict[str, dict[str, flo
     fig, ax = plt.subplots(figsize=(7, max(3, 0.22 * len(labels))))
     height = 0.8 / max(1, len(per_label))
     for k, (system, scores) in enumerate(per_label.items()):
-        ax.barh([i + k * height for i in range(len(labels))], [scores.get(lb, {}).get("f1", 0.0) for lb in labels],
-                height=height, label=system)
+        ax.barh(
+            [i + k * height for i in range(len(labels))],
+            [scores.get(lb, {}).get("f1", 0.0) for lb in labels],
+            height=height,
+            label=system,
+        )
     ax.set_yticks([i + height * (len(per_label) - 1) / 2 for i in range(len(labels))], labels, fontsize=7)
     ax.set_xlabel("F1")
     ax.set_xlim(0, 1)

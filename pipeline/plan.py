@@ -159,7 +159,10 @@ def make_plan(
     }
     if model_config is not None:
         counts = count_parameters(model_config, recipe)
-        plan["parameters"] = {**counts, "trainable_percent": round(100 * counts["trainable"] / counts["total"], 4)}
+        plan["parameters"] = {
+            **counts,
+            "trainable_percent": round(100 * counts["trainable"] / counts["total"], 4),
+        }
         # 16-bit storage for what is not quantized; bf16/fp16 = 2 bytes, fp32 = 4 (CPU recipes).
         rest_bytes = 4 if recipe.quantization.compute_dtype == "float32" else 2
         weight_bytes = counts["quantized"] * NF4_DQ_BITS / 8 + counts["kept_16bit"] * rest_bytes

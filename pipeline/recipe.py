@@ -63,7 +63,8 @@ class QuantizationSection(_Section):
     """How the frozen base is stored (bitsandbytes through transformers' BitsAndBytesConfig)."""
 
     load_in_4bit: bool = Field(
-        default=True, description="Store the base in 4 bits (QLoRA). False trains plain LoRA on a 16-bit base."
+        default=True,
+        description="Store the base in 4 bits (QLoRA). False trains plain LoRA on a 16-bit base.",
     )
     quant_type: Literal["nf4", "fp4"] = Field(
         default="nf4", description="4-bit data type; NF4 is the QLoRA paper's choice for normal weights."
@@ -80,7 +81,12 @@ class QuantizationSection(_Section):
 class LoraSection(_Section):
     """The adapter (peft's LoraConfig)."""
 
-    r: int = Field(default=16, gt=0, le=1024, description="Adapter rank. Higher: more capacity and memory; 8-64 is typical.")
+    r: int = Field(
+        default=16,
+        gt=0,
+        le=1024,
+        description="Adapter rank. Higher: more capacity and memory; 8-64 is typical.",
+    )
     alpha: int = Field(default=32, gt=0, description="LoRA scaling numerator: updates are scaled by alpha / r.")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: Literal["all-linear"] | list[str] = Field(
@@ -142,10 +148,12 @@ class TrainingSection(_Section):
         "memory under pressure; use adamw_torch on a CPU.",
     )
     gradient_checkpointing: bool = Field(
-        default=True, description="Recompute activations in backward (non-reentrant): far less memory, ~30% slower."
+        default=True,
+        description="Recompute activations in backward (non-reentrant): far less memory, ~30% slower.",
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        default="auto", description="Mixed precision; 'auto' is bf16 where the GPU supports it, else fp16, fp32 on CPU."
+        default="auto",
+        description="Mixed precision; 'auto' is bf16 where the GPU supports it, else fp16, fp32 on CPU.",
     )
     seed: int = Field(default=42, description="Seed for data order, adapter initialization and dropout.")
     logging_steps: int = Field(default=10, gt=0, description="Log loss, learning rate and grad norm every N steps.")
@@ -173,7 +181,9 @@ class EvalSection(_Section):
     )
     batch_size: int = Field(default=8, gt=0, description="Examples generated together (left-padded).")
     max_examples: int | None = Field(
-        default=None, gt=0, description="Score only the first N accepted eval rows (quick checks); all if unset."
+        default=None,
+        gt=0,
+        description="Score only the first N accepted eval rows (quick checks); all if unset.",
     )
     systems: list[Literal["base", "finetuned"]] = Field(
         default_factory=lambda: ["base", "finetuned"],
@@ -425,7 +435,10 @@ def _model_in(annotation: Any) -> Any:
     """``Section | None`` -> ``Section``: the schema a union refers to, if any."""
     if get_origin(annotation) in (Union, UnionType):
         for member in get_args(annotation):
-            if (isinstance(member, type) and issubclass(member, BaseModel)) or get_origin(member) in (dict, list):
+            if (isinstance(member, type) and issubclass(member, BaseModel)) or get_origin(member) in (
+                dict,
+                list,
+            ):
                 return member
     return annotation
 

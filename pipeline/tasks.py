@@ -73,7 +73,7 @@ def score_codes(golds: Sequence[Sequence[str]], preds: Sequence[Sequence[str]]) 
     fn_by: dict[str, int] = {}
     exact = 0
     predicted = invalid = 0
-    for gold_codes, pred_codes in zip(golds, preds):
+    for gold_codes, pred_codes in zip(golds, preds, strict=True):
         gold, pred = set(gold_codes), set(pred_codes)
         exact += gold == pred
         for code in gold & pred:
@@ -107,7 +107,7 @@ def score_codes(golds: Sequence[Sequence[str]], preds: Sequence[Sequence[str]]) 
 def per_label_f1(golds: Sequence[Sequence[str]], preds: Sequence[Sequence[str]]) -> dict[str, dict[str, float]]:
     """Per-code precision, recall, F1 and support (gold count), for the per-label report."""
     stats: dict[str, list[int]] = {}
-    for gold_codes, pred_codes in zip(golds, preds):
+    for gold_codes, pred_codes in zip(golds, preds, strict=True):
         gold, pred = set(gold_codes), set(pred_codes)
         for code in gold | pred:
             tp_fp_fn = stats.setdefault(code, [0, 0, 0])

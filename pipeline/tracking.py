@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from pipeline.recipe import Recipe, flatten
 
@@ -125,7 +124,18 @@ def ui_command(uri: str, host: str, port: int) -> list[str]:
     """The ``mlflow ui`` command line for a store, bound to ``host`` (127.0.0.1 by default)."""
     import sys
 
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     root = artifact_root(uri)
     if root is not None:
         command += ["--default-artifact-root", root]

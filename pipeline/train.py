@@ -110,8 +110,15 @@ def train(recipe: Recipe, *, recipe_source: str | Path = "recipe", run_dir: str 
     status = "FAILED"
     try:
         tracker.log_params(params_for(recipe))
-        tracker.set_tags({"pipeline.version": __version__, "task": recipe.task, "base_model": recipe.model.path,
-                          "base_model.license": recipe.model.license or "unknown", "run_dir": str(out)})
+        tracker.set_tags(
+            {
+                "pipeline.version": __version__,
+                "task": recipe.task,
+                "base_model": recipe.model.path,
+                "base_model.license": recipe.model.license or "unknown",
+                "run_dir": str(out),
+            }
+        )
         tracker.log_artifact(out / "recipe.resolved.yaml")
 
         # 1. Data: the contract runs before any weights load; bad rows go to quarantine, not to training.
@@ -137,9 +144,11 @@ def train(recipe: Recipe, *, recipe_source: str | Path = "recipe", run_dir: str 
         model = attach_lora(model, recipe)
         num_4bit = count_4bit_linear(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"Base loaded from {model_dir}: {num_4bit} linear layers in 4-bit "
-              f"({recipe.quantization.quant_type if recipe.quantization.load_in_4bit else 'off'}), "
-              f"{trainable:,} trainable parameters, device {device}")
+        print(
+            f"Base loaded from {model_dir}: {num_4bit} linear layers in 4-bit "
+            f"({recipe.quantization.quant_type if recipe.quantization.load_in_4bit else 'off'}), "
+            f"{trainable:,} trainable parameters, device {device}"
+        )
 
         # 5. TRL's trainer, then a check of what it will actually train on, before the first step.
         eos_ids = eos_token_ids(tokenizer, model)
@@ -155,9 +164,11 @@ def train(recipe: Recipe, *, recipe_source: str | Path = "recipe", run_dir: str 
         masks = check_loss_masks(
             trainer.train_dataset, [r["_row"] for r in data.train.rows], eos_ids, recipe.training.max_length
         )
-        print(f"Training data: {masks['examples']:,} examples, {masks['completion_tokens']:,} completion tokens "
-              f"in the loss, longest example {masks['longest_example_tokens']} tokens "
-              f"(max_length {recipe.training.max_length})")
+        print(
+            f"Training data: {masks['examples']:,} examples, {masks['completion_tokens']:,} completion tokens "
+            f"in the loss, longest example {masks['longest_example_tokens']} tokens "
+            f"(max_length {recipe.training.max_length})"
+        )
 
         # 6. Train and save the adapter.
         train_output = trainer.train()
@@ -171,8 +182,9 @@ def train(recipe: Recipe, *, recipe_source: str | Path = "recipe", run_dir: str 
         tracker.log_artifact(out / "loss.png")
 
         # 7. Evaluate base (adapter off) and fine-tune (adapter on) on the eval split.
-        metrics = evaluate_local(trainer.model, tokenizer, data.eval.rows, eval_examples, task, recipe.eval,
-                                 eos_ids, out)
+        metrics = evaluate_local(
+            trainer.model, tokenizer, data.eval.rows, eval_examples, task, recipe.eval, eos_ids, out
+        )
         print(render_table(metrics))
         for system, values in metrics.items():
             tracker.log_metrics({f"eval.{system}.{name}": value for name, value in values.items()})
@@ -191,7 +203,9 @@ def train(recipe: Recipe, *, recipe_source: str | Path = "recipe", run_dir: str 
             "total_seconds": round(time.time() - started, 1),
             "data": masks,
         }
-        tracker.log_metrics({"train.total_seconds": summary["total_seconds"], "train.final_loss": summary["train_loss"]})
+        tracker.log_metrics(
+            {"train.total_seconds": summary["total_seconds"], "train.final_loss": summary["train_loss"]}
+        )
         rundir.write_json(out / "summary.json", summary)
         tracker.log_artifact(out / "summary.json")
         status = "FINISHED"
@@ -218,9 +232,12 @@ class ProgressCallback(TrainerCallback):
             elapsed = time.time() - self.started
             rate = state.global_step / elapsed if elapsed else 0.0
             eta = (state.max_steps - state.global_step) / rate if rate else 0.0
-            print(f"  step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
-                  f"lr {logs.get('learning_rate', 0):.2e}  grad norm {logs.get('grad_norm', 0):.2f}  "
-                  f"({elapsed:.0f}s elapsed, ~{eta:.0f}s left)", flush=True)
+            print(
+                f"  step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                f"lr {logs.get('learning_rate', 0):.2e}  grad norm {logs.get('grad_norm', 0):.2f}  "
+                f"({elapsed:.0f}s elapsed, ~{eta:.0f}s left)",
+                flush=True,
+            )
 
 
 def save_loss_plot(path: Path, history: list[dict[str, Any]]) -> None:

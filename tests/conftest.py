@@ -35,8 +35,15 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("assets")
     data = build_demo_dataset(root / "data", num_train=160, num_eval=24, seed=1)
-    spec = TinyModelSpec(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
-                         max_position_embeddings=256, pretrain_steps=0)
+    spec = TinyModelSpec(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=2,
+        max_position_embeddings=256,
+        pretrain_steps=0,
+    )
     model = build_tiny_base(root / "model", spec=spec)
     return {"data": data, "model": model, "root": root}
 
@@ -54,8 +61,13 @@ def tiny_recipe_data(tiny_assets) -> dict:
             "train": str(tiny_assets["data"] / "train.jsonl"),
             "eval": str(tiny_assets["data"] / "eval.jsonl"),
         },
-        "training": {"micro_batch_size": 8, "max_steps": 12, "logging_steps": 4, "save_steps": 100,
-                     "max_length": 384},
+        "training": {
+            "micro_batch_size": 8,
+            "max_steps": 12,
+            "logging_steps": 4,
+            "save_steps": 100,
+            "max_length": 384,
+        },
         "eval": {"batch_size": 12, "max_new_tokens": 8},
         "tracking": {"uri": f"sqlite:///{root / 'mlruns.db'}", "experiment": "tiny-tests"},
     }

@@ -3,7 +3,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
 from test_recipe import run_cli
 
@@ -11,10 +10,12 @@ HEAVY = ("torch", "transformers", "peft", "trl", "bitsandbytes", "mlflow", "data
 
 
 def test_help_is_fast_and_imports_no_heavy_library():
-    code = ("import sys, time; t = time.time(); from pipeline.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
-            "print('HEAVY', heavy, 'SECONDS', round(time.time() - t, 3))")
+    code = (
+        "import sys, time; t = time.time(); from pipeline.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "print('HEAVY', heavy, 'SECONDS', round(time.time() - t, 3))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "validate" in result.stdout and "train" in result.stdout and "ui" in result.stdout
     assert "HEAVY []" in result.stdout, result.stdout
@@ -22,8 +23,19 @@ def test_help_is_fast_and_imports_no_heavy_library():
     assert seconds < 1.0
 
 
-@pytest.mark.parametrize("module", ["pipeline.recipe", "pipeline.contracts", "pipeline.env", "pipeline.plan",
-                                    "pipeline.cli", "pipeline.tasks", "pipeline.data", "pipeline.privacy"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "pipeline.recipe",
+        "pipeline.contracts",
+        "pipeline.env",
+        "pipeline.plan",
+        "pipeline.cli",
+        "pipeline.tasks",
+        "pipeline.data",
+        "pipeline.privacy",
+    ],
+)
 def test_light_modules_import_no_heavy_library(module):
     code = f"import sys, {module}; print([m for m in {HEAVY!r} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

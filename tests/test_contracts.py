@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import ROOT
+
 from pipeline.contracts import check_row, load_contract, validate_split
 from pipeline.recipe import RecipeError
 
@@ -62,8 +62,16 @@ def test_counts_reconcile_and_nothing_is_lost_through_the_cli(tmp_path):
     train = write_lines(tmp_path / "train.jsonl", good[:10] + [p[0] for p in PLANTED] + good[10:])
     evalf = write_lines(tmp_path / "eval.jsonl", good[:5])
     run_dir = tmp_path / "run"
-    result = run_cli("validate", "recipes/quickstart.yaml", "--set", f"data.train={train}",
-                     "--set", f"data.eval={evalf}", "--run-dir", str(run_dir))
+    result = run_cli(
+        "validate",
+        "recipes/quickstart.yaml",
+        "--set",
+        f"data.train={train}",
+        "--set",
+        f"data.eval={evalf}",
+        "--run-dir",
+        str(run_dir),
+    )
     # 14 of 34 rows bad is above the contract's 5% limit: the job stops with exit 1, reports written.
     assert result.returncode == 1, result.stderr
     assert "max_quarantine_fraction" in result.stderr
@@ -80,8 +88,16 @@ def test_validate_passes_on_clean_data(tmp_path, tiny_assets):
     from test_recipe import run_cli
 
     data = tiny_assets["data"]
-    result = run_cli("validate", "recipes/quickstart.yaml", "--set", f"data.train={data / 'train.jsonl'}",
-                     "--set", f"data.eval={data / 'eval.jsonl'}", "--run-dir", str(tmp_path / "run"))
+    result = run_cli(
+        "validate",
+        "recipes/quickstart.yaml",
+        "--set",
+        f"data.train={data / 'train.jsonl'}",
+        "--set",
+        f"data.eval={data / 'eval.jsonl'}",
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "run" / "validation" / "report.json").read_text())
     assert report["splits"]["train"]["rows_accepted"] == 160 and report["splits"]["eval"]["rows_accepted"] == 24
@@ -92,4 +108,3 @@ def test_bad_contract_is_a_usage_error_with_hint(tmp_path):
     path.write_text("name: x\nfields:\n  note: {type: string, min_lenght: 3}\n")
     with pytest.raises(RecipeError, match=r"fields.note.min_lenght: unknown key \(did you mean 'min_length'\?\)"):
         load_contract(path)
-

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import ROOT
+
 from pipeline.contracts import load_contract, validate_split
 from pipeline.demo import build_demo_dataset, phrasings
 
@@ -16,8 +16,10 @@ def test_demo_data_is_deterministic_valid_and_leak_free(tmp_path):
     for split, n in (("train", 300), ("eval", 40)):
         result = validate_split(split, a / f"{split}.jsonl", contract)
         assert result.rows_accepted == n and result.rows_quarantined == 0
-    notes = {split: {json.loads(line)["note"] for line in (a / f"{split}.jsonl").read_text().splitlines()}
-             for split in ("train", "eval")}
+    notes = {
+        split: {json.loads(line)["note"] for line in (a / f"{split}.jsonl").read_text().splitlines()}
+        for split in ("train", "eval")
+    }
     assert not notes["train"] & notes["eval"]
     rows = [json.loads(line) for line in (a / "train.jsonl").read_text().splitlines()]
     assert {len(r["codes"]) for r in rows} == {1, 2, 3}
@@ -31,19 +33,32 @@ def test_phrasings_come_from_the_official_description():
 @pytest.mark.slow
 def test_quickstart_meets_the_acceptance_bar(tmp_path):
     """The README's first command, end to end, on freshly built demo assets (minutes; `make test-all`)."""
-    from test_recipe import run_cli
-
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "scripts/make_demo_assets.py", "--root", str(tmp_path / "demo")], cwd=ROOT,
-                   check=True, timeout=600)
+    from test_recipe import run_cli
+
+    subprocess.run(
+        [sys.executable, "scripts/make_demo_assets.py", "--root", str(tmp_path / "demo")],
+        cwd=ROOT,
+        check=True,
+        timeout=600,
+    )
     demo = tmp_path / "demo"
-    result = run_cli("train", "recipes/quickstart.yaml", "--run-dir", str(tmp_path / "run"),
-                     "--set", f"model.path={demo / 'tiny-llama-icd10'}",
-                     "--set", f"data.train={demo / 'medical_coding' / 'train.jsonl'}",
-                     "--set", f"data.eval={demo / 'medical_coding' / 'eval.jsonl'}",
-                     "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}")
+    result = run_cli(
+        "train",
+        "recipes/quickstart.yaml",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        f"model.path={demo / 'tiny-llama-icd10'}",
+        "--set",
+        f"data.train={demo / 'medical_coding' / 'train.jsonl'}",
+        "--set",
+        f"data.eval={demo / 'medical_coding' / 'eval.jsonl'}",
+        "--set",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["systems"]
     assert metrics["finetuned"]["micro_f1"] >= 0.7

@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, write_recipe
+
 from pipeline.model import ModelNotFound, resolve_model_path
 
 # A minimal chat template in the style of Instruct models: every turn ends with the EOS token.
@@ -20,12 +20,15 @@ def test_model_id_resolves_from_the_local_hf_cache_only(tmp_path, tiny_assets):
     shutil.copytree(tiny_assets["model"], snapshot)
     (tmp_path / "hub" / "models--acme--tiny-coder" / "refs").mkdir()
     (tmp_path / "hub" / "models--acme--tiny-coder" / "refs" / "main").write_text("0123abcd")
-    code = ("from pipeline.model import resolve_model_path, ModelNotFound\n"
-            "print(resolve_model_path('acme/tiny-coder'))\n"
-            "try:\n    resolve_model_path('acme/absent')\nexcept ModelNotFound as e:\n    print('ERR', e)\n")
+    code = (
+        "from pipeline.model import resolve_model_path, ModelNotFound\n"
+        "print(resolve_model_path('acme/tiny-coder'))\n"
+        "try:\n    resolve_model_path('acme/absent')\nexcept ModelNotFound as e:\n    print('ERR', e)\n"
+    )
     env = {**__import__("os").environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     lines = result.stdout.splitlines()
     assert lines[0] == str(snapshot), result.stderr
     assert lines[1].startswith("ERR model.path: acme/absent is not a local directory and is not in the local")
@@ -45,11 +48,17 @@ def test_chat_template_path_trains_with_eos_closed_completions(tiny_assets, tiny
     config = json.loads(config_path.read_text())
     config["chat_template"] = CHAT_TEMPLATE
     config_path.write_text(json.dumps(config))
-    path = write_recipe(tmp_path / "chat.yaml", {
-        **tiny_recipe_data, "model": {"path": str(model_dir)}, "data": {**tiny_recipe_data["data"],
-                                                                        "prompt_format": "chat"},
-        "training": {**tiny_recipe_data["training"], "max_steps": 2}, "eval": {"max_examples": 4},
-        "tracking": {"enabled": False}})
+    path = write_recipe(
+        tmp_path / "chat.yaml",
+        {
+            **tiny_recipe_data,
+            "model": {"path": str(model_dir)},
+            "data": {**tiny_recipe_data["data"], "prompt_format": "chat"},
+            "training": {**tiny_recipe_data["training"], "max_steps": 2},
+            "eval": {"max_examples": 4},
+            "tracking": {"enabled": False},
+        },
+    )
     from pipeline.recipe import load_recipe
     from pipeline.train import train
 
@@ -57,16 +66,23 @@ def test_chat_template_path_trains_with_eos_closed_completions(tiny_assets, tiny
     plan = json.loads((result.run_dir / "plan.json").read_text())
     assert plan["prompt_format"] == "chat"
     assert result.summary["data"]["examples"] == 160
-    predictions = [json.loads(line) for line in (result.run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+    predictions = [
+        json.loads(line) for line in (result.run_dir / "eval" / "predictions.jsonl").read_text().splitlines()
+    ]
     assert len(predictions) == 8
 
 
 def test_chat_format_without_template_is_a_recipe_error(tiny_assets, tiny_recipe_data, tmp_path):
     from test_recipe import run_cli
 
-    path = write_recipe(tmp_path / "chat.yaml", {**tiny_recipe_data, "data": {**tiny_recipe_data["data"],
-                                                                              "prompt_format": "chat"},
-                                                 "tracking": {"enabled": False}})
+    path = write_recipe(
+        tmp_path / "chat.yaml",
+        {
+            **tiny_recipe_data,
+            "data": {**tiny_recipe_data["data"], "prompt_format": "chat"},
+            "tracking": {"enabled": False},
+        },
+    )
     result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "data.prompt_format: 'chat' needs a chat template" in result.stderr
@@ -75,8 +91,15 @@ def test_chat_format_without_template_is_a_recipe_error(tiny_assets, tiny_recipe
 def test_tiny_base_build_is_deterministic(tmp_path):
     from pipeline.demo import TinyModelSpec, build_tiny_base
 
-    spec = TinyModelSpec(vocab_size=300, hidden_size=64, intermediate_size=128, num_heads=2, pretrain_steps=2,
-                         pretrain_batch_size=2, pretrain_block_size=32)
+    spec = TinyModelSpec(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=2,
+        pretrain_steps=2,
+        pretrain_batch_size=2,
+        pretrain_block_size=32,
+    )
     a = build_tiny_base(tmp_path / "a", spec=spec)
     b = build_tiny_base(tmp_path / "b", spec=spec)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()

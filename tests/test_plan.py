@@ -1,8 +1,8 @@
 import math
 
 import pytest
-
 from conftest import ROOT
+
 from pipeline.plan import count_parameters, find_model_config, make_plan, render_plan
 from pipeline.recipe import load_recipe
 
@@ -10,8 +10,15 @@ QUICK = ROOT / "recipes" / "quickstart.yaml"
 
 
 def test_step_arithmetic_follows_the_trainer():
-    recipe = load_recipe(QUICK, ["training.micro_batch_size=4", "training.gradient_accumulation_steps=3",
-                                 "training.num_epochs=2.5", "training.warmup_ratio=0.1"])
+    recipe = load_recipe(
+        QUICK,
+        [
+            "training.micro_batch_size=4",
+            "training.gradient_accumulation_steps=3",
+            "training.num_epochs=2.5",
+            "training.warmup_ratio=0.1",
+        ],
+    )
     plan = make_plan(recipe, num_train_rows=101, model_config=None, world_size=2)
     # 101 rows / (4 x 2 processes) = 13 batches; ceil(13 / 3) = 5 steps/epoch; ceil(2.5 x 5) = 13 steps.
     assert plan["effective_batch_size"] == 24
@@ -37,10 +44,13 @@ def test_70b_counts_from_the_shipped_config():
     assert "207.09M trainable" in render_plan(plan, source)
 
 
-@pytest.mark.parametrize("overrides", [
-    [],
-    ["lora.r=8", "lora.target_modules=[q_proj, v_proj, down_proj]", "lora.modules_to_save=[]"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["lora.r=8", "lora.target_modules=[q_proj, v_proj, down_proj]", "lora.modules_to_save=[]"],
+    ],
+)
 def test_counts_are_exact_against_peft_on_a_real_4bit_model(tiny_assets, overrides):
     from pipeline.model import attach_lora, load_base
 

@@ -3,22 +3,33 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, write_recipe
 from pydantic import ValidationError
 
-from conftest import ROOT, write_recipe
 from pipeline.contracts import load_contract
 from pipeline.env import Env
 from pipeline.recipe import Recipe, RecipeError, load_recipe
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 CONTRACTS = sorted((ROOT / "data_contracts").rglob("*.yaml"))
-GPU_ENV = Env(cuda=True, gpu_name="A100", gpu_memory_gb=80.0, num_gpus=1, bf16=True, bitsandbytes="0.50",
-              torch="2.13", cpu_count=2, world_size=1, platform="linux")
+GPU_ENV = Env(
+    cuda=True,
+    gpu_name="A100",
+    gpu_memory_gb=80.0,
+    num_gpus=1,
+    bf16=True,
+    bitsandbytes="0.50",
+    torch="2.13",
+    cpu_count=2,
+    world_size=1,
+    platform="linux",
+)
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -72,8 +83,7 @@ def test_quickstart_extends_production_and_only_swaps_model_data_and_cpu_setting
 
 
 def test_unknown_key_is_rejected_with_a_hint_and_the_file(tmp_path):
-    path = write_recipe(tmp_path / "r.yaml", {"extends": str(ROOT / "recipes/quickstart.yaml"),
-                                              "lora": {"alpah": 8}})
+    path = write_recipe(tmp_path / "r.yaml", {"extends": str(ROOT / "recipes/quickstart.yaml"), "lora": {"alpah": 8}})
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     (line,) = err.value.errors
@@ -81,9 +91,14 @@ def test_unknown_key_is_rejected_with_a_hint_and_the_file(tmp_path):
 
 
 def test_all_errors_are_reported_at_once_each_with_its_source(tmp_path):
-    path = write_recipe(tmp_path / "r.yaml", {"extends": str(ROOT / "recipes/quickstart.yaml"),
-                                              "training": {"learning_rate": "fast", "micro_batch_size": 0},
-                                              "modle": {}})
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "extends": str(ROOT / "recipes/quickstart.yaml"),
+            "training": {"learning_rate": "fast", "micro_batch_size": 0},
+            "modle": {},
+        },
+    )
     with pytest.raises(RecipeError) as err:
         load_recipe(path, ["lora.r=-1"])
     text = "\n".join(err.value.errors)
@@ -95,8 +110,10 @@ def test_all_errors_are_reported_at_once_each_with_its_source(tmp_path):
 
 
 def test_error_in_the_parent_recipe_names_the_parent_file(tmp_path):
-    parent = write_recipe(tmp_path / "parent.yaml", {"extends": str(ROOT / "recipes/quickstart.yaml"),
-                                                     "eval": {"batch_size": "many"}})
+    parent = write_recipe(
+        tmp_path / "parent.yaml",
+        {"extends": str(ROOT / "recipes/quickstart.yaml"), "eval": {"batch_size": "many"}},
+    )
     child = write_recipe(tmp_path / "child.yaml", {"extends": "parent.yaml", "name": "child"})
     with pytest.raises(RecipeError) as err:
         load_recipe(child)
@@ -104,8 +121,10 @@ def test_error_in_the_parent_recipe_names_the_parent_file(tmp_path):
 
 
 def test_overrides_go_through_the_same_validation_and_win():
-    recipe = load_recipe(ROOT / "recipes/quickstart.yaml",
-                         ["training.learning_rate=1e-4", "data.train=x.jsonl", "lora.target_modules=[q_proj, v_proj]"])
+    recipe = load_recipe(
+        ROOT / "recipes/quickstart.yaml",
+        ["training.learning_rate=1e-4", "data.train=x.jsonl", "lora.target_modules=[q_proj, v_proj]"],
+    )
     assert recipe.training.learning_rate == 1e-4
     assert recipe.data.train == "x.jsonl"
     assert recipe.lora.target_modules == ["q_proj", "v_proj"]
@@ -140,8 +159,9 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
 
 
 def test_cli_recipe_errors_exit_2_with_the_path_in_the_message(tmp_path):
-    unknown = write_recipe(tmp_path / "u.yaml", {"extends": str(ROOT / "recipes/quickstart.yaml"),
-                                                 "lora": {"alpah": 8}})
+    unknown = write_recipe(
+        tmp_path / "u.yaml", {"extends": str(ROOT / "recipes/quickstart.yaml"), "lora": {"alpah": 8}}
+    )
     result = run_cli("validate", str(unknown))
     assert result.returncode == 2
     assert "lora.alpah: unknown key (did you mean 'alpha'?)" in result.stderr
@@ -150,8 +170,14 @@ def test_cli_recipe_errors_exit_2_with_the_path_in_the_message(tmp_path):
     result = run_cli("validate", "recipes/quickstart.yaml", "--set", "training.num_epochs=lots")
     assert result.returncode == 2 and "training.num_epochs" in result.stderr
 
-    result = run_cli("validate", "recipes/quickstart.yaml", "--set", "data.train=missing/train.jsonl",
-                     "--run-dir", str(tmp_path / "run"))
+    result = run_cli(
+        "validate",
+        "recipes/quickstart.yaml",
+        "--set",
+        "data.train=missing/train.jsonl",
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
     assert result.returncode == 2
     assert "data.train: file not found: missing/train.jsonl" in result.stderr
 

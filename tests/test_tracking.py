@@ -5,7 +5,6 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -38,8 +37,15 @@ def test_run_holds_params_metrics_and_artifacts(trained_run, client):
         return found
 
     artifacts = set(paths())
-    for name in ["recipe.resolved.yaml", "plan.json", "validation/report.json", "validation/quarantine.jsonl",
-                 "adapter/adapter_model.safetensors", "eval/report.md", "eval/metrics.json"]:
+    for name in [
+        "recipe.resolved.yaml",
+        "plan.json",
+        "validation/report.json",
+        "validation/quarantine.jsonl",
+        "adapter/adapter_model.safetensors",
+        "eval/report.md",
+        "eval/metrics.json",
+    ]:
         assert name in artifacts, name
     assert run.info.status == "FINISHED"
     assert run.data.tags["task"] == "medical_coding"
@@ -50,8 +56,10 @@ def test_params_stay_within_mlflow_limits(tmp_path):
     from pipeline.tracking import MAX_PARAM_VALUE, Tracker, params_for
 
     long_description = "x" * 10_000
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                         [f"description={long_description}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [f"description={long_description}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"],
+    )
     params = params_for(recipe)
     assert len(params["description"]) == MAX_PARAM_VALUE and params["description"].endswith("[truncated]")
     tracker = Tracker(recipe, run_name="limits")
@@ -74,7 +82,10 @@ def test_ui_serves_the_store_on_loopback_only(tmp_path, trained_run):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "ui", "--port", str(port)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
         env={**__import__("os").environ, "MLFLOW_TRACKING_URI": trained_run.summary["tracking_uri"]},
     )
     try:

@@ -5,17 +5,27 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import write_recipe
+from safetensors.torch import load_file
 from test_recipe import run_cli
 
 
 def test_run_directory_holds_every_output(trained_run):
     out = trained_run.run_dir
-    for name in ["recipe.resolved.yaml", "plan.json", "summary.json", "loss.png", "validation/report.json",
-                 "validation/quarantine.jsonl", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
-                 "eval/predictions.jsonl", "eval/metrics.json", "eval/report.md", "eval/per_label_f1.png"]:
+    for name in [
+        "recipe.resolved.yaml",
+        "plan.json",
+        "summary.json",
+        "loss.png",
+        "validation/report.json",
+        "validation/quarantine.jsonl",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "eval/predictions.jsonl",
+        "eval/metrics.json",
+        "eval/report.md",
+        "eval/per_label_f1.png",
+    ]:
         assert (out / name).is_file(), name
 
 
@@ -40,8 +50,11 @@ def test_lora_weights_changed_and_base_weights_did_not(trained_run, tiny_assets)
     recipe = load_recipe(trained_run.run_dir / "recipe.resolved.yaml")
     fresh = load_base(recipe, tiny_assets["model"], "cpu")
     fresh_weights = {n: p for n, p in fresh.named_parameters()}
-    trained = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
-               for n, p in trained_run.model.named_parameters() if "lora_" not in n and "modules_to_save" not in n}
+    trained = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p
+        for n, p in trained_run.model.named_parameters()
+        if "lora_" not in n and "modules_to_save" not in n
+    }
     trained = {n.replace(".original_module", ""): p for n, p in trained.items()}
     compared = 0
     for name, param in fresh_weights.items():
@@ -76,8 +89,14 @@ def test_eval_scores_both_systems_and_writes_predictions(trained_run):
 
 
 def test_completion_cut_by_max_length_stops_before_the_first_step(tiny_assets, tiny_recipe_data, tmp_path):
-    path = write_recipe(tmp_path / "short.yaml", {**tiny_recipe_data, "training": {
-        **tiny_recipe_data["training"], "max_length": 40}, "tracking": {"enabled": False}})
+    path = write_recipe(
+        tmp_path / "short.yaml",
+        {
+            **tiny_recipe_data,
+            "training": {**tiny_recipe_data["training"], "max_length": 40},
+            "tracking": {"enabled": False},
+        },
+    )
     result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 1, result.stderr[-2000:]
     assert "training data check failed before the first step" in result.stderr
@@ -86,8 +105,10 @@ def test_completion_cut_by_max_length_stops_before_the_first_step(tiny_assets, t
 
 
 def test_missing_model_is_one_clear_error(tiny_recipe_data, tmp_path):
-    path = write_recipe(tmp_path / "nomodel.yaml", {**tiny_recipe_data, "model": {"path": str(tmp_path / "absent")},
-                                                    "tracking": {"enabled": False}})
+    path = write_recipe(
+        tmp_path / "nomodel.yaml",
+        {**tiny_recipe_data, "model": {"path": str(tmp_path / "absent")}, "tracking": {"enabled": False}},
+    )
     result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert f"model.path: {tmp_path / 'absent'}: no such directory" in result.stderr
