@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # uv installs the rest ~2x faster than pip (60 s vs 137 s here) and keeps the torch above; pip if uv fails.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip uv
+	$(PY) -m pip install --quiet uv
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(VENV)/bin/uv pip install --quiet --python $(PY) -e ".[dev]" || $(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
