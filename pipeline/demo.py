@@ -142,7 +142,7 @@ class TinyModelSpec:
     num_layers: int = 2
     num_heads: int = 4
     max_position_embeddings: int = 512
-    pretrain_steps: int = 100
+    pretrain_steps: int = 150
     pretrain_batch_size: int = 32
     pretrain_block_size: int = 128
     pretrain_learning_rate: float = 3e-3
