@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    from pipeline.privacy import offline_environment
+    from pipeline.privacy import EgressBlocked, install_egress_guard, offline_environment
 
     offline_environment()  # before any library that could reach the network is imported
+    install_egress_guard()  # loopback only until a recipe allows more
     parser = build_parser()
     args = parser.parse_args(argv)
     from pipeline.contracts import ContractFailed
@@ -79,15 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     except ContractFailed as exc:
         print(f"error: data contract failed:\n{exc}", file=sys.stderr)
         return EXIT_FAILED
+    except EgressBlocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - returns pipeline.recipe.Recipe
+    from pipeline.privacy import install_egress_guard
     from pipeline.recipe import load_recipe
 
-    return load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)
+    install_egress_guard(recipe.privacy.allowed_hosts)
+    return recipe
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

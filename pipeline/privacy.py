@@ -1,12 +1,16 @@
-"""Privacy: keep every library offline and quiet before it is imported.
+"""Privacy: keep every library offline and quiet, and refuse network egress the recipe does not allow.
 
-Called first by every command (``cli.main``). Later issues add PII detection and the network egress guard
-here; this module stays a leaf.
+``cli.main`` calls ``offline_environment()`` and ``install_egress_guard()`` before anything else, so no
+library can reach the network behind the user's back. This module stays a leaf (standard library only).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
+import sys
+from dataclasses import dataclass, field
 
 # Each variable switches off a network call a library would otherwise make on its own.
 OFFLINE_ENVIRONMENT = {
@@ -21,6 +25,126 @@ OFFLINE_ENVIRONMENT = {
     "TOKENIZERS_PARALLELISM": "false",  # avoid the fork warning; we tokenize in one process
     "TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS": "",  # tldextract (used by PII detectors) must not fetch its list
 }
+
+
+class EgressBlocked(ConnectionRefusedError):
+    """An outbound connection was refused by the egress guard before any packet left the machine."""
+
+
+@dataclass
+class EgressGuard:
+    """Decides whether this process may open a network connection to a destination.
+
+    Loopback (127.0.0.0/8, ::1, ``localhost``) is always allowed unless ``allow_loopback`` is False (tests
+    use that to check refusals without ever addressing another machine). Anything else must be on
+    ``privacy.allowed_hosts``: a host name, an IP address or a network in CIDR form. Every decision is kept
+    in ``decisions`` for the audit trail.
+    """
+
+    allowed_hosts: tuple[str, ...] = ()
+    allow_loopback: bool = True
+    decisions: list[dict[str, str]] = field(default_factory=list)
+    _resolved_for: tuple[str, ...] = field(default=(), repr=False)
+    _addresses: dict[str, set[str]] = field(default_factory=dict, repr=False)
+
+    def decide(self, host: str) -> tuple[bool, str]:
+        """(allowed, reason) for a destination host name or address."""
+        host = host.strip("[]").lower()
+        if self.allow_loopback and _is_loopback(host):
+            return True, "loopback"
+        for entry in self.allowed_hosts:
+            entry = entry.lower()
+            if host == entry:
+                return True, f"privacy.allowed_hosts: {entry}"
+            if "/" in entry and _in_network(host, entry):
+                return True, f"privacy.allowed_hosts: {entry}"
+        # Libraries resolve a name first and then connect to the address: an address that an allowed name
+        # resolves to is allowed too (names are resolved once, when first needed).
+        for entry, addresses in self._resolved().items():
+            if host in addresses:
+                return True, f"privacy.allowed_hosts: {entry} ({host})"
+        return False, "not loopback and not on privacy.allowed_hosts"
+
+    def _resolved(self) -> dict[str, set[str]]:
+        names = [e for e in self.allowed_hosts if "/" not in e and not _is_ip(e)]
+        if self._resolved_for != tuple(names):
+            self._resolved_for, self._addresses = tuple(names), {}
+            for name in names:
+                try:
+                    infos = socket.getaddrinfo(name, None)  # allowed by decide(): the name is on the list
+                except OSError:
+                    continue
+                self._addresses[name] = {info[4][0] for info in infos}
+        return self._addresses
+
+    def check(self, event: str, host: str, port: object = None) -> None:
+        """Record the decision for a connection attempt; raise ``EgressBlocked`` when it is refused."""
+        allowed, reason = self.decide(host)
+        self.decisions.append(
+            {"event": event, "host": host, "port": str(port), "allowed": str(allowed), "reason": reason}
+        )
+        if not allowed:
+            destination = f"{host}:{port}" if port not in (None, 0) else host
+            raise EgressBlocked(
+                f"egress guard: refused outbound connection to {destination} ({reason}). pipeline sends nothing "
+                f"off this machine unless the recipe allows it: add {host!r} to privacy.allowed_hosts if this "
+                "destination is intended."
+            )
+
+    def audit_hook(self, event: str, args: tuple) -> None:
+        """``sys.addaudithook`` callback: look at name lookups and connections before they happen."""
+        if event == "socket.getaddrinfo":
+            host = args[0]
+            if isinstance(host, bytes):
+                host = host.decode("ascii", "replace")
+            if host:  # None / "" means the local machine
+                self.check(event, str(host), args[1])
+        elif event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
+            address = args[1]
+            if isinstance(address, tuple) and address and isinstance(address[0], str):  # AF_INET / AF_INET6
+                self.check(event, address[0], address[1] if len(address) > 1 else None)
+
+
+_GUARD: EgressGuard | None = None
+
+
+def install_egress_guard(allowed_hosts: tuple[str, ...] | list[str] = ()) -> EgressGuard:
+    """Guard every outbound connection of this process from now on (idempotent; the allow-list is replaced).
+
+    Python audit hooks cannot be removed, so one guard is installed per process and later calls update its
+    allow-list (``cli.main`` installs it with loopback only, then adds the recipe's hosts once it is loaded).
+    """
+    global _GUARD
+    if _GUARD is None:
+        _GUARD = EgressGuard(tuple(allowed_hosts))
+        sys.addaudithook(_GUARD.audit_hook)
+    else:
+        _GUARD.allowed_hosts = tuple(allowed_hosts)
+    return _GUARD
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _in_network(host: str, network: str) -> bool:
+    try:
+        return ipaddress.ip_address(host) in ipaddress.ip_network(network, strict=False)
+    except ValueError:
+        return False
 
 
 def offline_environment() -> dict[str, str]:

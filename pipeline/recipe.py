@@ -203,6 +203,26 @@ class TrackingSection(_Section):
     experiment: str | None = Field(default=None, description="MLflow experiment; the recipe name if unset.")
 
 
+class PrivacySection(_Section):
+    """What may leave the machine. By default nothing: only loopback connections are allowed."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts this job may connect to besides loopback: names (mlflow.internal), IP addresses "
+        "or networks (10.0.0.0/8). Typically the tracking server. Any other connection is refused before "
+        "it is made.",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            name, slash, prefix = host.partition("/")
+            if not re.fullmatch(r"[A-Za-z0-9.\-:\[\]]+", name) or (slash and not prefix.isdigit()):
+                raise ValueError(f"{host!r} is not a host name, IP address or network (drop any scheme or path)")
+        return value
+
+
 class Recipe(_Section):
     """A whole fine-tuning job."""
 
@@ -219,6 +239,7 @@ class Recipe(_Section):
     hardware: HardwareSection = Field(default_factory=HardwareSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
 
     @field_validator("name")
     @classmethod

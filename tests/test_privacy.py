@@ -1,0 +1,94 @@
+"""Egress guard and offline environment. Only loopback addresses are ever connected to here."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from pipeline.privacy import EgressBlocked, EgressGuard
+
+
+@pytest.mark.parametrize(
+    "host,allowed",
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("localhost", True),
+        ("93.184.216.34", False),
+        ("2001:db8::1", False),
+        ("api.openai.com", False),
+        ("10.1.2.3", True),
+        ("10.2.0.1", False),
+        ("mlflow.internal", True),
+    ],
+)
+def test_decision_function(host, allowed):
+    guard = EgressGuard(("10.1.0.0/16", "mlflow.internal"))
+    assert guard.decide(host)[0] is allowed
+
+
+def test_refusal_names_the_destination_and_the_recipe_key():
+    guard = EgressGuard(())
+    with pytest.raises(EgressBlocked) as err:
+        guard.check("socket.connect", "93.184.216.34", 443)
+    message = str(err.value)
+    assert "93.184.216.34:443" in message and "privacy.allowed_hosts" in message
+    assert guard.decisions[-1]["allowed"] == "False"
+
+
+GUARDED_CONNECT = r"""
+import socket, sys
+from pipeline.privacy import EgressBlocked, EgressGuard
+
+open_server = socket.create_server(("127.0.0.1", 0))
+closed_server = socket.create_server(("127.0.0.2", 0))
+closed_server.settimeout(1.0)
+guard = EgressGuard(("127.0.0.1",), allow_loopback=False)   # 127.0.0.2 is left off the allow-list
+sys.addaudithook(guard.audit_hook)
+
+socket.create_connection(open_server.getsockname(), timeout=5).close()
+print("allowed connect ok")
+try:
+    socket.create_connection(closed_server.getsockname(), timeout=5)
+    print("NOT BLOCKED")
+except EgressBlocked as exc:
+    print("blocked:", exc)
+try:
+    closed_server.accept()
+    print("PACKET REACHED THE SERVER")
+except TimeoutError:
+    print("server saw nothing")
+print([d["allowed"] for d in guard.decisions])
+"""
+
+
+def test_guard_refuses_before_the_connection_is_made():
+    result = subprocess.run(
+        [sys.executable, "-c", GUARDED_CONNECT], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    out = result.stdout
+    assert "allowed connect ok" in out, result.stderr
+    assert "blocked: egress guard: refused outbound connection to 127.0.0.2:" in out
+    assert "server saw nothing" in out
+    assert "NOT BLOCKED" not in out and "PACKET REACHED" not in out
+
+
+def test_every_command_runs_offline_and_guarded_with_the_recipe_allow_list():
+    code = (
+        "import os\nfrom pipeline.cli import main\n"
+        "main(['plan', 'recipes/quickstart.yaml', '--set', 'privacy.allowed_hosts=[10.9.9.9]'])\n"
+        "from pipeline import privacy\n"
+        "print('GUARD', privacy._GUARD.allowed_hosts, privacy._GUARD.decide('10.9.9.9')[0],"
+        " privacy._GUARD.decide('10.9.9.8')[0])\n"
+        "print('ENV', os.environ['HF_HUB_OFFLINE'], os.environ['MLFLOW_DISABLE_TELEMETRY'],"
+        " os.environ['HF_HUB_DISABLE_TELEMETRY'])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "MLFLOW_DISABLE_TELEMETRY": "false"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert "GUARD ('10.9.9.9',) True False" in result.stdout, result.stderr
+    assert "ENV 1 true 1" in result.stdout
