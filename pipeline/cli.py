@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.set_defaults(handler=cmd_train)
 
+    p = commands.add_parser("audit", help="check the hash-chained audit log of every command")
+    p.add_argument("action", choices=["verify"], help="verify: detect edited, removed or reordered entries")
+    p.add_argument("--log", help="audit log (default: $PIPELINE_AUDIT_LOG or runs/audit.jsonl)")
+    p.set_defaults(handler=cmd_audit)
+
     p = commands.add_parser("ui", help="open the MLflow UI for the recipe's (or the default) store on 127.0.0.1")
     p.add_argument("recipe", nargs="?", help="recipe whose tracking.uri to show (default: sqlite:///mlruns.db)")
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
@@ -61,31 +66,87 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
+    """Entry point; returns the exit code. Every command that runs is appended to the audit log."""
     from pipeline.privacy import EgressBlocked, install_egress_guard, offline_environment
 
     offline_environment()  # before any library that could reach the network is imported
-    install_egress_guard()  # loopback only until a recipe allows more
+    guard = install_egress_guard()  # loopback only until a recipe allows more
     parser = build_parser()
     args = parser.parse_args(argv)
     from pipeline.contracts import ContractFailed
     from pipeline.recipe import RecipeError
 
+    _CONTEXT.clear()
+    code = EXIT_FAILED
     try:
-        return args.handler(args)
+        code = args.handler(args)
     except RecipeError as exc:
         for line in exc.errors:
             print(f"error: {line}", file=sys.stderr)
-        return EXIT_USAGE
+        code = EXIT_USAGE
     except ContractFailed as exc:
         print(f"error: data contract failed:\n{exc}", file=sys.stderr)
-        return EXIT_FAILED
+        code = EXIT_FAILED
     except EgressBlocked as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        code = EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    finally:
+        _audit(args, code, guard)
+    return code
+
+
+# What the running command touched, filled in by the handlers for the audit entry.
+_CONTEXT: dict = {}
+
+
+def audit_log_path() -> Path:
+    """The audit log: $PIPELINE_AUDIT_LOG, else runs/audit.jsonl in the working directory."""
+    import os
+
+    from pipeline.audit import DEFAULT_LOG
+
+    return Path(os.environ.get("PIPELINE_AUDIT_LOG") or DEFAULT_LOG)
+
+
+def _audit(args: argparse.Namespace, code: int, guard) -> None:  # noqa: ANN001 - privacy.EgressGuard
+    from pipeline import audit
+
+    run_dir = _CONTEXT.get("run_dir")
+    egress: dict[str, dict] = {}
+    for decision in guard.decisions:
+        key = f"{decision['host']}:{decision['port']}"
+        egress.setdefault(key, {"allowed": decision["allowed"], "reason": decision["reason"], "count": 0})
+        egress[key]["count"] += 1
+    record = {
+        "command": args.command,
+        "argv": sys.argv[1:] if sys.argv and sys.argv[0] else [],
+        "exit_code": code,
+        "recipe": _CONTEXT.get("recipe_path"),
+        "recipe_sha256": _CONTEXT.get("recipe_sha256"),
+        "inputs": _CONTEXT.get("inputs", {}),
+        "run_dir": str(run_dir) if run_dir else None,
+        "outputs": audit.hash_outputs(Path(run_dir)) if run_dir else {},
+        "egress": egress,
+        "mlflow_run_id": _CONTEXT.get("mlflow_run_id"),
+        "license_acknowledged": None,
+    }
+    try:
+        entry = audit.append(audit_log_path(), record)
+    except OSError as exc:
+        print(f"warning: could not append to the audit log {audit_log_path()}: {exc}", file=sys.stderr)
+        return
+    if _CONTEXT.get("mlflow_run_id"):
+        from pipeline.tracking import annotate_run
+
+        annotate_run(
+            _CONTEXT["tracking_uri"],
+            _CONTEXT["mlflow_run_id"],
+            {"audit.entry_hash": entry["hash"], "audit.entry_seq": str(entry["seq"])},
+            files=[audit_log_path()],
+        )
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - returns pipeline.recipe.Recipe
@@ -94,6 +155,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - returns pipeline.recipe.R
 
     recipe = load_recipe(args.recipe, args.overrides)
     install_egress_guard(recipe.privacy.allowed_hosts)
+    _CONTEXT.update(recipe_path=args.recipe, recipe_sha256=_sha256_text(recipe.to_yaml()), inputs=_input_hashes(recipe))
     return recipe
 
 
@@ -104,6 +166,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     recipe = _load(args)
     out = rundir.new_run_dir(recipe.name, args.run_dir)
+    _CONTEXT["run_dir"] = out
     rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
     validate_data(recipe, out, args.recipe)
     print(f"Recipe {args.recipe} is valid; data meets the contract. Reports: {out / 'validation'}")
@@ -127,6 +190,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  (rows counted as non-blank lines of {train_file}; `validate` counts accepted rows)")
     if args.run_dir:
         rundir.write_json(Path(args.run_dir) / "plan.json", plan)
+        _CONTEXT["run_dir"] = Path(args.run_dir)
     return EXIT_OK
 
 
@@ -139,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train import train  # heavy: torch, transformers, trl
 
     try:
-        result = train(recipe, recipe_source=args.recipe, run_dir=args.run_dir)
+        result = train(recipe, recipe_source=args.recipe, run_dir=args.run_dir, on_start=_CONTEXT.update)
     except (ModelNotFound, DeviceUnavailable) as exc:
         print(f"error: {args.recipe}: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -170,6 +234,42 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def args_with_no_overrides(args: argparse.Namespace) -> argparse.Namespace:
     """``ui`` takes a recipe but no --set."""
     return argparse.Namespace(recipe=args.recipe, overrides=[])
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Verify the audit chain; exit 1 when any entry was edited, removed or reordered."""
+    import json
+
+    from pipeline.audit import verify
+
+    log = Path(args.log) if args.log else audit_log_path()
+    problems = verify(log)
+    if problems:
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_FAILED
+    entries = sum(1 for line in log.read_text(encoding="utf-8").splitlines() if line.strip())
+    last = json.loads(log.read_text(encoding="utf-8").splitlines()[-1])
+    print(f"Audit log {log}: {entries} entries, chain intact (last entry {last['seq']}, hash {last['hash'][:16]}...)")
+    return EXIT_OK
+
+
+def _sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _input_hashes(recipe) -> dict[str, str]:  # noqa: ANN001 - pipeline.recipe.Recipe
+    """SHA-256 of the contract and data files the recipe names (those that exist)."""
+    from pipeline.audit import sha256_file
+
+    hashes = {}
+    for key in ("contract", "train", "eval"):
+        path = Path(getattr(recipe.data, key))
+        if path.is_file():
+            hashes[f"data.{key}:{path}"] = sha256_file(path)
+    return hashes
 
 
 def _count_lines(path: Path) -> int:

@@ -120,6 +120,18 @@ class Tracker:
             self._client.set_terminated(self.run_id, status=status)
 
 
+def annotate_run(uri: str, run_id: str, tags: dict[str, str], files: list[Path]) -> None:
+    """Add tags and files to an existing (possibly finished) run, e.g. the audit entry of the command."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    for path in files:
+        if Path(path).is_file():
+            client.log_artifact(run_id, str(path), artifact_path="audit")
+
+
 def ui_command(uri: str, host: str, port: int) -> list[str]:
     """The ``mlflow ui`` command line for a store, bound to ``host`` (127.0.0.1 by default)."""
     import sys

@@ -8,6 +8,7 @@ recipe into a library.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,13 +89,21 @@ def sft_config(recipe: Recipe, run_dir: Path, device: str, env: Env) -> Any:
     )
 
 
-def train(recipe: Recipe, *, recipe_source: str | Path = "recipe", run_dir: str | Path | None = None) -> RunResult:
+def train(
+    recipe: Recipe,
+    *,
+    recipe_source: str | Path = "recipe",
+    run_dir: str | Path | None = None,
+    on_start: Callable[..., Any] | None = None,
+) -> RunResult:
     """Run the whole job for a recipe and return where its outputs are.
 
     Args:
         recipe: A validated recipe.
         recipe_source: The recipe's file, named in error messages.
         run_dir: Output directory; ``runs/<name>/<run-id>/`` when not given.
+        on_start: Called once the run directory and MLflow run exist, with ``run_dir``, ``mlflow_run_id``
+            and ``tracking_uri`` (the CLI uses it for the audit entry, even when the run fails later).
 
     Returns:
         The run directory, MLflow run id, metrics per system, the plan and the trained model.
@@ -107,6 +116,8 @@ def train(recipe: Recipe, *, recipe_source: str | Path = "recipe", run_dir: str 
     task = get_task(recipe.task)
     set_seed(recipe.training.seed)
     tracker = Tracker(recipe, run_name=out.name)
+    if on_start is not None:
+        on_start(run_dir=out, mlflow_run_id=tracker.run_id, tracking_uri=tracker.uri)
     status = "FAILED"
     try:
         tracker.log_params(params_for(recipe))

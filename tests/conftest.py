@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from pipeline.privacy import offline_environment  # noqa: E402
 
 offline_environment()
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Commands run by the tests append to a throw-away audit log, not the project's runs/audit.jsonl.
+os.environ["PIPELINE_AUDIT_LOG"] = str(Path(tempfile.mkdtemp(prefix="pipeline-audit-")) / "audit.jsonl")
 
 
 def write_recipe(path: Path, data: dict) -> Path:

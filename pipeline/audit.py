@@ -1,0 +1,144 @@
+"""Audit trail: an append-only, hash-chained JSON Lines record of every command.
+
+Each entry holds when, who, where, what was run, the recipe's hash, the hashes of the input data and of the
+outputs, the egress decisions, and the outcome. Each entry also stores the hash of the previous entry and its
+own hash over everything else, so editing, removing or reordering any entry breaks the chain, which
+``python -m pipeline audit verify`` reports with the line number.
+
+What the chain cannot show on its own is the newest entries being cut off the end. ``audit.head`` beside the
+log keeps the latest hash and count (and each training run records its entry hash in MLflow), so a
+truncated log is caught as long as the head file or the MLflow store is not rewritten too.
+
+Leaf module: standard library only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import hashlib
+import json
+import os
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+DEFAULT_LOG = Path("runs") / "audit.jsonl"
+GENESIS = "0" * 64
+SKIP_DIRS = {"checkpoints"}  # large and transient; the adapter they lead to is hashed
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_outputs(run_dir: Path | None) -> dict[str, str]:
+    """Relative path -> SHA-256 for every file a command left in its run directory."""
+    if run_dir is None or not run_dir.is_dir():
+        return {}
+    hashes = {}
+    for path in sorted(run_dir.rglob("*")):
+        relative = path.relative_to(run_dir)
+        if path.is_file() and not SKIP_DIRS.intersection(relative.parts):
+            hashes[str(relative)] = sha256_file(path)
+    return hashes
+
+
+def _entry_hash(entry: dict[str, Any]) -> str:
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def append(log: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Append one entry to the chain (under an exclusive lock, so concurrent commands cannot interleave).
+
+    Args:
+        log: The audit log file.
+        record: What happened (command, recipe hash, inputs, outputs, egress, status...).
+
+    Returns:
+        The entry as written, with ``seq``, ``prev`` and ``hash``.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        lines = [line for line in handle.read().splitlines() if line.strip()]
+        prev, seq = GENESIS, 0
+        if lines:
+            last = json.loads(lines[-1])
+            prev, seq = last["hash"], last["seq"] + 1
+        entry = {
+            "seq": seq,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "user": getpass.getuser(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            **record,
+            "prev": prev,
+        }
+        entry["hash"] = _entry_hash(entry)
+        handle.seek(0, os.SEEK_END)
+        handle.write(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+        _write_head(log, entry)
+    return entry
+
+
+def _head_path(log: Path) -> Path:
+    return log.with_name(log.stem + ".head")
+
+
+def _write_head(log: Path, entry: dict[str, Any]) -> None:
+    head = _head_path(log)
+    tmp = head.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"seq": entry["seq"], "hash": entry["hash"]}) + "\n", encoding="utf-8")
+    os.replace(tmp, head)
+
+
+def verify(log: Path) -> list[str]:
+    """Check the whole chain; an empty list means it is intact.
+
+    Returns:
+        One message per problem, each naming the line.
+    """
+    if not log.is_file():
+        return [f"{log}: no audit log here"]
+    problems = []
+    prev, expected_seq = GENESIS, 0
+    last: dict[str, Any] | None = None
+    for number, line in enumerate(log.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            problems.append(f"{log}:{number}: blank line inside the log")
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            problems.append(f"{log}:{number}: not JSON (the line was edited)")
+            continue
+        if entry.get("hash") != _entry_hash(entry):
+            problems.append(f"{log}:{number}: entry {entry.get('seq')} was edited (its hash does not match)")
+        if entry.get("prev") != prev:
+            problems.append(
+                f"{log}:{number}: entry {entry.get('seq')} does not follow the previous entry "
+                "(an entry before it was removed, inserted or reordered)"
+            )
+        if entry.get("seq") != expected_seq:
+            problems.append(f"{log}:{number}: sequence number {entry.get('seq')}, expected {expected_seq}")
+        prev, expected_seq, last = entry.get("hash"), (entry.get("seq") or 0) + 1, entry
+    head = _head_path(log)
+    if head.is_file():
+        anchor = json.loads(head.read_text(encoding="utf-8"))
+        if last is None or anchor.get("hash") != last.get("hash"):
+            problems.append(
+                f"{head}: the log ends at entry {last.get('seq') if last else None} but the head records entry "
+                f"{anchor.get('seq')}: entries were removed from the end or the head was replaced"
+            )
+    return problems
