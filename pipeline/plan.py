@@ -45,7 +45,13 @@ def find_model_config(path: str) -> tuple[dict[str, Any] | None, str]:
     """
     local = Path(path) / "config.json"
     if local.is_file():
-        return json.loads(local.read_text(encoding="utf-8")), str(local)
+        try:
+            config = json.loads(local.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            return None, f"{local} is not valid JSON: {exc}"
+        if not isinstance(config, dict):
+            return None, f"{local} does not hold a JSON object"
+        return config, str(local)
     shipped = resources.files("pipeline") / "model_configs" / shipped_config_name(path)
     if shipped.is_file():
         return json.loads(shipped.read_text(encoding="utf-8")), f"shipped config for {path}"
@@ -83,6 +89,10 @@ def count_parameters(config: dict[str, Any], recipe: Recipe) -> dict[str, int]:
     model_type = config.get("model_type")
     if model_type not in LLAMA_FAMILY:
         raise ValueError(f"parameter counts support {', '.join(LLAMA_FAMILY)} models, not {model_type!r}")
+    for key in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers", "num_attention_heads"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"config.json: {key} must be a positive integer, got {value!r}")
     h, vocab, layers = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
     shapes = linear_shapes(config)
     linear_weights = sum(i * o for i, o in shapes.values())
@@ -158,7 +168,11 @@ def make_plan(
         "weights_memory_gib": None,
     }
     if model_config is not None:
-        counts = count_parameters(model_config, recipe)
+        try:
+            counts = count_parameters(model_config, recipe)
+        except (KeyError, TypeError, ValueError) as exc:
+            plan["parameters_unknown"] = f"cannot count parameters from this config.json: {exc!r}"
+            return plan
         plan["parameters"] = {
             **counts,
             "trainable_percent": round(100 * counts["trainable"] / counts["total"], 4),
@@ -193,7 +207,8 @@ def render_plan(plan: dict[str, Any], model_source: str | None = None) -> str:
         shown = f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
         lines.append(f"  base weights in memory: {shown} (NF4 + double quantization for linear layers, rest 16/32-bit)")
     else:
-        lines.append(f"  parameters: unknown ({model_source or 'model config not found'})")
+        reason = plan.get("parameters_unknown") or model_source or "model config not found"
+        lines.append(f"  parameters: unknown ({reason})")
     return "\n".join(lines)
 
 
