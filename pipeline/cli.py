@@ -60,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("ui", help="open the MLflow UI for the recipe's (or the default) store on 127.0.0.1")
     p.add_argument("recipe", nargs="?", help="recipe whose tracking.uri to show (default: sqlite:///mlruns.db)")
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="loopback address to bind (default 127.0.0.1); the UI is never exposed to the network, "
+        "see docs/architecture.md for a shared, authenticated server",
+    )
     p.set_defaults(handler=cmd_ui)
     return parser
 
@@ -218,14 +223,25 @@ def cmd_ui(args: argparse.Namespace) -> int:
     """Start the MLflow UI for the configured store, on 127.0.0.1 unless told otherwise."""
     import os
 
+    from pipeline.privacy import redact_secrets
     from pipeline.tracking import tracking_uri, ui_command
 
     if args.recipe:
         uri = tracking_uri(_load(args_with_no_overrides(args)))
     else:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
+    from pipeline.privacy import EgressGuard
+
+    if not EgressGuard().decide(args.host)[0]:
+        print(
+            f"error: ui --host {args.host}: the UI binds loopback addresses only (127.0.0.1, ::1), because "
+            "it serves run data without authentication. For a team, run an authenticated MLflow server and "
+            "point tracking.uri at it.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     command = ui_command(uri, args.host, args.port)
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {redact_secrets(uri)} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     # Replace this process with the server, so Ctrl-C and kill reach it directly and nothing is orphaned.
     os.execv(command[0], command)
     return EXIT_OK  # not reached

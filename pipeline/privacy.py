@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -145,6 +146,19 @@ def _in_network(host: str, network: str) -> bool:
         return ipaddress.ip_address(host) in ipaddress.ip_network(network, strict=False)
     except ValueError:
         return False
+
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<key>[?&](?:token|access_token|api_key|apikey|key|password|secret|sig)=)[^&\s]+")
+
+
+def redact_secrets(text: str) -> str:
+    """Remove credentials from text bound for logs, params or tags.
+
+    ``https://user:pw@host/x?token=abc`` -> ``https://user:***@host/x?token=***``.
+    """
+    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
 
 
 def offline_environment() -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.privacy import redact_secrets
 from pipeline.recipe import Recipe, flatten
 
 # MLflow's own limits (mlflow.utils.validation): 100 params per batch call, 6,000 characters per value,
@@ -38,7 +39,7 @@ def params_for(recipe: Recipe) -> dict[str, str]:
     """The resolved recipe as MLflow params: dotted keys, string values within MLflow's length limits."""
     params = {}
     for key, value in flatten(recipe.model_dump(mode="json")).items():
-        text = "" if value is None else str(value)
+        text = "" if value is None else redact_secrets(str(value))
         if len(text) > MAX_PARAM_VALUE:
             text = text[: MAX_PARAM_VALUE - len(TRUNCATED)] + TRUNCATED
         params[key[:MAX_KEY]] = text
@@ -85,7 +86,8 @@ class Tracker:
             return
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:MAX_PARAM_VALUE]) for k, v in tags.items()])
+        safe = [RunTag(k, redact_secrets(str(v))[:MAX_PARAM_VALUE]) for k, v in tags.items()]
+        self._client.log_batch(self.run_id, tags=safe)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Numeric metrics; non-numeric values are skipped."""

@@ -31,6 +31,7 @@ from pipeline.model import (
     restore_adapter_dtype,
 )
 from pipeline.plan import find_model_config, make_plan, render_plan
+from pipeline.privacy import redact_secrets
 from pipeline.recipe import Recipe
 from pipeline.tasks import get_task
 from pipeline.tracking import Tracker, params_for
@@ -204,7 +205,7 @@ def train(
         summary = {
             "run_dir": str(out),
             "mlflow_run_id": tracker.run_id,
-            "tracking_uri": tracker.uri if tracker.enabled else None,
+            "tracking_uri": redact_secrets(tracker.uri) if tracker.enabled else None,
             "device": device,
             "quantized_linear_layers": num_4bit_after,
             "trainable_parameters": trainable,

@@ -1,5 +1,6 @@
 """Egress guard and offline environment. Only loopback addresses are ever connected to here."""
 
+import json
 import os
 import subprocess
 import sys
@@ -92,3 +93,34 @@ def test_every_command_runs_offline_and_guarded_with_the_recipe_allow_list():
     )
     assert "GUARD ('10.9.9.9',) True False" in result.stdout, result.stderr
     assert "ENV 1 true 1" in result.stdout
+
+
+def test_secrets_are_redacted_from_text_bound_for_tracking():
+    from pipeline.privacy import redact_secrets
+
+    assert redact_secrets("https://alice:s3cr3t@mlflow.internal:5000/x") == "https://alice:***@mlflow.internal:5000/x"
+    assert redact_secrets("http://h/api?token=abc&x=1&api_key=zz") == "http://h/api?token=***&x=1&api_key=***"
+    assert redact_secrets("sqlite:///mlruns.db") == "sqlite:///mlruns.db"
+
+
+def test_recipe_params_never_carry_a_url_password(tmp_path):
+    from pipeline.recipe import load_recipe
+    from pipeline.tracking import params_for
+
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        ["tracking.uri=https://bob:hunter2@mlflow.internal/", "tracking.enabled=false"],
+    )
+    params = params_for(recipe)
+    assert "hunter2" not in json.dumps(params) and params["tracking.uri"] == "https://bob:***@mlflow.internal/"
+
+
+def test_ui_refuses_to_bind_beyond_loopback():
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "ui", "--host", "0.0.0.0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "binds loopback addresses only" in result.stderr
