@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.set_defaults(handler=cmd_train)
 
+    p = commands.add_parser("sync", help="upload what a run kept locally while the tracking server was down")
+    p.add_argument("run_dir", help="run directory with tracking/pending.jsonl")
+    p.add_argument("--uri", help="tracking store to upload to (default: the run's own; MLFLOW_TRACKING_URI wins)")
+    p.set_defaults(handler=cmd_sync)
+
     p = commands.add_parser("audit", help="check the hash-chained audit log of every command")
     p.add_argument("action", choices=["verify"], help="verify: detect edited, removed or reordered entries")
     p.add_argument("--log", help="audit log (default: $PIPELINE_AUDIT_LOG or runs/audit.jsonl)")
@@ -143,15 +148,22 @@ def _audit(args: argparse.Namespace, code: int, guard) -> None:  # noqa: ANN001 
     except OSError as exc:
         print(f"warning: could not append to the audit log {audit_log_path()}: {exc}", file=sys.stderr)
         return
-    if _CONTEXT.get("mlflow_run_id"):
+    if _CONTEXT.get("mlflow_run_id") and _CONTEXT.get("tracking_uri"):
         from pipeline.tracking import annotate_run
 
-        annotate_run(
-            _CONTEXT["tracking_uri"],
-            _CONTEXT["mlflow_run_id"],
-            {"audit.entry_hash": entry["hash"], "audit.entry_seq": str(entry["seq"])},
-            files=[audit_log_path()],
-        )
+        try:
+            annotate_run(
+                _CONTEXT["tracking_uri"],
+                _CONTEXT["mlflow_run_id"],
+                {"audit.entry_hash": entry["hash"], "audit.entry_seq": str(entry["seq"])},
+                files=[audit_log_path()],
+            )
+        except Exception as exc:  # noqa: BLE001 - the entry is safe in the log; MLflow is a copy
+            print(
+                f"warning: could not attach the audit entry to MLflow run {_CONTEXT['mlflow_run_id']}: "
+                f"{type(exc).__name__}",
+                file=sys.stderr,
+            )
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - returns pipeline.recipe.Recipe
@@ -250,6 +262,33 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def args_with_no_overrides(args: argparse.Namespace) -> argparse.Namespace:
     """``ui`` takes a recipe but no --set."""
     return argparse.Namespace(recipe=args.recipe, overrides=[])
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Replay a run's queued tracking calls to the MLflow store."""
+    from pipeline.privacy import redact_secrets
+    from pipeline.tracking import sync
+
+    pending = Path(args.run_dir) / "tracking" / "pending.jsonl"
+    if not pending.is_file():
+        print(
+            f"error: {pending}: nothing to sync (the run was tracked live, or this is not a run directory)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    _CONTEXT["run_dir"] = Path(args.run_dir)
+    try:
+        run_id, sent = sync(args.run_dir, args.uri)
+    except Exception as exc:  # noqa: BLE001 - the store is still unreachable: say so, keep the queue
+        print(
+            f"error: sync failed, {pending} is kept for the next try: {type(exc).__name__}: "
+            f"{redact_secrets(str(exc))[:300]}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    _CONTEXT["mlflow_run_id"] = run_id
+    print(f"Synced {sent} tracking operations from {args.run_dir} to MLflow run {run_id}")
+    return EXIT_OK
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -116,7 +116,7 @@ def train(
     rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
     task = get_task(recipe.task)
     set_seed(recipe.training.seed)
-    tracker = Tracker(recipe, run_name=out.name)
+    tracker = Tracker(recipe, run_name=out.name, run_dir=out)
     if on_start is not None:
         on_start(run_dir=out, mlflow_run_id=tracker.run_id, tracking_uri=tracker.uri)
     status = "FAILED"

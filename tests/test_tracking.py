@@ -115,3 +115,49 @@ def test_ui_serves_the_store_on_loopback_only(tmp_path, trained_run):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_unreachable_tracking_server_does_not_stop_training_and_sync_uploads_later(tmp_path, tiny_recipe_data):
+    import json
+    import os
+
+    from conftest import write_recipe
+    from test_recipe import run_cli
+
+    dead = f"http://127.0.0.1:{_free_port()}"  # loopback port with nothing listening
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            **tiny_recipe_data,
+            "training": {**tiny_recipe_data["training"], "max_steps": 4, "logging_steps": 2},
+            "eval": {"max_examples": 2},
+            "tracking": {"uri": dead, "experiment": "offline-test"},
+        },
+    )
+    result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("is unreachable") == 1  # told once, clearly
+    pending = tmp_path / "run" / "tracking" / "pending.jsonl"
+    ops = [json.loads(line)["op"] for line in pending.read_text().splitlines()]
+    assert ops[0] == "start" and "params" in ops and "metrics" in ops and ops[-1] == "end"
+
+    store = f"sqlite:///{tmp_path / 'later.db'}"
+    synced = subprocess.run(
+        [sys.executable, "-m", "pipeline", "sync", str(tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": store},
+    )
+    assert synced.returncode == 0, synced.stderr[-2000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("offline-test").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["training.max_steps"] == "4"
+    assert "eval.finetuned.micro_f1" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train.loss")] == [2, 4]
+    assert not pending.exists() and (tmp_path / "run" / "tracking" / "synced.jsonl").is_file()
+    again = run_cli("sync", str(tmp_path / "run"))
+    assert again.returncode == 2 and "nothing to sync" in again.stderr
