@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.privacy import EgressBlocked, install_egress_guard, offline_environment
 
     offline_environment()  # before any library that could reach the network is imported
-    guard = install_egress_guard()  # loopback only until a recipe allows more
+    guard = install_egress_guard(())  # loopback only until a recipe allows more
     parser = build_parser()
     args = parser.parse_args(argv)
     from pipeline.contracts import ContractFailed
@@ -255,6 +255,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     command = ui_command(uri, args.host, args.port)
     print(f"MLflow UI for {redact_secrets(uri)} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     # Replace this process with the server, so Ctrl-C and kill reach it directly and nothing is orphaned.
+    # The audit entry is written first: after exec this process no longer runs our code.
+    from pipeline.privacy import install_egress_guard
+
+    _audit(args, EXIT_OK, install_egress_guard())
     os.execv(command[0], command)
     return EXIT_OK  # not reached
 

@@ -109,17 +109,19 @@ class EgressGuard:
 _GUARD: EgressGuard | None = None
 
 
-def install_egress_guard(allowed_hosts: tuple[str, ...] | list[str] = ()) -> EgressGuard:
-    """Guard every outbound connection of this process from now on (idempotent; the allow-list is replaced).
+def install_egress_guard(allowed_hosts: tuple[str, ...] | list[str] | None = None) -> EgressGuard:
+    """Guard every outbound connection of this process from now on (idempotent).
+
+    ``allowed_hosts`` replaces the allow-list (an empty one means loopback only); None leaves it as it is.
 
     Python audit hooks cannot be removed, so one guard is installed per process and later calls update its
     allow-list (``cli.main`` installs it with loopback only, then adds the recipe's hosts once it is loaded).
     """
     global _GUARD
     if _GUARD is None:
-        _GUARD = EgressGuard(tuple(allowed_hosts))
+        _GUARD = EgressGuard(tuple(allowed_hosts or ()))
         sys.addaudithook(_GUARD.audit_hook)
-    else:
+    elif allowed_hosts is not None:
         _GUARD.allowed_hosts = tuple(allowed_hosts)
     return _GUARD
 

@@ -99,6 +99,8 @@ def test_ui_serves_the_store_on_loopback_only(tmp_path, trained_run):
             except OSError:
                 time.sleep(1)
         assert body.strip() == "OK"
+        audit_log = __import__("pathlib").Path(__import__("os").environ["PIPELINE_AUDIT_LOG"])
+        assert any('"command": "ui"' in line for line in audit_log.read_text().splitlines())
         with urllib.request.urlopen(
             f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={trained_run.mlflow_run_id}", timeout=5
         ) as response:
