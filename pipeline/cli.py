@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="validate, train the adapter, evaluate, and log everything to MLflow")
     _recipe_args(p)
+    p.add_argument("--force", action="store_true", help="train even if the plan says it does not fit the GPU")
     p.set_defaults(handler=cmd_train)
 
     p = commands.add_parser("sync", help="upload what a run kept locally while the tracking server was down")
@@ -208,22 +209,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.run_dir:
         rundir.write_json(Path(args.run_dir) / "plan.json", plan)
         _CONTEXT["run_dir"] = Path(args.run_dir)
-    return EXIT_OK
+    return EXIT_FAILED if (plan.get("fit") or {}).get("fits") is False else EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """The whole job. The last line names the run directory and the MLflow run id."""
     from pipeline.data import LossMaskError
     from pipeline.model import DeviceUnavailable, ModelNotFound
+    from pipeline.plan import DoesNotFit
 
     recipe = _load(args)
     from pipeline.train import train  # heavy: torch, transformers, trl
 
     try:
-        result = train(recipe, recipe_source=args.recipe, run_dir=args.run_dir, on_start=_CONTEXT.update)
+        result = train(
+            recipe, recipe_source=args.recipe, run_dir=args.run_dir, on_start=_CONTEXT.update, force=args.force
+        )
     except (ModelNotFound, DeviceUnavailable) as exc:
         print(f"error: {args.recipe}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except DoesNotFit as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except LossMaskError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

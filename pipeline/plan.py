@@ -129,6 +129,96 @@ def count_parameters(config: dict[str, Any], recipe: Recipe) -> dict[str, int]:
     }
 
 
+class DoesNotFit(Exception):
+    """The memory estimate exceeds the GPU: refused before any weights load (exit 1; --force overrides)."""
+
+
+# Memory estimate (shared/reference memory-speed-cost.md, section 2; all terms in bytes).
+OPTIMIZER_STATE_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8}
+CUDA_CONTEXT_GIB = 0.75  # context + cuBLAS workspaces, outside the allocator (0.3-2 GiB reported)
+FRAGMENTATION = 1.08  # reserved / allocated under the caching allocator
+LOGIT_BYTES = 22  # per vocabulary entry per token at the loss: bf16 logits, fp32 upcast, log-softmax, grad
+LAYER_BYTES_PER_HIDDEN = 89  # one decoder layer's saved tensors (~44.5 h) plus its backward buffers, per token
+
+
+def estimate_memory(config: dict[str, Any], recipe: Recipe, counts: dict[str, int]) -> dict[str, Any]:
+    """Peak GPU memory of one training process, by component (GiB).
+
+    Fixed: NF4 weights at 4.127 bits (4.5 without double quantization); the rest of the base in 16 bits
+    (32 when computing in fp32); trainable weights and their gradients in fp32 (4 + 4 bytes); optimizer
+    states (2 bytes for 8-bit AdamW, 8 for 32-bit); the largest linear dequantized to 16 bits for its matmul;
+    CUDA context. Per token (micro-batch x max_length): with gradient checkpointing each layer keeps its
+    bf16 input (2 h bytes per layer), and backward recomputes one layer (~89 h bytes); without it every
+    layer keeps its activations. The loss peaks at ~22 bytes per vocabulary entry per token (transformers
+    upcasts the logits to fp32); it happens at another moment than the layer recompute, so the larger of
+    the two counts. Allocator fragmentation adds 8%.
+    Llama-3-70B, r=16, 2,048 tokens: 40.0 GiB fixed + 2.5 stash + 5.4 logits = 47.9 -> 51.7 GiB.
+    """
+    gib = 2**30
+    h, vocab, layers = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
+    q = recipe.quantization
+    bits = (NF4_DQ_BITS if q.double_quant else 4.5) if q.load_in_4bit else 16
+    rest = 4 if q.compute_dtype == "float32" else 2
+    t = recipe.training
+    shapes = linear_shapes(config)
+    largest = max(i * o for i, o in shapes.values())
+    fixed = {
+        "base weights (quantized)": counts["quantized"] * bits / 8,
+        "base weights (16-bit: embeddings, norms, head)": counts["kept_16bit"] * rest,
+        "trainable weights (fp32)": counts["trainable"] * 4,
+        "gradients (fp32)": counts["trainable"] * 4,
+        "optimizer states": counts["trainable"] * OPTIMIZER_STATE_BYTES[t.optim],
+        "dequantized weight in flight": largest * 2 * 1.1 if q.load_in_4bit else 0,
+        "CUDA context": CUDA_CONTEXT_GIB * gib,
+    }
+    tokens = t.micro_batch_size * t.max_length
+    if t.gradient_checkpointing:
+        stash = 2 * h * layers * tokens
+        layer = LAYER_BYTES_PER_HIDDEN * h * tokens
+    else:
+        stash = LAYER_BYTES_PER_HIDDEN / 2 * h * layers * tokens
+        layer = LAYER_BYTES_PER_HIDDEN / 2 * h * tokens
+    logits = LOGIT_BYTES * vocab * tokens
+    variable = {"activations kept for backward": stash, "peak of loss or layer recompute": max(logits, layer)}
+    allocated = sum(fixed.values()) + sum(variable.values())
+    needed = allocated * FRAGMENTATION
+    components = {k: round(v / gib, 2) for k, v in {**fixed, **variable}.items()}
+    components["allocator fragmentation (8%)"] = round((needed - allocated) / gib, 2)
+    return {
+        "components_gib": components,
+        "allocated_gib": round(allocated / gib, 2),
+        "needed_gib": round(needed / gib, 2),
+    }
+
+
+def fit_verdict(recipe: Recipe, memory: dict[str, Any]) -> dict[str, Any]:
+    """Compare the estimate with ``hardware.gpu_memory_gb`` and say what would make it fit."""
+    gpu = recipe.hardware.gpu_memory_gb
+    if gpu is None or recipe.hardware.device == "cpu":
+        return {"fits": None, "message": "no GPU memory given (hardware.gpu_memory_gb): fit not checked"}
+    needed = memory["needed_gib"]
+    if needed <= gpu:
+        return {"fits": True, "message": f"fits with {gpu - needed:.1f} GB to spare ({needed:.1f} of {gpu:g} GB)"}
+    t = recipe.training
+    tips = []
+    if t.max_length > 512:
+        tips.append(f"a shorter training.max_length (now {t.max_length}; try {t.max_length // 2})")
+    if t.micro_batch_size > 1:
+        tips.append(f"training.micro_batch_size: 1 with more gradient_accumulation_steps (now {t.micro_batch_size})")
+    if not t.gradient_checkpointing:
+        tips.append("training.gradient_checkpointing: true")
+    if recipe.lora.r > 8:
+        tips.append(f"a smaller lora.r (now {recipe.lora.r})")
+    if OPTIMIZER_STATE_BYTES[t.optim] > 2:
+        tips.append("training.optim: paged_adamw_8bit")
+    tips.append(f"a GPU with at least {math.ceil(needed)} GB (sharding over several GPUs is not supported yet)")
+    return {
+        "fits": False,
+        "message": f"does not fit: {needed:.1f} GB needed, {gpu:g} GB available",
+        "suggestions": tips,
+    }
+
+
 def make_plan(
     recipe: Recipe, num_train_rows: int, model_config: dict[str, Any] | None, world_size: int | None = None
 ) -> dict[str, Any]:
@@ -166,6 +256,8 @@ def make_plan(
         "max_training_tokens": total_steps * effective_batch * t.max_length,
         "parameters": None,
         "weights_memory_gib": None,
+        "memory": None,
+        "fit": None,
     }
     if model_config is not None:
         try:
@@ -181,6 +273,8 @@ def make_plan(
         rest_bytes = 4 if recipe.quantization.compute_dtype == "float32" else 2
         weight_bytes = counts["quantized"] * NF4_DQ_BITS / 8 + counts["kept_16bit"] * rest_bytes
         plan["weights_memory_gib"] = round(weight_bytes / 2**30, 4)
+        plan["memory"] = estimate_memory(model_config, recipe, counts)
+        plan["fit"] = fit_verdict(recipe, plan["memory"])
     return plan
 
 
@@ -206,6 +300,13 @@ def render_plan(plan: dict[str, Any], model_source: str | None = None) -> str:
         gib = plan["weights_memory_gib"]
         shown = f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
         lines.append(f"  base weights in memory: {shown} (NF4 + double quantization for linear layers, rest 16/32-bit)")
+        memory, fit = plan.get("memory"), plan.get("fit")
+        if memory:
+            lines.append(f"  peak GPU memory per process (estimate): {memory['needed_gib']:.1f} GiB")
+            lines += [f"    {name:<48} {value:>8.2f}" for name, value in memory["components_gib"].items()]
+        if fit:
+            lines.append(f"  verdict: {fit['message']}")
+            lines += [f"    - {tip}" for tip in fit.get("suggestions", [])]
     else:
         reason = plan.get("parameters_unknown") or model_source or "model config not found"
         lines.append(f"  parameters: unknown ({reason})")

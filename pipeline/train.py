@@ -30,7 +30,7 @@ from pipeline.model import (
     resolve_model_path,
     restore_adapter_dtype,
 )
-from pipeline.plan import find_model_config, make_plan, render_plan
+from pipeline.plan import DoesNotFit, find_model_config, make_plan, render_plan
 from pipeline.privacy import redact_secrets
 from pipeline.recipe import Recipe
 from pipeline.tasks import get_task
@@ -96,6 +96,7 @@ def train(
     recipe_source: str | Path = "recipe",
     run_dir: str | Path | None = None,
     on_start: Callable[..., Any] | None = None,
+    force: bool = False,
 ) -> RunResult:
     """Run the whole job for a recipe and return where its outputs are.
 
@@ -103,6 +104,7 @@ def train(
         recipe: A validated recipe.
         recipe_source: The recipe's file, named in error messages.
         run_dir: Output directory; ``runs/<name>/<run-id>/`` when not given.
+        force: Train even when the plan says the recipe does not fit the GPU.
         on_start: Called once the run directory and MLflow run exist, with ``run_dir``, ``mlflow_run_id``
             and ``tracking_uri`` (the CLI uses it for the audit entry, even when the run fails later).
 
@@ -150,6 +152,13 @@ def train(
         print(render_plan(plan, config_source))
         rundir.write_json(out / "plan.json", {**plan, "device": device, "prompt_format": fmt, "env": env.to_dict()})
         tracker.log_artifact(out / "plan.json")
+        fit = plan.get("fit") or {}
+        if fit.get("fits") is False and not force:
+            raise DoesNotFit(
+                f"{recipe_source}: {fit['message']}. Refused before loading any weights; try:\n  - "
+                + "\n  - ".join(fit["suggestions"])
+                + "\n(or pass --force to train anyway)"
+            )
 
         # 4. The frozen 4-bit base and the trainable adapter.
         model = load_base(recipe, model_dir, device)

@@ -72,3 +72,53 @@ def test_unknown_architecture_is_refused_clearly():
     recipe = load_recipe(QUICK)
     with pytest.raises(ValueError, match="llama, mistral, qwen2 models, not 'gpt2'"):
         count_parameters({"model_type": "gpt2"}, recipe)
+
+
+@pytest.mark.parametrize(
+    "overrides,allocated,needed",
+    [
+        # shared/reference/memory-speed-cost.md section 2.5, stock path: r=16/s=2048 and r=64/s=4096.
+        ([], 47.9, 51.7),
+        (["lora.r=64", "lora.alpha=128", "training.max_length=4096"], 61.5, 66.5),
+    ],
+)
+def test_memory_estimate_reproduces_the_worked_70b_example(overrides, allocated, needed):
+    recipe = load_recipe(ROOT / "recipes" / "medical_coding.yaml", overrides)
+    config, _ = find_model_config(recipe.model.path)
+    plan = make_plan(recipe, 10_000, config)
+    assert plan["memory"]["allocated_gib"] == pytest.approx(allocated, abs=0.15)
+    assert plan["memory"]["needed_gib"] == pytest.approx(needed, abs=0.15)
+    assert plan["fit"]["fits"] is True and "GB to spare" in plan["fit"]["message"]
+    components = plan["memory"]["components_gib"]
+    assert components["base weights (quantized)"] == pytest.approx(32.89, abs=0.01)
+    assert sum(components.values()) == pytest.approx(plan["memory"]["needed_gib"], abs=0.05)
+
+
+def test_checkpointing_and_optimizer_choices_move_the_estimate():
+    base = ROOT / "recipes" / "medical_coding.yaml"
+    config, _ = find_model_config(load_recipe(base).model.path)
+
+    def needed(*overrides):
+        return make_plan(load_recipe(base, list(overrides)), 1, config)["memory"]["needed_gib"]
+
+    assert needed("training.gradient_checkpointing=false") > needed() + 20  # 80 layers of activations
+    # 32-bit states: 6 more bytes per trainable parameter (207.1M) = 1.16 GiB, x 1.08 fragmentation.
+    assert needed("training.optim=paged_adamw_32bit") - needed() == pytest.approx(1.16 * 1.08, abs=0.02)
+
+
+def test_a_recipe_that_does_not_fit_is_refused_with_suggestions(tmp_path, tiny_recipe_data):
+    from conftest import write_recipe
+    from test_recipe import run_cli
+
+    result = run_cli("plan", "recipes/medical_coding.yaml", "--set", "training.max_length=16384")
+    assert result.returncode == 1
+    assert "does not fit: " in result.stdout and "a shorter training.max_length (now 16384; try 8192)" in result.stdout
+
+    path = write_recipe(
+        tmp_path / "big.yaml",
+        {**tiny_recipe_data, "hardware": {"device": "auto", "gpu_memory_gb": 0.001}, "tracking": {"enabled": False}},
+    )
+    refused = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    assert refused.returncode == 1
+    assert "does not fit" in refused.stderr and "Refused before loading any weights" in refused.stderr
+    assert "Base loaded" not in refused.stdout and not (tmp_path / "run" / "adapter").exists()
