@@ -301,7 +301,7 @@ def render_plan(plan: dict[str, Any], model_source: str | None = None) -> str:
         shown = f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
         lines.append(f"  base weights in memory: {shown} (NF4 + double quantization for linear layers, rest 16/32-bit)")
         memory, fit = plan.get("memory"), plan.get("fit")
-        if memory:
+        if memory and fit and fit["fits"] is not None:  # a GPU target: show where the memory goes
             lines.append(f"  peak GPU memory per process (estimate): {memory['needed_gib']:.1f} GiB")
             lines += [f"    {name:<48} {value:>8.2f}" for name, value in memory["components_gib"].items()]
         if fit:
