@@ -126,21 +126,16 @@ def _audit(args: argparse.Namespace, code: int, guard) -> None:  # noqa: ANN001 
     from pipeline import audit
 
     run_dir = _CONTEXT.get("run_dir")
-    egress: dict[str, dict] = {}
-    for decision in guard.decisions:
-        key = f"{decision['host']}:{decision['port']}"
-        egress.setdefault(key, {"allowed": decision["allowed"], "reason": decision["reason"], "count": 0})
-        egress[key]["count"] += 1
     record = {
         "command": args.command,
         "argv": sys.argv[1:] if sys.argv and sys.argv[0] else [],
         "exit_code": code,
         "recipe": _CONTEXT.get("recipe_path"),
         "recipe_sha256": _CONTEXT.get("recipe_sha256"),
-        "inputs": _CONTEXT.get("inputs", {}),
+        "inputs": _input_hashes(_CONTEXT.get("recipe"), run_dir),
         "run_dir": str(run_dir) if run_dir else None,
         "outputs": audit.hash_outputs(Path(run_dir)) if run_dir else {},
-        "egress": egress,
+        "egress": guard.decisions,
         "mlflow_run_id": _CONTEXT.get("mlflow_run_id"),
         "license_acknowledged": None,
     }
@@ -173,7 +168,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - returns pipeline.recipe.R
 
     recipe = load_recipe(args.recipe, args.overrides)
     install_egress_guard(recipe.privacy.allowed_hosts)
-    _CONTEXT.update(recipe_path=args.recipe, recipe_sha256=_sha256_text(recipe.to_yaml()), inputs=_input_hashes(recipe))
+    _CONTEXT.update(recipe_path=args.recipe, recipe_sha256=_sha256_text(recipe.to_yaml()), recipe=recipe)
     return recipe
 
 
@@ -326,14 +321,25 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _input_hashes(recipe) -> dict[str, str]:  # noqa: ANN001 - pipeline.recipe.Recipe
-    """SHA-256 of the contract and data files the recipe names (those that exist)."""
+def _input_hashes(recipe, run_dir: Path | None) -> dict[str, str]:  # noqa: ANN001 - pipeline.recipe.Recipe
+    """SHA-256 of the contract and data files the recipe names (those that exist).
+
+    Splits that validation already read are taken from its report rather than read a second time.
+    """
+    import json
+
     from pipeline.audit import sha256_file
 
+    if recipe is None:
+        return {}
+    report = Path(run_dir) / "validation" / "report.json" if run_dir else None
+    known = json.loads(report.read_text(encoding="utf-8"))["splits"] if report and report.is_file() else {}
     hashes = {}
     for key in ("contract", "train", "eval"):
         path = Path(getattr(recipe.data, key))
-        if path.is_file():
+        if key in known and known[key]["path"] == str(path):
+            hashes[f"data.{key}:{path}"] = known[key]["sha256"]
+        elif path.is_file():
             hashes[f"data.{key}:{path}"] = sha256_file(path)
     return hashes
 

@@ -39,12 +39,12 @@ class EgressGuard:
     Loopback (127.0.0.0/8, ::1, ``localhost``) is always allowed unless ``allow_loopback`` is False (tests
     use that to check refusals without ever addressing another machine). Anything else must be on
     ``privacy.allowed_hosts``: a host name, an IP address or a network in CIDR form. Every decision is kept
-    in ``decisions`` for the audit trail.
+    in ``decisions`` (per destination, with a count) for the audit trail.
     """
 
     allowed_hosts: tuple[str, ...] = ()
     allow_loopback: bool = True
-    decisions: list[dict[str, str]] = field(default_factory=list)
+    decisions: dict[str, dict[str, object]] = field(default_factory=dict)
     _resolved_for: tuple[str, ...] = field(default=(), repr=False)
     _addresses: dict[str, set[str]] = field(default_factory=dict, repr=False)
 
@@ -81,9 +81,12 @@ class EgressGuard:
     def check(self, event: str, host: str, port: object = None) -> None:
         """Record the decision for a connection attempt; raise ``EgressBlocked`` when it is refused."""
         allowed, reason = self.decide(host)
-        self.decisions.append(
-            {"event": event, "host": host, "port": str(port), "allowed": str(allowed), "reason": reason}
+        # One record per destination with a count: a week-long run against a loopback server makes
+        # millions of connections, and the audit entry needs the destinations, not each attempt.
+        record = self.decisions.setdefault(
+            f"{host}:{port}", {"event": event, "allowed": allowed, "reason": reason, "count": 0}
         )
+        record["count"] += 1
         if not allowed:
             destination = f"{host}:{port}" if port not in (None, 0) else host
             raise EgressBlocked(

@@ -84,6 +84,7 @@ def test_every_command_is_audited_and_verify_exits_1_on_tampering(tmp_path, tiny
         from pipeline.audit import sha256_file
 
         assert first["outputs"]["validation/report.json"] == sha256_file(report)
+        assert first["inputs"][f"data.train:{data / 'train.jsonl'}"] == sha256_file(data / "train.jsonl")
         ok = run_cli("audit", "verify")
         assert ok.returncode == 0 and "chain intact" in ok.stdout
         lines = lines_of(env_log)

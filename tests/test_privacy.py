@@ -37,7 +37,8 @@ def test_refusal_names_the_destination_and_the_recipe_key():
         guard.check("socket.connect", "93.184.216.34", 443)
     message = str(err.value)
     assert "93.184.216.34:443" in message and "privacy.allowed_hosts" in message
-    assert guard.decisions[-1]["allowed"] == "False"
+    assert guard.decisions["93.184.216.34:443"]["allowed"] is False
+    assert guard.decisions["93.184.216.34:443"]["count"] == 1
 
 
 GUARDED_CONNECT = r"""
@@ -62,7 +63,7 @@ try:
     print("PACKET REACHED THE SERVER")
 except TimeoutError:
     print("server saw nothing")
-print([d["allowed"] for d in guard.decisions])
+print([d["allowed"] for d in guard.decisions.values()])
 """
 
 
