@@ -101,12 +101,66 @@ def main(argv: list[str] | None = None) -> int:
     except EgressBlocked as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = EXIT_FAILED
+    except OSError as exc:
+        # Disk full, a read-only or foreign-owned output directory: one line naming the file, not a traceback.
+        # Outputs are written to a temporary file and renamed (rundir.write_text), so what was already
+        # written is intact; the message says so.
+        message, code = describe_os_error(exc)
+        print(f"error: {message}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
     finally:
         _audit(args, code, guard)
     return code
+
+
+def describe_os_error(exc: OSError) -> tuple[str, int]:
+    """A one-line explanation of a file-system error with what to do, and its exit code.
+
+    Disk full is a failure of the job (1); a path the user pointed at that cannot be written is a bad
+    request (2).
+    """
+    import errno
+
+    where = exc.filename or "(unknown file)"
+    if exc.filename2:
+        where = f"{where} -> {exc.filename2}"
+    kept = "files written before it are intact (outputs are written to a temporary file, then renamed)"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"{where}: no space left on the device (or quota exceeded); {kept}. Free space or point "
+            "--run-dir at a larger disk, then rerun (train --resume continues from the last complete checkpoint).",
+            EXIT_FAILED,
+        )
+    if exc.errno == errno.EROFS:
+        return f"{where}: the file system is read-only; {kept}. Pass --run-dir on a writable disk.", EXIT_USAGE
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"{where}: permission denied for user {_user()}; {kept}. Fix the directory's owner or mode, "
+            "or pass --run-dir somewhere this user can write.",
+            EXIT_USAGE,
+        )
+    if exc.errno == errno.ENOENT:
+        return f"{where}: no such file or directory; check the path in the recipe or on the command line.", (
+            EXIT_USAGE
+        )
+    if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+        return f"{where}: {exc.strerror}: a file and a directory have the same name; pick another --run-dir.", (
+            EXIT_USAGE
+        )
+    return f"{where}: {exc.strerror or type(exc).__name__}; {kept}.", EXIT_FAILED
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        import os
+
+        return str(os.getuid())
 
 
 # What the running command touched, filled in by the handlers for the audit entry.
