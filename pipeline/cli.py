@@ -142,13 +142,9 @@ def describe_os_error(exc: OSError) -> tuple[str, int]:
             EXIT_USAGE,
         )
     if exc.errno == errno.ENOENT:
-        return f"{where}: no such file or directory; check the path in the recipe or on the command line.", (
-            EXIT_USAGE
-        )
+        return f"{where}: no such file or directory; check the path in the recipe or command line.", EXIT_USAGE
     if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
-        return f"{where}: {exc.strerror}: a file and a directory have the same name; pick another --run-dir.", (
-            EXIT_USAGE
-        )
+        return f"{where}: {exc.strerror}: a file and a directory share the name; pick another --run-dir.", EXIT_USAGE
     return f"{where}: {exc.strerror or type(exc).__name__}; {kept}.", EXIT_FAILED
 
 

@@ -49,7 +49,7 @@ def test_disk_full_names_the_file_and_keeps_what_was_written(tmp_path, validate_
 
     assert code == 1
     assert "Traceback" not in err
-    assert "no space left" in err and "--run-dir" in err and "intact" in err
+    assert f"{report}: no space left" in err and "--run-dir" in err and "intact" in err
     assert report.read_bytes() == before  # the complete report from the first run survives
     assert json.loads(before)["splits"]["train"]["rows_in"] > 0
     leftovers = [p.name for p in run_dir.rglob("*.tmp")]
