@@ -260,7 +260,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """The whole job. The last line names the run directory and the MLflow run id."""
     from pipeline.data import LossMaskError
-    from pipeline.model import DeviceUnavailable, ModelNotFound
+    from pipeline.model import DeviceUnavailable, ModelNotFound, RevisionMismatch
     from pipeline.plan import DoesNotFit
 
     recipe = _load(args)
@@ -270,7 +270,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(
             recipe, recipe_source=args.recipe, run_dir=args.run_dir, on_start=_CONTEXT.update, force=args.force
         )
-    except (ModelNotFound, DeviceUnavailable) as exc:
+    except (ModelNotFound, RevisionMismatch, DeviceUnavailable) as exc:
         print(f"error: {args.recipe}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except DoesNotFit as exc:

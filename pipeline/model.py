@@ -18,6 +18,10 @@ class ModelNotFound(Exception):
     """The recipe's model.path is neither a local model directory nor in the local Hugging Face cache."""
 
 
+class RevisionMismatch(Exception):
+    """The base model's files are not those of the recipe's ``model.revision`` (or cannot be shown to be)."""
+
+
 class DeviceUnavailable(Exception):
     """The recipe asks for hardware this machine does not have."""
 
@@ -39,6 +43,8 @@ def resolve_model_path(path: str, revision: str | None = None) -> Path:
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelNotFound(f"model.path: {path} is a directory but has no config.json; is it a model directory?")
+        if revision is not None:
+            check_revision(local, revision)
         return local
     looks_like_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     if looks_like_id:
@@ -56,6 +62,69 @@ def resolve_model_path(path: str, revision: str | None = None) -> Path:
                 f"model.path to it (or --set model.path=DIR), or populate the cache on a machine allowed to."
             ) from None
     raise ModelNotFound(f"model.path: {path}: no such directory (working directory: {Path.cwd()})")
+
+
+# Files whose content decides the model's behaviour; their provenance is what model.revision pins.
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".tiktoken", ".txt")
+
+
+def check_revision(model_dir: Path, revision: str) -> None:
+    """Prove that a local model directory holds the files of ``revision``, or raise ``RevisionMismatch``.
+
+    A model id is resolved through the Hugging Face cache by revision, so it cannot mismatch. A local directory
+    can: someone copied another version, or edited a file. Two kinds of evidence are accepted, both written by
+    ``huggingface_hub`` when the model was fetched on a connected machine:
+
+    - a cache snapshot directory (``.../snapshots/<commit>/``): its name is the commit;
+    - a ``--local-dir`` download: ``.cache/huggingface/download/<file>.metadata`` per file, whose first line is
+      the commit and third the download time. A file modified after its download no longer matches.
+
+    With neither, the revision cannot be shown, which is an error too: a pinned revision that is not checked
+    would be a false claim in the audit trail.
+    """
+    if model_dir.resolve().parent.name == "snapshots":
+        commit = model_dir.resolve().name
+        if not commit.startswith(revision):
+            raise RevisionMismatch(
+                f"model.revision: {model_dir} is the cached snapshot of commit {commit}, not {revision}. "
+                f"Point model.path at snapshots/{revision}*/ or set model.revision: {commit}."
+            )
+        return
+    meta_dir = model_dir / ".cache" / "huggingface" / "download"
+    files = sorted(
+        p for p in model_dir.rglob("*") if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES and ".cache" not in p.parts
+    )
+    if not meta_dir.is_dir():
+        raise RevisionMismatch(
+            f"model.revision: {revision} cannot be verified for {model_dir}: it is not a Hugging Face cache snapshot "
+            f"and has no download metadata ({meta_dir}). Copy the model with `hf download --local-dir` (which "
+            "records each file's commit) or the whole cache snapshot, or remove model.revision from the recipe."
+        )
+    for file in files:
+        relative = file.relative_to(model_dir).as_posix()
+        meta = meta_dir / f"{relative}.metadata"
+        if not meta.is_file():
+            raise RevisionMismatch(
+                f"model.revision: {file} has no download record in {meta_dir}, so it is not known to belong to "
+                f"revision {revision}; remove the file or fetch the model again with `hf download --local-dir`."
+            )
+        lines = meta.read_text(encoding="utf-8", errors="replace").splitlines()
+        commit = lines[0].strip() if lines else ""
+        if not commit.startswith(revision):
+            raise RevisionMismatch(
+                f"model.revision: {file} was downloaded at commit {commit or '(unreadable)'}, not {revision} "
+                f"({meta}). Fetch revision {revision} again, or set model.revision: {commit} if that is the one."
+            )
+        try:
+            downloaded = float(lines[2])
+        except (IndexError, ValueError):
+            downloaded = None
+        # huggingface_hub itself allows 1 s between its recorded time and the file's mtime.
+        if downloaded is not None and file.stat().st_mtime - 1 > downloaded:
+            raise RevisionMismatch(
+                f"model.revision: {file} was modified after it was downloaded at {revision} "
+                f"(recorded in {meta}); restore the original file or fetch the model again."
+            )
 
 
 def bnb_config(q: QuantizationSection) -> Any:

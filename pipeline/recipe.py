@@ -49,7 +49,11 @@ class ModelSection(_Section):
         "cache (HF_HOME) with no network access. Weights are never downloaded."
     )
     revision: str | None = Field(
-        default=None, description="Commit of the model id in the local cache; the newest cached one if unset."
+        default=None,
+        description="Commit the base must come from. For a model id: the cached commit (the newest cached one "
+        "if unset). For a local directory: checked against the Hugging Face cache snapshot it is, or the "
+        "per-file download records `hf download --local-dir` leaves; a mismatch, a file edited after download "
+        "or a directory with no such record stops the run before any weight loads.",
     )
     license: str | None = Field(
         default=None, description="License of the base weights, e.g. 'llama3.3' or 'apache-2.0'."

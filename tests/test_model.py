@@ -104,3 +104,72 @@ def test_tiny_base_build_is_deterministic(tmp_path):
     b = build_tiny_base(tmp_path / "b", spec=spec)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+
+
+COMMIT = "9f1c2e0d4b7a6c5e8d3f2a1b0c9d8e7f6a5b4c3d"
+
+
+def _local_download(root, files: dict[str, bytes], commit: str = COMMIT):
+    """A model directory as `hf download --local-dir` leaves it: files plus one metadata record each."""
+    import time
+
+    meta_dir = root / ".cache" / "huggingface" / "download"
+    meta_dir.mkdir(parents=True)
+    for name, content in files.items():
+        (root / name).write_bytes(content)
+        (meta_dir / f"{name}.metadata").write_text(f"{commit}\netag-{name}\n{time.time() + 2}\n")
+    return root
+
+
+def test_local_directory_must_prove_the_recipe_revision(tmp_path):
+    from pipeline.model import RevisionMismatch
+
+    model = _local_download(tmp_path / "m", {"config.json": b"{}", "model.safetensors": b"weights"})
+    assert resolve_model_path(str(model), COMMIT[:10]) == model  # a short commit prefix is enough
+    assert resolve_model_path(str(model)) == model  # no revision pinned: nothing to check
+
+    with pytest.raises(RevisionMismatch, match=rf"config.json was downloaded at commit {COMMIT}, not 1234567"):
+        resolve_model_path(str(model), "1234567")
+
+    # A file edited after it was downloaded no longer belongs to the revision.
+    import os
+
+    later = os.stat(model / "model.safetensors").st_mtime + 3600
+    os.utime(model / "model.safetensors", (later, later))
+    with pytest.raises(RevisionMismatch, match="model.safetensors was modified after it was downloaded"):
+        resolve_model_path(str(model), COMMIT)
+
+
+def test_unrecorded_files_and_bare_directories_cannot_claim_a_revision(tmp_path, tiny_assets):
+    from pipeline.model import RevisionMismatch
+
+    model = _local_download(tmp_path / "m", {"config.json": b"{}"})
+    (model / "model.safetensors").write_bytes(b"copied in from elsewhere")
+    with pytest.raises(RevisionMismatch, match=r"model.safetensors has no download record"):
+        resolve_model_path(str(model), COMMIT)
+    with pytest.raises(RevisionMismatch, match="cannot be verified .* remove model.revision"):
+        resolve_model_path(str(tiny_assets["model"]), COMMIT)
+
+
+def test_cache_snapshot_directory_is_checked_by_its_commit(tmp_path):
+    from pipeline.model import RevisionMismatch
+
+    snapshot = tmp_path / "models--acme--x" / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    assert resolve_model_path(str(snapshot), COMMIT[:8]) == snapshot
+    with pytest.raises(RevisionMismatch, match=f"cached snapshot of commit {COMMIT}, not abcdef1"):
+        resolve_model_path(str(snapshot), "abcdef1")
+
+
+def test_train_with_a_mismatched_revision_stops_before_loading_weights(tmp_path, tiny_recipe_data):
+    from test_recipe import run_cli
+
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {**tiny_recipe_data, "model": {"path": tiny_recipe_data["model"]["path"], "revision": "deadbeef"}},
+    )
+    result = run_cli("train", str(recipe), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr
+    assert "model.revision: deadbeef cannot be verified" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "adapter").exists()
