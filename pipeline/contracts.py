@@ -325,23 +325,22 @@ def _check_value(name: str, value: Any, rule: FieldRule) -> list[Reason]:
     if not _type_ok(value, rule.type):
         return [Reason("type", name, f"expected {rule.type}, got {_json_type(value)}")]
     reasons: list[Reason] = []
-    # A field with a PII policy may hold an SSN: its value is never quoted in a message.
-    shown = "the value (withheld: the field has a pii policy)" if rule.pii else repr(_clip(value))
     if rule.type == "string":
         if rule.min_length is not None and len(value) < rule.min_length:
             reasons.append(Reason("min_length", name, f"{len(value)} characters, at least {rule.min_length} required"))
         if rule.max_length is not None and len(value) > rule.max_length:
             reasons.append(Reason("max_length", name, f"{len(value)} characters, at most {rule.max_length} allowed"))
         if rule.pattern is not None and not _regex(rule.pattern).fullmatch(value):
-            reasons.append(Reason("pattern", name, f"{shown} does not match {rule.pattern}"))
+            reasons.append(Reason("pattern", name, f"{_shown(value, rule)} does not match {rule.pattern}"))
     if rule.enum is not None and value not in rule.enum:
-        reasons.append(Reason("enum", name, f"{shown} is not one of {rule.enum}"))
+        reasons.append(Reason("enum", name, f"{_shown(value, rule)} is not one of {rule.enum}"))
     if (
         rule.vocabulary_file is not None
         and not isinstance(value, list)
         and str(value) not in _vocabulary(rule.vocabulary_file)
     ):
-        reasons.append(Reason("vocabulary", name, f"{shown} is not in {Path(rule.vocabulary_file).name}"))
+        message = f"{_shown(value, rule)} is not in {Path(rule.vocabulary_file).name}"
+        reasons.append(Reason("vocabulary", name, message))
     if rule.vocabulary == "icd10cm" and isinstance(value, str) and not reasons:
         status = _icd10cm_status(value)
         if status == "invalid":
@@ -359,7 +358,7 @@ def _check_value(name: str, value: Any, rule: FieldRule) -> list[Reason]:
             reasons.append(Reason("min_items", name, f"{len(value)} items, at least {rule.min_items} required"))
         if rule.max_items is not None and len(value) > rule.max_items:
             reasons.append(Reason("max_items", name, f"{len(value)} items, at most {rule.max_items} allowed"))
-        if rule.unique_items:
+        if rule.unique_items and not _all_distinct(value):
             repeated = sorted({str(v) for v, n in Counter(map(_hashable, value)).items() if n > 1})
             if repeated:
                 reasons.append(Reason("unique_items", name, f"repeated items: {', '.join(repeated)}"))
@@ -367,6 +366,18 @@ def _check_value(name: str, value: Any, rule: FieldRule) -> list[Reason]:
         for index, item in enumerate(value):
             reasons.extend(_check_value(f"{name}[{index}]", item, rule.items))
     return reasons
+
+
+def _shown(value: Any, rule: FieldRule) -> str:
+    # A field with a PII policy may hold an SSN: its value is never quoted in a message.
+    return "the value (withheld: the field has a pii policy)" if rule.pii else repr(_clip(value))
+
+
+def _all_distinct(items: list[Any]) -> bool:
+    try:
+        return len(set(items)) == len(items)
+    except TypeError:  # unhashable items (lists, objects): the slow path below compares their JSON
+        return False
 
 
 @cache
@@ -568,7 +579,7 @@ def _parse_line(raw: bytes) -> tuple[Any, list[Reason]]:
     if not text.strip():
         return None, [Reason("blank_line", None, "blank line")]
     try:
-        return json.loads(text, parse_constant=_reject_constant), []
+        return _DECODER.decode(text), []
     except RecursionError:
         return None, [Reason("json", None, "not valid JSON: nested too deeply")]
     except ValueError as exc:
@@ -577,6 +588,9 @@ def _parse_line(raw: bytes) -> tuple[Any, list[Reason]]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one decoder: json.loads(**kw) builds one per call
 
 
 def sha256_file(path: str | Path) -> str:
@@ -739,9 +753,9 @@ class ContractRun:
         self.pii_fields = {name: rule.pii for name, rule in contract.fields.items() if rule.pii}
         self.scanner: Any = None
         if self.pii_fields:
-            from pipeline.privacy import PiiScanner
+            from pipeline.privacy import pii_scanner
 
-            self.scanner = PiiScanner(contract.pii.entities, contract.pii.min_score)
+            self.scanner = pii_scanner(tuple(contract.pii.entities), contract.pii.min_score)
         self.hasher = MinHasher(shingle=self.rules.shingle_words) if self.rules.text_fields else None
         self.near = self.hasher is not None and (self.rules.near_duplicates != "off" or self.rules.leakage != "off")
         self.splits: dict[str, SplitResult] = {}

@@ -21,16 +21,17 @@ import hashlib
 import re
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
-_PUNCT = re.compile(r"[^\w\s]+")
-_SPACE = re.compile(r"\s+")
+_WORD = re.compile(r"\w+")
 
 
 def normalize(text: str) -> str:
     """Lower case, punctuation removed, whitespace collapsed: ``" Pt has  HTN. "`` -> ``"pt has htn"``."""
-    return _SPACE.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
+    # Punctuation becomes a word break and runs of whitespace one space: the words joined by single spaces.
+    return " ".join(_WORD.findall(text.lower()))
 
 
 def text_hash(normalized: str) -> int:
@@ -65,26 +66,41 @@ class MinHasher:
         object.__setattr__(self, "_a", rng.integers(1, 2**63, self.num_perm, dtype=np.uint64) | np.uint64(1))
         object.__setattr__(self, "_b", rng.integers(0, 2**63, self.num_perm, dtype=np.uint64))
         object.__setattr__(self, "_band_mix", rng.integers(1, 2**63, self.num_perm, dtype=np.uint64) | np.uint64(1))
-
-    def shingles(self, normalized: str) -> list[int]:
-        """CRC-32 of each word n-gram (a text shorter than n words is one shingle)."""
-        words = normalized.split()
-        n = self.shingle
-        if len(words) <= n:
-            return [zlib.crc32(" ".join(words).encode("utf-8"))]
-        return [zlib.crc32(" ".join(words[i : i + n]).encode("utf-8")) for i in range(len(words) - n + 1)]
+        object.__setattr__(self, "_word_mix", rng.integers(1, 2**63, self.shingle, dtype=np.uint64) | np.uint64(1))
+        object.__setattr__(self, "_word_hash", lru_cache(maxsize=1 << 20)(_crc))
 
     def signatures(self, normalized_texts: list[str]) -> np.ndarray:
-        """``(len(texts), num_perm)`` uint32 signatures: per hash function, the minimum over the text's shingles."""
+        """``(len(texts), num_perm)`` uint32 signatures: per hash function, the minimum over the text's shingles.
+
+        Words are hashed once (CRC-32, cached); a shingle of n words combines its word hashes with fixed odd
+        multipliers, and the shingles of the whole batch are hashed and reduced in a few numpy passes. A text
+        shorter than n words is one shingle of the words it has.
+        """
         if not normalized_texts:
             return np.zeros((0, self.num_perm), dtype=np.uint32)
-        per_text = [self.shingles(t) for t in normalized_texts]
+        word = self._word_hash
+        per_text = [[word(w) for w in t.split()] or [0] for t in normalized_texts]
         lengths = np.fromiter((len(s) for s in per_text), dtype=np.int64, count=len(per_text))
-        flat = np.fromiter((h for s in per_text for h in s), dtype=np.uint64, count=int(lengths.sum()))
+        words = np.fromiter((h for s in per_text for h in s), dtype=np.uint64, count=int(lengths.sum()))
+        offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        n = self.shingle
+        counts = np.maximum(lengths - n + 1, 1)  # shingles per text
+        first = np.repeat(offsets, counts) + (
+            np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        )
+        end = np.repeat(offsets + lengths, counts)
         with np.errstate(over="ignore"):  # wrap-around is the point of multiply-shift hashing
-            hashed = (flat[:, None] * self._a[None, :] + self._b[None, :]) >> np.uint64(32)
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        return np.minimum.reduceat(hashed, starts, axis=0).astype(np.uint32)
+            shingles = np.zeros(len(first), dtype=np.uint64)
+            for t in range(n):
+                index = first + t
+                inside = index < end
+                shingles[inside] += words[index[inside]] * self._word_mix[t]
+            shingles = (shingles >> np.uint64(32)) ^ (shingles & np.uint64(0xFFFFFFFF))
+            hashed = shingles[:, None] * self._a[None, :]
+            hashed += self._b[None, :]
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        # The shift is monotonic, so min(v >> 32) == min(v) >> 32: shift the small result, not every hash.
+        return (np.minimum.reduceat(hashed, starts, axis=0) >> np.uint64(32)).astype(np.uint32)
 
     def band_keys(self, signatures: np.ndarray) -> np.ndarray:
         """``(rows, bands)`` uint64 keys: rows whose keys agree in any band are candidate pairs."""
@@ -92,6 +108,10 @@ class MinHasher:
         with np.errstate(over="ignore"):
             mixed = signatures.astype(np.uint64) * self._band_mix[None, :]
             return mixed.reshape(len(signatures), self.bands, rows).sum(axis=2, dtype=np.uint64)
+
+
+def _crc(word: str) -> int:
+    return zlib.crc32(word.encode("utf-8"))
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ library can reach the network behind the user's back. This module stays a leaf (
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -318,6 +319,12 @@ class PiiScanner:
             if all(r.end <= k.start or r.start >= k.end for k in kept):
                 kept.append(PiiFinding(r.entity_type, r.start, r.end, round(float(r.score), 3)))
         return sorted(kept, key=lambda f: f.start)
+
+
+@functools.cache
+def pii_scanner(entities: tuple[str, ...] = PII_ENTITIES, min_score: float = 0.4) -> PiiScanner:
+    """One scanner per configuration and process (building Presidio's recognizers takes a moment)."""
+    return PiiScanner(entities, min_score)
 
 
 def redact(text: str, findings: list[PiiFinding]) -> str:
