@@ -721,7 +721,8 @@ class _Accepted:
     ids: list[Any] = field(default_factory=list)
     labels: list[tuple[str, ...]] = field(default_factory=list)
     tokens: array = field(default_factory=lambda: array("l"))
-    signatures: list[Any] = field(default_factory=list)
+    signatures: list[Any] = field(default_factory=list)  # per batch: (rows, num_perm) uint16
+    keys: list[Any] = field(default_factory=list)  # per batch: (rows, bands) uint64 LSH band keys
 
 
 class ContractRun:
@@ -762,6 +763,7 @@ class ContractRun:
         self._hashes: dict[str, dict[int, int]] = {}
         self._accepted: dict[str, _Accepted] = {}
         self._train_index: LshIndex | None = None
+        self._label_sets: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     # -- one split -------------------------------------------------------------------------------
     def split(self, name: str, path: str | Path) -> SplitResult:
@@ -837,7 +839,11 @@ class ContractRun:
             if self.keep_rows:
                 result.rows.append({**row, "_row": record.row})
         if texts:
-            accepted.signatures.append(self.hasher.signatures(texts))
+            signatures = self.hasher.signatures(texts)
+            accepted.keys.append(self.hasher.band_keys(signatures))
+            # b-bit MinHash (Li and Koenig): the top 16 bits of each value estimate the similarity with a bias of
+            # (1 - J) / 65536, and halve the memory that dominates at 1M rows (128 bytes a row instead of 256).
+            accepted.signatures.append((signatures >> 16).astype(np.uint16))
 
     def _scan(self, result: SplitResult, row_number: int, row: dict[str, Any]) -> list[Reason]:
         reasons = []
@@ -894,7 +900,9 @@ class ContractRun:
         if field_name is None:
             return ()
         value = row.get(field_name)
-        return tuple(str(v) for v in value) if isinstance(value, list) else (str(value),)
+        labels = tuple(str(v) for v in value) if isinstance(value, list) else (str(value),)
+        # One shared tuple per distinct label set: a million rows carry a few thousand combinations.
+        return self._label_sets.setdefault(labels, labels)
 
     def _quarantine(self, result: SplitResult, row_number: int, row: Any, reasons: list[Reason]) -> None:
         result.quarantined.append(
@@ -918,7 +926,8 @@ class ContractRun:
             return
         signatures = np.concatenate(accepted.signatures)
         accepted.signatures = [signatures]
-        keys = self.hasher.band_keys(signatures)
+        keys = np.concatenate(accepted.keys)
+        accepted.keys = []
         threshold = self.rules.near_duplicate_threshold
         late: dict[int, list[Reason]] = {}
         if result.name == "eval" and self._train_index is not None and self.rules.leakage != "off":

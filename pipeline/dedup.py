@@ -165,8 +165,13 @@ class LshIndex:
     @classmethod
     def build(cls, keys: np.ndarray, signatures: np.ndarray) -> LshIndex:
         """Index ``keys`` (rows x bands) and their signatures."""
-        order = np.argsort(keys.T, axis=1, kind="stable")
-        return cls(np.take_along_axis(keys.T, order, axis=1), order, signatures)
+        n, bands = keys.shape
+        order = np.empty((bands, n), dtype=np.int32)  # 4 bytes a row a band; one band sorted at a time
+        sorted_keys = np.empty((bands, n), dtype=np.uint64)
+        for band in range(bands):
+            order[band] = np.argsort(keys[:, band], kind="stable")
+            sorted_keys[band] = keys[order[band], band]
+        return cls(sorted_keys, order, signatures)
 
     def query(self, keys: np.ndarray, signatures: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
         """``(query_row, indexed_row, similarity)`` for query rows with a near-duplicate in the index."""
