@@ -14,15 +14,21 @@ import hashlib
 import json
 import math
 import re
+from array import array
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline import icd10cm
+from pipeline.dedup import LshIndex, MinHasher, normalize, pairs_within, text_hash
+from pipeline.privacy import PII_ENTITIES, redact
 from pipeline.recipe import RecipeError, format_validation_errors
 
 FieldType = Literal["string", "integer", "number", "boolean", "list"]
@@ -45,6 +51,18 @@ class FieldRule(BaseModel):
     billable_only: bool = Field(
         default=False, description="With vocabulary icd10cm: only billable codes (leaves of the table) pass."
     )
+    vocabulary_file: str | None = Field(
+        default=None,
+        description="A text file of allowed values, one per line ('#' starts a comment); a relative path is "
+        "relative to the contract file. Checked like enum, for lists too long to write inline.",
+    )
+    pii: Literal["block", "redact", "warn"] | None = Field(
+        default=None,
+        description="PII/PHI policy of a string field, scanned for the contract's pii.entities: 'block' "
+        "quarantines the row, 'redact' replaces each finding with a typed placeholder such as <US_SSN> before "
+        "anything else sees the row, 'warn' keeps the text and reports the row. Messages and reports never "
+        "quote the value of a field with a policy.",
+    )
     min_length: int | None = Field(default=None, ge=0, description="Fewest characters in a string.")
     max_length: int | None = Field(default=None, gt=0, description="Most characters in a string.")
     items: FieldRule | None = Field(default=None, description="Rule for every item of a list.")
@@ -61,11 +79,110 @@ class FieldRule(BaseModel):
                 raise ValueError(f"pattern is not a valid regular expression: {exc}") from None
         if self.billable_only and self.vocabulary != "icd10cm":
             raise ValueError("billable_only needs vocabulary: icd10cm")
+        if self.pii is not None and self.type != "string":
+            raise ValueError("pii applies to string fields only")
         if self.type == "list" and self.items is None:
             raise ValueError("a list field needs an 'items' rule")
         if self.type != "list" and (self.items or self.min_items is not None or self.max_items is not None):
             raise ValueError("items/min_items/max_items apply to list fields only")
         return self
+
+
+Action = Literal["quarantine", "report", "off"]
+
+
+class TokenRules(BaseModel):
+    """Token counts of each row rendered as a training example, with the recipe's tokenizer and prompt format."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_tokens: int = Field(default=1, ge=1, description="Fewest tokens in an example (prompt + completion).")
+    max_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="Most tokens in an example; default training.max_length. A longer example would have its "
+        "completion (the labels) cut by truncation, so the row is quarantined: an error, not a warning.",
+    )
+
+
+class PiiRules(BaseModel):
+    """What the PII/PHI scan looks for in fields that have a ``pii`` policy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    entities: list[str] = Field(
+        default_factory=lambda: list(PII_ENTITIES),
+        description="Entity types to detect: US_SSN, PHONE_NUMBER, EMAIL_ADDRESS, CREDIT_CARD, DATE_OF_BIRTH, "
+        "MEDICAL_RECORD_NUMBER, PERSON (PERSON needs an installed spaCy model; reported unavailable otherwise).",
+    )
+    min_score: float = Field(
+        default=0.4,
+        ge=0,
+        le=1,
+        description="Lowest Presidio score that counts as a finding (SSN and phone patterns score 0.4-0.5, "
+        "Luhn-valid cards and valid e-mail domains 1.0).",
+    )
+
+    @model_validator(mode="after")
+    def _known(self) -> PiiRules:
+        unknown = sorted(set(self.entities) - set(PII_ENTITIES))
+        if unknown:
+            raise ValueError(f"unknown entities {unknown}; known: {list(PII_ENTITIES)}")
+        return self
+
+
+class DatasetRules(BaseModel):
+    """Checks across rows and across splits. Each says whether it quarantines rows or only reports them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text_fields: list[str] = Field(
+        default_factory=list,
+        description="String fields compared for duplicates and leakage, joined with a space (empty: off).",
+    )
+    label_field: str | None = Field(
+        default=None, description="Field holding the label(s) (a string or a list): coverage and distribution."
+    )
+    exact_duplicates: Action = Field(
+        default="quarantine",
+        description="Rows of a split whose normalized text (case, whitespace and punctuation ignored) repeats an "
+        "earlier row: 'quarantine' keeps the first and quarantines the copies, 'report' only lists them.",
+    )
+    near_duplicates: Action = Field(
+        default="report",
+        description="Rows of a split at least near_duplicate_threshold similar to an earlier row (MinHash/LSH). "
+        "Default 'report': templated notes are often legitimately alike; the pairs are listed.",
+    )
+    leakage: Action = Field(
+        default="quarantine",
+        description="Eval rows that are exact or near duplicates of a train row: 'quarantine' takes them out of "
+        "the eval split (the train row stays), because a score on seen text is inflated.",
+    )
+    near_duplicate_threshold: float = Field(
+        default=0.8, ge=0.5, le=1, description="Estimated Jaccard similarity of word shingles that counts as near."
+    )
+    shingle_words: int = Field(default=3, ge=1, le=10, description="Words per shingle for near-duplicates.")
+    label_coverage: Action = Field(
+        default="report",
+        description="Eval rows with a label seen fewer than min_train_count times in train. Default 'report': "
+        "the model cannot learn those labels, and hiding the rows would inflate the eval score.",
+    )
+    min_train_count: int = Field(
+        default=1, ge=1, description="Times every eval label must appear in train (k) for label_coverage."
+    )
+    rare_label_count: int = Field(
+        default=5, ge=1, description="Train labels seen fewer times than this are listed as rare (report only)."
+    )
+    max_imbalance_ratio: float | None = Field(
+        default=None,
+        gt=1,
+        description="Report a warning when the most frequent train label is this many times more frequent "
+        "than the least frequent one (report only).",
+    )
+    min_rows: dict[Literal["train", "eval"], int] = Field(
+        default_factory=dict,
+        description="Fewest accepted rows per split; fewer stops the job (exit 1), e.g. {train: 500, eval: 50}.",
+    )
 
 
 class DataContract(BaseModel):
@@ -76,7 +193,11 @@ class DataContract(BaseModel):
     name: str = Field(description="Contract name, recorded in reports and MLflow.")
     version: int = Field(default=1, ge=1, description="Bump when the rules change; recorded with each run.")
     description: str | None = Field(default=None, description="What the data is, for people.")
-    format: Literal["jsonl"] = Field(default="jsonl", description="File format of the splits: JSON Lines.")
+    format: Literal["auto", "jsonl", "csv", "parquet"] = Field(
+        default="auto",
+        description="File format of the splits: JSON Lines, CSV (header row) or Parquet; 'auto' goes by the "
+        "file extension (.csv, .parquet/.pq, anything else JSON Lines).",
+    )
     id_field: str | None = Field(default="id", description="Field that identifies a row in reports, if present.")
     fields: dict[str, FieldRule] = Field(description="Rules per field name.")
     extra_fields: Literal["ignore", "reject"] = Field(
@@ -88,11 +209,25 @@ class DataContract(BaseModel):
         le=1,
         description="Stop (exit 1) before any model loads when a larger fraction of a split is quarantined.",
     )
+    max_row_bytes: int = Field(
+        default=1_000_000,
+        gt=0,
+        description="A longer line (or CSV record) is quarantined without being held in memory.",
+    )
+    tokens: TokenRules | None = Field(
+        default=None,
+        description="Token-length checks with the recipe's tokenizer (loaded only when this section is present).",
+    )
+    pii: PiiRules = Field(default_factory=PiiRules, description="What the scan of fields with a pii policy finds.")
+    dataset: DatasetRules = Field(default_factory=DatasetRules, description="Checks across rows and splits.")
 
     @model_validator(mode="after")
     def _non_empty(self) -> DataContract:
         if not self.fields:
             raise ValueError("a contract must list at least one field")
+        for name in [*self.dataset.text_fields, *([self.dataset.label_field] if self.dataset.label_field else [])]:
+            if name not in self.fields:
+                raise ValueError(f"dataset names field {name!r}, which is not in fields")
         return self
 
 
@@ -116,9 +251,40 @@ def load_contract(path: str | Path) -> DataContract:
     if not isinstance(raw, dict):
         raise RecipeError([f"{path}: expected a mapping at the top level, got {type(raw).__name__}"])
     try:
-        return DataContract.model_validate(raw)
+        contract = DataContract.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(format_validation_errors(exc, DataContract, {}, default_file=str(path))) from None
+    errors: list[str] = []
+    fields = {
+        name: _resolve_files(name, rule, path.parent, errors, str(path)) for name, rule in contract.fields.items()
+    }
+    if errors:
+        raise RecipeError(errors)
+    return contract.model_copy(update={"fields": fields})
+
+
+def _resolve_files(name: str, rule: FieldRule, base: Path, errors: list[str], source: str) -> FieldRule:
+    """Make ``vocabulary_file`` absolute (relative to the contract) and check that it can be read."""
+    update: dict[str, Any] = {}
+    if rule.vocabulary_file is not None:
+        file = Path(rule.vocabulary_file)
+        file = file if file.is_absolute() else base / file
+        try:
+            if not _vocabulary(str(file)):
+                errors.append(f"{source}: fields.{name}.vocabulary_file: {file} lists no value")
+        except (OSError, UnicodeDecodeError) as exc:
+            errors.append(f"{source}: fields.{name}.vocabulary_file: cannot read {file}: {exc}")
+        update["vocabulary_file"] = str(file)
+    if rule.items is not None:
+        update["items"] = _resolve_files(f"{name}.items", rule.items, base, errors, source)
+    return rule.model_copy(update=update) if update else rule
+
+
+@cache
+def _vocabulary(path: str) -> frozenset[str]:
+    """Values of a vocabulary file: one per line, blank lines and '#' comments ignored."""
+    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    return frozenset(v for v in (line.split("#", 1)[0].strip() for line in lines) if v)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,12 +330,19 @@ def _check_value(name: str, value: Any, rule: FieldRule) -> list[Reason]:
             reasons.append(Reason("min_length", name, f"{len(value)} characters, at least {rule.min_length} required"))
         if rule.max_length is not None and len(value) > rule.max_length:
             reasons.append(Reason("max_length", name, f"{len(value)} characters, at most {rule.max_length} allowed"))
-        if rule.pattern is not None and not re.fullmatch(rule.pattern, value):
-            reasons.append(Reason("pattern", name, f"{_clip(value)!r} does not match {rule.pattern}"))
+        if rule.pattern is not None and not _regex(rule.pattern).fullmatch(value):
+            reasons.append(Reason("pattern", name, f"{_shown(value, rule)} does not match {rule.pattern}"))
     if rule.enum is not None and value not in rule.enum:
-        reasons.append(Reason("enum", name, f"{_clip(value)!r} is not one of {rule.enum}"))
+        reasons.append(Reason("enum", name, f"{_shown(value, rule)} is not one of {rule.enum}"))
+    if (
+        rule.vocabulary_file is not None
+        and not isinstance(value, list)
+        and str(value) not in _vocabulary(rule.vocabulary_file)
+    ):
+        message = f"{_shown(value, rule)} is not in {Path(rule.vocabulary_file).name}"
+        reasons.append(Reason("vocabulary", name, message))
     if rule.vocabulary == "icd10cm" and isinstance(value, str) and not reasons:
-        status = icd10cm.status(value)
+        status = _icd10cm_status(value)
         if status == "invalid":
             reasons.append(Reason("vocabulary", name, f"{_clip(value)!r} is not an ICD-10-CM code"))
         elif status == "not_billable" and rule.billable_only:
@@ -185,7 +358,7 @@ def _check_value(name: str, value: Any, rule: FieldRule) -> list[Reason]:
             reasons.append(Reason("min_items", name, f"{len(value)} items, at least {rule.min_items} required"))
         if rule.max_items is not None and len(value) > rule.max_items:
             reasons.append(Reason("max_items", name, f"{len(value)} items, at most {rule.max_items} allowed"))
-        if rule.unique_items:
+        if rule.unique_items and not _all_distinct(value):
             repeated = sorted({str(v) for v, n in Counter(map(_hashable, value)).items() if n > 1})
             if repeated:
                 reasons.append(Reason("unique_items", name, f"repeated items: {', '.join(repeated)}"))
@@ -193,6 +366,29 @@ def _check_value(name: str, value: Any, rule: FieldRule) -> list[Reason]:
         for index, item in enumerate(value):
             reasons.extend(_check_value(f"{name}[{index}]", item, rule.items))
     return reasons
+
+
+def _shown(value: Any, rule: FieldRule) -> str:
+    # A field with a PII policy may hold an SSN: its value is never quoted in a message.
+    return "the value (withheld: the field has a pii policy)" if rule.pii else repr(_clip(value))
+
+
+def _all_distinct(items: list[Any]) -> bool:
+    try:
+        return len(set(items)) == len(items)
+    except TypeError:  # unhashable items (lists, objects): the slow path below compares their JSON
+        return False
+
+
+@cache
+def _regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+@lru_cache(maxsize=200_000)
+def _icd10cm_status(code: str) -> str:
+    # simple-icd-10-cm walks its tables on every call; a medical-coding split repeats a few thousand codes.
+    return icd10cm.status(code)
 
 
 def check_row(row: Any, contract: DataContract) -> list[Reason]:
@@ -215,84 +411,163 @@ def check_row(row: Any, contract: DataContract) -> list[Reason]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Splits
+# Reading: every record of a JSON Lines, CSV or Parquet file, each with its 1-based row number
+
+
+class DataFileError(ContractFailed):
+    """A data file that cannot be read at all (not Parquet, a CSV without a header): one error naming it."""
 
 
 @dataclass
-class SplitResult:
-    """What one split turned into: accepted rows, quarantined rows, and counts that reconcile."""
+class Record:
+    """One input record: its row number (JSONL/CSV: the line it starts on; Parquet: its position)."""
 
-    name: str
-    path: str
-    sha256: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    quarantined: list[dict[str, Any]] = field(default_factory=list)
-    check_counts: Counter = field(default_factory=Counter)
-    rows_in: int = 0
-
-    @property
-    def rows_accepted(self) -> int:
-        """Rows that passed every check."""
-        return len(self.rows)
-
-    @property
-    def rows_quarantined(self) -> int:
-        """Rows set aside with reasons."""
-        return len(self.quarantined)
-
-    def summary(self) -> dict[str, Any]:
-        """The per-split part of report.json."""
-        return {
-            "path": self.path,
-            "sha256": self.sha256,
-            "rows_in": self.rows_in,
-            "rows_accepted": self.rows_accepted,
-            "rows_quarantined": self.rows_quarantined,
-            "quarantined_fraction": round(self.rows_quarantined / self.rows_in, 6) if self.rows_in else 0.0,
-            "failed_checks": dict(sorted(self.check_counts.items())),
-        }
+    row: int
+    value: Any
+    reasons: list[Reason]
 
 
-def validate_split(name: str, path: str | Path, contract: DataContract) -> SplitResult:
-    """Read a JSON Lines split and check every line against the contract.
+def file_format(path: str | Path, contract: DataContract) -> Literal["jsonl", "csv", "parquet"]:
+    """The contract's format, or (``auto``) the one the file extension names."""
+    if contract.format != "auto":
+        return contract.format
+    suffix = Path(path).suffix.lower()
+    return "csv" if suffix == ".csv" else "parquet" if suffix in (".parquet", ".pq") else "jsonl"
 
-    Each physical line is one row, numbered from 1. A line that is blank, not UTF-8 or not JSON is
-    quarantined with the reason, like a row that fails a check. Accepted rows carry their line number
-    under ``_row``.
 
-    Args:
-        name: Split name ("train", "eval").
-        path: The file.
-        contract: The contract to enforce.
+def iter_records(path: str | Path, contract: DataContract) -> Iterator[Record]:
+    """Stream the records of a split file; nothing is skipped, so every record gets a row number.
 
-    Returns:
-        The split's accepted rows, quarantined rows and counts.
+    Raises:
+        DataFileError: The file cannot be read as its format at all (the message names the file).
     """
-    path = Path(path)
-    digest = hashlib.sha256()
-    result = SplitResult(name=name, path=str(path), sha256="")
+    fmt = file_format(path, contract)
+    if fmt == "csv":
+        return _csv_records(Path(path), contract)
+    if fmt == "parquet":
+        return _parquet_records(Path(path))
+    return _jsonl_records(Path(path), contract.max_row_bytes)
+
+
+def _jsonl_records(path: Path, limit: int) -> Iterator[Record]:
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            digest.update(raw)
-            result.rows_in += 1
-            row, reasons = _parse_line(raw)
-            if not reasons:
-                reasons = check_row(row, contract)
-            if reasons:
-                row_id = row.get(contract.id_field) if isinstance(row, dict) and contract.id_field else None
-                result.quarantined.append(
-                    {
-                        "split": name,
-                        "row": number,
-                        "id": row_id if isinstance(row_id, (str, int)) else None,
-                        "reasons": [r.to_dict() for r in reasons],
-                    }
-                )
-                result.check_counts.update({r.check for r in reasons})
+        number = 0
+        while True:
+            raw = handle.readline(limit + 1)  # bounded: a 2 GB line is never held in memory
+            if not raw:
+                return
+            number += 1
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                size = len(raw)
+                while raw and not raw.endswith(b"\n"):
+                    raw = handle.readline(1 << 20)
+                    size += len(raw)
+                yield Record(number, None, [Reason("row_size", None, f"{size:,} bytes, above max_row_bytes {limit:,}")])
+                continue
+            value, reasons = _parse_line(raw)
+            if reasons and number == 1 and raw.lstrip(b"\xef\xbb\xbf \t").startswith((b"[", b"{")):
+                reasons = [
+                    Reason(
+                        r.check,
+                        r.field,
+                        r.message + " (is the file one JSON document? pipeline reads JSON Lines: one object per line)",
+                    )
+                    for r in reasons
+                ]
+            yield Record(number, value, reasons)
+
+
+def _csv_records(path: Path, contract: DataContract) -> Iterator[Record]:
+    import csv
+    import io
+
+    csv.field_size_limit(contract.max_row_bytes)
+    with path.open("rb") as raw:
+        # surrogateescape keeps undecodable bytes as lone surrogates, so one bad record does not stop the file.
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        reader = csv.reader(text)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataFileError(f"{path}: line 1: not a CSV header: {exc}") from None
+        if not header or any(_has_surrogate(h) for h in header):
+            raise DataFileError(
+                f"{path}: line 1: the CSV header is empty or not UTF-8; the first line must name columns"
+            )
+        start = reader.line_num + 1
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield Record(start, None, [Reason("csv", None, f"not a valid CSV record: {exc}")])
+                start = reader.line_num + 1
+                continue
+            number, start = start, reader.line_num + 1
+            if not cells:
+                yield Record(number, None, [Reason("blank_line", None, "blank line")])
+            elif any(_has_surrogate(c) for c in cells):
+                yield Record(number, None, [Reason("encoding", None, "not UTF-8")])
+            elif len(cells) != len(header):
+                message = f"{len(cells)} columns, the header has {len(header)}"
+                yield Record(number, None, [Reason("csv_columns", None, message)])
             else:
-                result.rows.append({**row, "_row": number})
-    result.sha256 = digest.hexdigest()
-    return result
+                yield Record(number, _typed_cells(dict(zip(header, cells, strict=True)), contract), [])
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text) if not text.isascii() else False
+
+
+def _typed_cells(row: dict[str, Any], contract: DataContract) -> dict[str, Any]:
+    """Types for CSV cells, which are all text.
+
+    An empty cell is missing; a list field is a JSON array or ';'-separated values; numbers and booleans are
+    parsed as JSON (a cell that does not parse stays text and fails the type check).
+    """
+    for name, rule in contract.fields.items():
+        cell = row.get(name)
+        if cell is None:
+            continue
+        if cell == "":
+            row[name] = None
+        elif rule.type == "list":
+            if cell.lstrip().startswith("["):
+                try:
+                    row[name] = json.loads(cell, parse_constant=_reject_constant)
+                except ValueError:
+                    pass
+            else:
+                row[name] = [part.strip() for part in cell.split(";") if part.strip()]
+        elif rule.type in ("integer", "number", "boolean"):
+            try:
+                row[name] = json.loads(cell, parse_constant=_reject_constant)
+            except ValueError:
+                pass
+    return row
+
+
+def _parquet_records(path: Path) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataFileError(f"{path}: not a readable Parquet file: {exc}") from None
+    number = 0
+    for group in range(parquet.num_row_groups):  # one row group in memory at a time
+        try:
+            table = parquet.read_row_group(group)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataFileError(f"{path}: row group {group} (rows after {number}) cannot be read: {exc}") from None
+        for batch in table.to_batches(max_chunksize=4096):
+            for value in batch.to_pylist():
+                number += 1
+                yield Record(number, value, [])
 
 
 def _parse_line(raw: bytes) -> tuple[Any, list[Reason]]:
@@ -304,7 +579,9 @@ def _parse_line(raw: bytes) -> tuple[Any, list[Reason]]:
     if not text.strip():
         return None, [Reason("blank_line", None, "blank line")]
     try:
-        return json.loads(text, parse_constant=_reject_constant), []
+        return _DECODER.decode(text), []
+    except RecursionError:
+        return None, [Reason("json", None, "not valid JSON: nested too deeply")]
     except ValueError as exc:
         return None, [Reason("json", None, f"not valid JSON: {exc}")]
 
@@ -313,8 +590,469 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def build_report(contract_path: str | Path, contract: DataContract, splits: list[SplitResult]) -> dict[str, Any]:
-    """report.json: per split counts that reconcile, the contract's identity, and failed-check counts."""
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one decoder: json.loads(**kw) builds one per call
+
+
+def sha256_file(path: str | Path) -> str:
+    """Content hash of a split, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits
+
+EXAMPLES = 10  # row numbers kept per check as examples in report.json
+PAIRS = 100  # duplicate/leakage pairs kept per check in report.json
+BATCH = 2048  # rows per batch for the PII scan, token counts and MinHash signatures
+
+
+@dataclass
+class CheckStat:
+    """What one check found in a split: the action it took, how many rows, example rows and pairs."""
+
+    action: str
+    count: int = 0
+    examples: list[int] = field(default_factory=list)
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    by: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for report.json (row numbers only, never row content)."""
+        out: dict[str, Any] = {"action": self.action, "count": self.count, "examples": self.examples}
+        if self.pairs:
+            out["pairs"] = self.pairs
+        if self.by:
+            out["by"] = dict(self.by.most_common())
+        return out
+
+
+@dataclass
+class SplitResult:
+    """What one split turned into: accepted rows, quarantined rows, and counts that reconcile.
+
+    Accepted rows carry their row number under ``_row`` and are already redacted where a field's PII policy
+    says so. ``checks`` holds every check that found something, quarantining or not.
+    """
+
+    name: str
+    path: str
+    sha256: str
+    format: str = "jsonl"
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    check_counts: Counter = field(default_factory=Counter)
+    checks: dict[str, CheckStat] = field(default_factory=dict)
+    rows_in: int = 0
+    accepted_count: int = 0
+    label_counts: Counter = field(default_factory=Counter)
+    token_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def rows_accepted(self) -> int:
+        """Rows that passed every check (counted even when the rows themselves are not kept)."""
+        return self.accepted_count
+
+    @property
+    def rows_quarantined(self) -> int:
+        """Rows set aside with reasons."""
+        return len(self.quarantined)
+
+    def note(
+        self, check: str, action: str, row: int, pair: dict[str, Any] | None = None, by: Counter | None = None
+    ) -> None:
+        """Record one row found by a check (``by``: a breakdown such as PII entity counts)."""
+        stat = self.checks.setdefault(check, CheckStat(action))
+        stat.count += 1
+        if len(stat.examples) < EXAMPLES:
+            stat.examples.append(row)
+        if pair is not None and len(stat.pairs) < PAIRS:
+            stat.pairs.append(pair)
+        if by:
+            stat.by.update(by)
+
+    def summary(self) -> dict[str, Any]:
+        """The per-split part of report.json."""
+        out = {
+            "path": self.path,
+            "format": self.format,
+            "sha256": self.sha256,
+            "rows_in": self.rows_in,
+            "rows_accepted": self.rows_accepted,
+            "rows_quarantined": self.rows_quarantined,
+            "quarantined_fraction": round(self.rows_quarantined / self.rows_in, 6) if self.rows_in else 0.0,
+            "failed_checks": dict(sorted(self.check_counts.items())),
+            "checks": {name: stat.to_dict() for name, stat in sorted(self.checks.items())},
+        }
+        if self.label_counts:
+            counts = self.label_counts.most_common()
+            out["labels"] = {
+                "distinct": len(counts),
+                "total": sum(self.label_counts.values()),
+                "most_common": dict(counts[:20]),
+                "least_common": dict(counts[-10:]),
+                "imbalance_ratio": round(counts[0][1] / counts[-1][1], 3),
+            }
+        if self.token_lengths:
+            ordered = sorted(self.token_lengths)
+            n = len(ordered)
+            out["tokens"] = {
+                "min": ordered[0],
+                "p50": ordered[n // 2],
+                "p95": ordered[min(n - 1, (n * 95) // 100)],
+                "max": ordered[-1],
+                "mean": round(sum(ordered) / n, 1),
+            }
+        return out
+
+
+# measure_tokens(rows) -> [(prompt_tokens, example_tokens)] for rows rendered as training examples.
+TokenCounter = Callable[[list[dict[str, Any]]], list[tuple[int, int]]]
+
+
+@dataclass
+class _Accepted:
+    """Per accepted row, what the dataset checks need (not the row: flat memory when rows are not kept)."""
+
+    rows: array = field(default_factory=lambda: array("q"))
+    ids: list[Any] = field(default_factory=list)
+    labels: list[tuple[str, ...]] = field(default_factory=list)
+    tokens: array = field(default_factory=lambda: array("l"))
+    signatures: list[Any] = field(default_factory=list)  # per batch: (rows, num_perm) uint16
+    keys: list[Any] = field(default_factory=list)  # per batch: (rows, bands) uint64 LSH band keys
+
+
+class ContractRun:
+    """Checks splits against a contract, streaming: train first, then eval (which is checked against train).
+
+    Per record: parse -> row checks -> PII scan (block / redact / warn) -> token counts -> exact duplicates
+    (within the split; for eval also against train) -> accepted. After a split's last record: near-duplicates
+    within it and, for eval, leakage from train; after both: label coverage and minimum row counts.
+
+    Args:
+        contract: The contract.
+        measure_tokens: Token counter for the contract's ``tokens`` rules (None: token checks skipped).
+        max_length: ``training.max_length``, the default ``tokens.max_tokens``.
+        keep_rows: Keep the accepted rows (training needs them; the benchmark measures without).
+    """
+
+    def __init__(
+        self,
+        contract: DataContract,
+        measure_tokens: TokenCounter | None = None,
+        max_length: int | None = None,
+        keep_rows: bool = True,
+    ):
+        self.contract = contract
+        self.rules = contract.dataset
+        self.measure_tokens = measure_tokens if contract.tokens else None
+        self.max_tokens = (contract.tokens.max_tokens if contract.tokens else None) or max_length
+        self.keep_rows = keep_rows
+        self.pii_fields = {name: rule.pii for name, rule in contract.fields.items() if rule.pii}
+        self.scanner: Any = None
+        if self.pii_fields:
+            from pipeline.privacy import pii_scanner
+
+            self.scanner = pii_scanner(tuple(contract.pii.entities), contract.pii.min_score)
+        self.hasher = MinHasher(shingle=self.rules.shingle_words) if self.rules.text_fields else None
+        self.near = self.hasher is not None and (self.rules.near_duplicates != "off" or self.rules.leakage != "off")
+        self.splits: dict[str, SplitResult] = {}
+        self._hashes: dict[str, dict[int, int]] = {}
+        self._accepted: dict[str, _Accepted] = {}
+        self._train_index: LshIndex | None = None
+        self._label_sets: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    # -- one split -------------------------------------------------------------------------------
+    def split(self, name: str, path: str | Path) -> SplitResult:
+        """Check one split file (call with train before eval)."""
+        path = Path(path)
+        result = SplitResult(
+            name=name, path=str(path), sha256=sha256_file(path), format=file_format(path, self.contract)
+        )
+        self.splits[name] = result
+        self._hashes[name] = {}
+        self._accepted[name] = _Accepted()
+        batch: list[Record] = []
+        for record in iter_records(path, self.contract):
+            result.rows_in += 1
+            reasons = record.reasons or check_row(record.value, self.contract)
+            if reasons:
+                self._quarantine(result, record.row, record.value, reasons)
+                continue
+            batch.append(record)
+            if len(batch) >= BATCH:
+                self._batch(result, batch)
+                batch = []
+        self._batch(result, batch)
+        self._near_duplicates(result)
+        if name == "train":
+            self._finalize(result)
+        return result
+
+    def _batch(self, result: SplitResult, records: list[Record]) -> None:
+        if not records:
+            return
+        rows = [dict(r.value) for r in records]
+        reasons: list[list[Reason]] = [[] for _ in records]
+        if self.scanner is not None:
+            for i, (record, row) in enumerate(zip(records, rows, strict=True)):
+                reasons[i] = self._scan(result, record.row, row)
+        if self.measure_tokens is not None:
+            live = [i for i, r in enumerate(reasons) if not r]
+            for i, (prompt, total) in zip(live, self.measure_tokens([rows[i] for i in live]), strict=True):
+                reasons[i] += self._token_reasons(prompt, total)
+                rows[i]["_tokens"] = total
+        seen, train_seen = self._hashes[result.name], self._hashes.get("train") if result.name == "eval" else None
+        texts: list[str] = []
+        accepted = self._accepted[result.name]
+        for record, row, why in zip(records, rows, reasons, strict=True):
+            normalized = self._text(row)
+            if not why and normalized is not None:
+                digest = text_hash(normalized)
+                if train_seen is not None and digest in train_seen and self.rules.leakage != "off":
+                    pair = {"row": record.row, "train_row": train_seen[digest], "similarity": 1.0}
+                    result.note("leakage", self.rules.leakage, record.row, pair)
+                    if self.rules.leakage == "quarantine":
+                        message = f"same text as train row {train_seen[digest]} after normalization"
+                        why.append(Reason("leakage", self._text_field, message))
+                first = seen.setdefault(digest, record.row) if self.rules.exact_duplicates != "off" else record.row
+                if first != record.row:
+                    pair = {"row": record.row, "duplicate_of": first}
+                    result.note("exact_duplicate", self.rules.exact_duplicates, record.row, pair)
+                    if self.rules.exact_duplicates == "quarantine":
+                        message = f"same text as row {first} after normalization (case, whitespace, punctuation)"
+                        why.append(Reason("exact_duplicate", self._text_field, message))
+            if why:
+                self._quarantine(result, record.row, row, why)
+                continue
+            tokens = row.pop("_tokens", None)
+            accepted.rows.append(record.row)
+            accepted.ids.append(self._row_id(row))
+            accepted.labels.append(self._labels(row))
+            if tokens is not None:
+                accepted.tokens.append(tokens)
+            if self.near and normalized is not None:
+                texts.append(normalized)
+            if self.keep_rows:
+                result.rows.append({**row, "_row": record.row})
+        if texts:
+            signatures = self.hasher.signatures(texts)
+            accepted.keys.append(self.hasher.band_keys(signatures))
+            # b-bit MinHash (Li and Koenig): the top 16 bits of each value estimate the similarity with a bias of
+            # (1 - J) / 65536, and halve the memory that dominates at 1M rows (128 bytes a row instead of 256).
+            accepted.signatures.append((signatures >> 16).astype(np.uint16))
+
+    def _scan(self, result: SplitResult, row_number: int, row: dict[str, Any]) -> list[Reason]:
+        reasons = []
+        for name, policy in self.pii_fields.items():
+            value = row.get(name)
+            if not isinstance(value, str):
+                continue
+            findings = self.scanner.scan(value)
+            if not findings:
+                continue
+            entities = Counter(f.entity for f in findings)
+            result.note(
+                f"pii_{policy}", policy, row_number, by=Counter({f"{name}:{e}": n for e, n in entities.items()})
+            )
+            found = ", ".join(f"{entity} x{count}" for entity, count in sorted(entities.items()))
+            if policy == "block":
+                reasons.append(Reason("pii", name, f"{found} found; the field's pii policy is block"))
+            elif policy == "redact":
+                row[name] = redact(value, findings)
+        return reasons
+
+    def _token_reasons(self, prompt: int, total: int) -> list[Reason]:
+        rules = self.contract.tokens
+        assert rules is not None
+        if self.max_tokens is not None and total > self.max_tokens:
+            cut = "all of the completion" if prompt >= self.max_tokens else f"{total - self.max_tokens} tokens of it"
+            return [
+                Reason(
+                    "max_tokens",
+                    None,
+                    f"example is {total} tokens (prompt {prompt} + completion {total - prompt}), above max_tokens "
+                    f"{self.max_tokens}: truncation would cut {cut}, so the labels would be lost",
+                )
+            ]
+        if total < rules.min_tokens:
+            return [Reason("min_tokens", None, f"example is {total} tokens, at least {rules.min_tokens} required")]
+        return []
+
+    @property
+    def _text_field(self) -> str | None:
+        return "+".join(self.rules.text_fields) or None
+
+    def _text(self, row: dict[str, Any]) -> str | None:
+        if not self.rules.text_fields:
+            return None
+        return normalize(" ".join(str(row.get(f) or "") for f in self.rules.text_fields))
+
+    def _row_id(self, row: Any) -> str | int | None:
+        value = row.get(self.contract.id_field) if isinstance(row, dict) and self.contract.id_field else None
+        return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+    def _labels(self, row: dict[str, Any]) -> tuple[str, ...]:
+        field_name = self.rules.label_field
+        if field_name is None:
+            return ()
+        value = row.get(field_name)
+        labels = tuple(str(v) for v in value) if isinstance(value, list) else (str(value),)
+        # One shared tuple per distinct label set: a million rows carry a few thousand combinations.
+        return self._label_sets.setdefault(labels, labels)
+
+    def _quarantine(self, result: SplitResult, row_number: int, row: Any, reasons: list[Reason]) -> None:
+        result.quarantined.append(
+            {
+                "split": result.name,
+                "row": row_number,
+                "id": self._row_id(row),
+                "reasons": [r.to_dict() for r in reasons],
+            }
+        )
+        checks = {r.check for r in reasons}
+        result.check_counts.update(checks)
+        for check in checks:
+            if check not in ("leakage", "exact_duplicate"):  # those were noted with their pair
+                result.note(check, "quarantine", row_number)
+
+    # -- after a split ---------------------------------------------------------------------------
+    def _near_duplicates(self, result: SplitResult) -> None:
+        accepted = self._accepted[result.name]
+        if not self.near or not accepted.signatures:
+            return
+        signatures = np.concatenate(accepted.signatures)
+        accepted.signatures = [signatures]
+        keys = np.concatenate(accepted.keys)
+        accepted.keys = []
+        threshold = self.rules.near_duplicate_threshold
+        late: dict[int, list[Reason]] = {}
+        if result.name == "eval" and self._train_index is not None and self.rules.leakage != "off":
+            train_rows = self._accepted["train"].rows
+            exact = {p["row"] for p in result.checks.get("leakage", CheckStat("")).pairs}
+            for q, m, s in self._train_index.query(keys, signatures, threshold):
+                row, train_row = accepted.rows[q], train_rows[m]
+                if row in exact:
+                    continue
+                result.note("leakage", self.rules.leakage, row, {"row": row, "train_row": train_row, "similarity": s})
+                if self.rules.leakage == "quarantine":
+                    message = f"near-duplicate of train row {train_row} (estimated similarity {s:.2f} >= {threshold})"
+                    late.setdefault(q, []).append(Reason("leakage", self._text_field, message))
+        if self.rules.near_duplicates != "off":
+            for later, earlier, s in pairs_within(keys, signatures, threshold):
+                row, first = accepted.rows[later], accepted.rows[earlier]
+                pair = {"row": row, "similar_to": first, "similarity": round(s, 3)}
+                result.note("near_duplicate", self.rules.near_duplicates, row, pair)
+                if self.rules.near_duplicates == "quarantine":
+                    message = f"near-duplicate of row {first} (estimated similarity {s:.2f} >= {threshold})"
+                    late.setdefault(later, []).append(Reason("near_duplicate", self._text_field, message))
+        if result.name == "train" and self.rules.leakage != "off":
+            self._train_index = LshIndex.build(keys, signatures)
+        self._late_quarantine(result, late)
+
+    def _late_quarantine(self, result: SplitResult, late: dict[int, list[Reason]]) -> None:
+        """Move accepted rows (by position) to quarantine after a dataset-level check."""
+        if not late:
+            return
+        accepted = self._accepted[result.name]
+        for position, reasons in late.items():
+            self._quarantine(result, accepted.rows[position], {}, reasons)
+            result.quarantined[-1]["id"] = accepted.ids[position]
+        drop = {accepted.rows[p] for p in late}
+        keep = [i for i, row in enumerate(accepted.rows) if row not in drop]
+        accepted.rows = array("q", (accepted.rows[i] for i in keep))
+        accepted.ids = [accepted.ids[i] for i in keep]
+        accepted.labels = [accepted.labels[i] for i in keep]
+        if len(accepted.tokens) == len(keep) + len(drop):
+            accepted.tokens = array("l", (accepted.tokens[i] for i in keep))
+        if accepted.signatures:
+            accepted.signatures = [accepted.signatures[0][keep]]
+        if self.keep_rows:
+            result.rows = [r for r in result.rows if r["_row"] not in drop]
+
+    def _finalize(self, result: SplitResult) -> None:
+        accepted = self._accepted[result.name]
+        result.accepted_count = len(accepted.rows)
+        result.label_counts = Counter(label for labels in accepted.labels for label in labels)
+        result.token_lengths = list(accepted.tokens)
+        result.quarantined.sort(key=lambda q: q["row"])
+
+    # -- after both splits -----------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Label coverage (eval vs train), then the dataset part of report.json."""
+        train, evaluation = self.splits.get("train"), self.splits.get("eval")
+        out: dict[str, Any] = {}
+        if evaluation is not None:
+            if train is not None and self.rules.label_field and self.rules.label_coverage != "off":
+                out["label_coverage"] = self._coverage(train, evaluation)
+            self._finalize(evaluation)
+        if train is not None and train.label_counts:
+            counts = train.label_counts
+            rare = sorted((label for label, n in counts.items() if n < self.rules.rare_label_count), key=counts.get)
+            out["rare_labels"] = {
+                "below": self.rules.rare_label_count,
+                "count": len(rare),
+                "labels": {label: counts[label] for label in rare[:50]},
+            }
+            ratio = max(counts.values()) / min(counts.values())
+            out["imbalance"] = {
+                "ratio": round(ratio, 3),
+                "max_ratio": self.rules.max_imbalance_ratio,
+                "warning": self.rules.max_imbalance_ratio is not None and ratio > self.rules.max_imbalance_ratio,
+            }
+        if self.scanner is not None:
+            out["pii"] = {
+                "fields": self.pii_fields,
+                "entities": self.scanner.entities,
+                "unavailable": self.scanner.unavailable,
+                "detector": "presidio-analyzer, pattern recognizers"
+                + (f" + spaCy {self.scanner.model}" if self.scanner.model else " (no NLP model)"),
+            }
+        return out
+
+    def _coverage(self, train: SplitResult, evaluation: SplitResult) -> dict[str, Any]:
+        k = self.rules.min_train_count
+        accepted = self._accepted["eval"]
+        train_counts = Counter(label for labels in self._accepted["train"].labels for label in labels)
+        uncovered: dict[str, dict[str, int]] = {}
+        late: dict[int, list[Reason]] = {}
+        for position, labels in enumerate(accepted.labels):
+            missing = [label for label in labels if train_counts[label] < k]
+            for label in missing:
+                entry = uncovered.setdefault(label, {"train_count": train_counts[label], "eval_rows": 0})
+                entry["eval_rows"] += 1
+            if missing:
+                row = accepted.rows[position]
+                evaluation.note("label_coverage", self.rules.label_coverage, row, by=Counter(missing))
+                if self.rules.label_coverage == "quarantine":
+                    seen = ", ".join(f"{label} ({train_counts[label]}x)" for label in missing)
+                    message = f"label(s) seen fewer than {k} times in train: {seen}; the model cannot learn them"
+                    late[position] = [Reason("label_coverage", self.rules.label_field, message)]
+        self._late_quarantine(evaluation, late)
+        return {
+            "action": self.rules.label_coverage,
+            "min_train_count": k,
+            "uncovered_labels": len(uncovered),
+            "labels": dict(sorted(uncovered.items())[:100]),
+        }
+
+
+def validate_split(name: str, path: str | Path, contract: DataContract) -> SplitResult:
+    """Check one split on its own (no cross-split checks); see ``ContractRun`` for the whole contract."""
+    run = ContractRun(contract)
+    result = run.split(name, path)
+    if name != "train":
+        run.finish()
+    return result
+
+
+def build_report(
+    contract_path: str | Path, contract: DataContract, splits: list[SplitResult], dataset: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """report.json: per split counts that reconcile, content hashes, every check with its count and examples."""
     contract_bytes = Path(contract_path).read_bytes()
     return {
         "contract": {
@@ -324,14 +1062,18 @@ def build_report(contract_path: str | Path, contract: DataContract, splits: list
             "sha256": hashlib.sha256(contract_bytes).hexdigest(),
         },
         "splits": {s.name: s.summary() for s in splits},
+        "dataset": dataset or {},
         "reconciled": all(s.rows_in == s.rows_accepted + s.rows_quarantined for s in splits),
     }
 
 
 def over_threshold(contract: DataContract, splits: list[SplitResult]) -> list[str]:
-    """Messages for splits whose quarantined fraction (or emptiness) should stop the job."""
+    """Messages for splits whose quarantined fraction, emptiness or size should stop the job."""
     problems = []
     for split in splits:
+        if split.rows_in == 0:
+            problems.append(f"{split.path}: the {split.name} file is empty (no rows)")
+            continue
         if split.rows_accepted == 0:
             problems.append(f"{split.path}: no row of the {split.name} split passed the contract")
             continue
@@ -341,6 +1083,12 @@ def over_threshold(contract: DataContract, splits: list[SplitResult]) -> list[st
                 f"{split.path}: {split.rows_quarantined} of {split.rows_in} {split.name} rows quarantined "
                 f"({fraction:.1%}), above the contract's max_quarantine_fraction "
                 f"{contract.max_quarantine_fraction:.1%}; see validation/quarantine.jsonl"
+            )
+        least = contract.dataset.min_rows.get(split.name)  # type: ignore[call-overload]
+        if least is not None and split.rows_accepted < least:
+            problems.append(
+                f"{split.path}: {split.rows_accepted} accepted {split.name} rows, fewer than the contract's "
+                f"dataset.min_rows.{split.name} {least}"
             )
     return problems
 

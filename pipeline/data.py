@@ -13,12 +13,13 @@ from typing import Any, Literal
 from pipeline import rundir
 from pipeline.contracts import (
     ContractFailed,
+    ContractRun,
     DataContract,
     SplitResult,
+    TokenCounter,
     build_report,
     load_contract,
     over_threshold,
-    validate_split,
 )
 from pipeline.recipe import Recipe, RecipeError, check_data_files
 from pipeline.tasks import Task
@@ -26,7 +27,7 @@ from pipeline.tasks import Task
 
 @dataclass
 class ValidatedData:
-    """The accepted rows of each split, the contract, and the report written for them."""
+    """The accepted rows of each split (already redacted), the contract, and the report written for them."""
 
     contract: DataContract
     train: SplitResult
@@ -37,20 +38,33 @@ class ValidatedData:
 def validate_data(recipe: Recipe, out_dir: str | Path, recipe_source: str | Path = "recipe") -> ValidatedData:
     """Check both splits against the recipe's contract and write ``validation/`` in ``out_dir``.
 
-    Writes ``validation/report.json`` (counts per split that reconcile, failed checks, file hashes) and
-    ``validation/quarantine.jsonl`` (one line per quarantined row: split, 1-based line, id, reasons).
+    Writes ``validation/report.json`` (per split: counts that reconcile, content hash, every check with its
+    count, example row numbers and duplicate/leakage pairs; dataset checks), ``validation/quarantine.jsonl``
+    (one line per quarantined row: split, 1-based row, id, reasons), ``validation/report.md``, and the plots
+    ``validation/token_lengths.png`` and ``validation/label_frequency.png``. Accepted rows come back with
+    fields under a ``redact`` PII policy already redacted: nothing downstream sees the original text.
 
     Raises:
         RecipeError: A file is missing or the contract is invalid (exit code 2).
-        ContractFailed: Too many rows were quarantined (exit code 1). The reports are written first.
+        ContractFailed: Too many rows were quarantined, a split is too small, or a file cannot be read at all
+            (exit code 1). The reports are written first when there is anything to report.
     """
     check_data_files(recipe, recipe_source)
     contract = load_contract(recipe.data.contract)
-    splits = [validate_split(name, getattr(recipe.data, name), contract) for name in ("train", "eval")]
-    report = build_report(recipe.data.contract, contract, splits)
+    counter, token_status = None, None
+    if contract.tokens is not None:
+        counter, token_status = _token_counter(recipe, recipe_source)
+    run = ContractRun(contract, measure_tokens=counter, max_length=recipe.training.max_length)
+    splits = [run.split(name, getattr(recipe.data, name)) for name in ("train", "eval")]
+    dataset = run.finish()
+    if token_status is not None:
+        dataset["tokens"] = token_status
+    report = build_report(recipe.data.contract, contract, splits, dataset)
     out = Path(out_dir) / "validation"
     rundir.write_json(out / "report.json", report)
     rundir.write_jsonl(out / "quarantine.jsonl", [q for s in splits for q in s.quarantined])
+    rundir.write_text(out / "report.md", report_markdown(report))
+    save_validation_plots(out, splits, run.max_tokens)
     print(render_report(report))
     problems = over_threshold(contract, splits)
     if problems:
@@ -58,8 +72,68 @@ def validate_data(recipe: Recipe, out_dir: str | Path, recipe_source: str | Path
     return ValidatedData(contract=contract, train=splits[0], eval=splits[1], report=report)
 
 
+def _token_counter(recipe: Recipe, recipe_source: str | Path) -> tuple[TokenCounter | None, dict[str, Any]]:
+    """The recipe's tokenizer as a batch token counter, or a 'skipped' status when the model is not here.
+
+    ``validate`` runs where the base may not be (a laptop checking data for a 70B run): token checks are then
+    skipped with a warning in the terminal and the report. ``train`` always has the model, so they always run.
+    """
+    from pipeline.model import ModelNotFound, load_tokenizer, resolve_model_path
+    from pipeline.tasks import get_task
+
+    try:
+        tokenizer = load_tokenizer(resolve_model_path(recipe.model.path, recipe.model.revision))
+    except ModelNotFound as exc:
+        reason = f"tokenizer not available: {exc}"
+        print(f"warning: {recipe_source}: token-length checks skipped: {reason}")
+        return None, {"status": "skipped", "reason": reason}
+    task = get_task(recipe.task)
+    fmt = prompt_format(recipe, tokenizer)
+    return token_counter(tokenizer, task, fmt), {
+        "status": "measured",
+        "tokenizer": recipe.model.path,
+        "prompt_format": fmt,
+        "max_length": recipe.training.max_length,
+    }
+
+
+def token_counter(tokenizer: Any, task: Task, fmt: Literal["chat", "plain"]) -> TokenCounter:
+    """Count (prompt, whole example) tokens for a batch of rows as TRL will tokenize them for training.
+
+    Plain: the prompt and prompt + " " + target through the tokenizer (BOS added if the tokenizer does), plus
+    the EOS token TRL appends. Chat: the chat template rendered with the generation prompt, and with the
+    assistant answer (whose end-of-turn token closes it), tokenized without adding special tokens again.
+    Batches go through the fast tokenizer's Rust batch encoder.
+    """
+
+    def measure(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
+        if not rows:
+            return []
+        if fmt == "chat":
+            prompts = [
+                tokenizer.apply_chat_template(task.chat_messages(r), tokenize=False, add_generation_prompt=True)
+                for r in rows
+            ]
+            fulls = [
+                tokenizer.apply_chat_template(
+                    [*task.chat_messages(r), {"role": "assistant", "content": task.target(r)}], tokenize=False
+                )
+                for r in rows
+            ]
+            special, eos = False, 0
+        else:
+            prompts = [task.plain_prompt(r) for r in rows]
+            fulls = [p + " " + task.target(r) for p, r in zip(prompts, rows, strict=True)]
+            special, eos = True, 1
+        prompt_ids = tokenizer(prompts, add_special_tokens=special)["input_ids"]
+        full_ids = tokenizer(fulls, add_special_tokens=special)["input_ids"]
+        return [(len(p), len(f) + eos) for p, f in zip(prompt_ids, full_ids, strict=True)]
+
+    return measure
+
+
 def render_report(report: dict[str, Any]) -> str:
-    """A short terminal table of the validation report."""
+    """A terminal table of the validation report: counts per split, then what each check found."""
     contract = report["contract"]
     lines = [f"Data contract {contract['name']} v{contract['version']} ({contract['path']})"]
     lines.append(f"  {'split':<6} {'rows in':>9} {'accepted':>9} {'quarantined':>12}  failed checks")
@@ -69,7 +143,136 @@ def render_report(report: dict[str, Any]) -> str:
             f"  {name:<6} {split['rows_in']:>9,} {split['rows_accepted']:>9,} "
             f"{split['rows_quarantined']:>12,}  {failed}"
         )
+    findings = [
+        (name, check, stat)
+        for name, split in report["splits"].items()
+        for check, stat in split.get("checks", {}).items()
+        if stat["action"] != "quarantine" or check in ("leakage", "exact_duplicate", "near_duplicate")
+    ]
+    if findings:
+        lines.append(f"  {'split':<6} {'check':<18} {'action':<10} {'rows':>7}  example rows")
+        for name, check, stat in findings:
+            examples = ", ".join(str(r) for r in stat["examples"][:5])
+            lines.append(f"  {name:<6} {check:<18} {stat['action']:<10} {stat['count']:>7,}  {examples}")
+    lines.extend(f"  {line}" for line in _dataset_lines(report.get("dataset", {})))
     return "\n".join(lines)
+
+
+def _dataset_lines(dataset: dict[str, Any]) -> list[str]:
+    lines = []
+    coverage = dataset.get("label_coverage")
+    if coverage and coverage["uncovered_labels"]:
+        shown = ", ".join(list(coverage["labels"])[:8])
+        lines.append(
+            f"label coverage: {coverage['uncovered_labels']} eval labels seen < {coverage['min_train_count']} "
+            f"times in train ({coverage['action']}): {shown}"
+        )
+    rare = dataset.get("rare_labels")
+    if rare and rare["count"]:
+        lines.append(f"rare labels: {rare['count']} train labels seen fewer than {rare['below']} times")
+    imbalance = dataset.get("imbalance")
+    if imbalance:
+        warn = " (above max_imbalance_ratio)" if imbalance["warning"] else ""
+        lines.append(f"label imbalance: most / least frequent train label = {imbalance['ratio']:g}{warn}")
+    pii = dataset.get("pii")
+    if pii:
+        lines.append(f"PII scan: {pii['detector']}; fields {pii['fields']}")
+        lines.extend(f"PII {entity} not detected: {why}" for entity, why in pii["unavailable"].items())
+    tokens = dataset.get("tokens")
+    if tokens and tokens["status"] == "skipped":
+        lines.append(f"token checks skipped: {tokens['reason']}")
+    return lines
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """validation/report.md: the same findings as the terminal table, for people and the MLflow UI."""
+    contract = report["contract"]
+    out = [
+        f"# Data validation: {contract['name']} v{contract['version']}",
+        "",
+        f"Contract `{contract['path']}` (sha256 `{contract['sha256'][:16]}...`). "
+        f"Counts reconcile: **{'yes' if report['reconciled'] else 'NO'}**.",
+        "",
+        "| split | format | rows in | accepted | quarantined | content sha256 |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for name, split in report["splits"].items():
+        out.append(
+            f"| {name} | {split['format']} | {split['rows_in']:,} | {split['rows_accepted']:,} | "
+            f"{split['rows_quarantined']:,} | `{split['sha256'][:16]}...` |"
+        )
+    out += ["", "## Checks", "", "| split | check | action | rows | example rows |", "|---|---|---|---:|---|"]
+    for name, split in report["splits"].items():
+        for check, stat in split.get("checks", {}).items():
+            examples = ", ".join(str(r) for r in stat["examples"])
+            out.append(f"| {name} | {check} | {stat['action']} | {stat['count']:,} | {examples} |")
+    pairs = [
+        (name, check, pair)
+        for name, split in report["splits"].items()
+        for check, stat in split.get("checks", {}).items()
+        for pair in stat.get("pairs", [])[:20]
+    ]
+    if pairs:
+        out += ["", "## Duplicate and leakage pairs (first 20 per check)", ""]
+        out += [f"- {name} {check}: " + ", ".join(f"{k} {v}" for k, v in pair.items()) for name, check, pair in pairs]
+    for name, split in report["splits"].items():
+        if "tokens" in split:
+            t = split["tokens"]
+            out += ["", f"{name} tokens per example: min {t['min']}, median {t['p50']}, p95 {t['p95']}, max {t['max']}"]
+        if "labels" in split:
+            labels = split["labels"]
+            top = ", ".join(f"{k} ({v})" for k, v in list(labels["most_common"].items())[:10])
+            out += ["", f"{name} labels: {labels['distinct']} distinct; most common: {top}"]
+    extra = _dataset_lines(report.get("dataset", {}))
+    if extra:
+        out += ["", "## Dataset", ""] + [f"- {line}" for line in extra]
+    out += ["", "Quarantined rows and their reasons: `quarantine.jsonl` (row numbers, never row content).", ""]
+    return "\n".join(out)
+
+
+def save_validation_plots(out: Path, splits: list[SplitResult], max_tokens: int | None) -> None:
+    """token_lengths.png (histogram per split, the max_length line) and label_frequency.png (top 40 labels)."""
+    with_tokens = [s for s in splits if s.token_lengths]
+    with_labels = [s for s in splits if s.label_counts]
+    if not with_tokens and not with_labels:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if with_tokens:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for split in with_tokens:
+            ax.hist(split.token_lengths, bins=40, alpha=0.6, label=f"{split.name} ({len(split.token_lengths):,})")
+        if max_tokens:
+            ax.axvline(max_tokens, color="red", linestyle="--", label=f"max_tokens {max_tokens}")
+        ax.set_xlabel("tokens per example (prompt + completion)")
+        ax.set_ylabel("accepted rows")
+        ax.set_title("Token lengths")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "token_lengths.png", dpi=100)
+        plt.close(fig)
+    if with_labels:
+        train = with_labels[0]
+        top = [label for label, _ in train.label_counts.most_common(40)]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        width = 0.8 / len(with_labels)
+        for i, split in enumerate(with_labels):
+            ax.bar(
+                [x + i * width for x in range(len(top))],
+                [split.label_counts.get(label, 0) for label in top],
+                width=width,
+                label=split.name,
+            )
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(top))], top, rotation=90, fontsize=7)
+        ax.set_ylabel("rows")
+        ax.set_title(f"Label frequency (top {len(top)} train labels of {len(train.label_counts)})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "label_frequency.png", dpi=100)
+        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -58,9 +58,9 @@ def test_invalid_utf8_and_bom_and_crlf(tmp_path):
 def test_counts_reconcile_and_nothing_is_lost_through_the_cli(tmp_path):
     from test_recipe import run_cli
 
-    good = [json.dumps({**GOOD, "id": f"g{i}"}) for i in range(20)]
-    train = write_lines(tmp_path / "train.jsonl", good[:10] + [p[0] for p in PLANTED] + good[10:])
-    evalf = write_lines(tmp_path / "eval.jsonl", good[:5])
+    good = [json.dumps({**GOOD, "id": f"g{i}", "note": note_row(i)["note"]}) for i in range(25)]
+    train = write_lines(tmp_path / "train.jsonl", good[:10] + [p[0] for p in PLANTED] + good[10:20])
+    evalf = write_lines(tmp_path / "eval.jsonl", good[20:])
     run_dir = tmp_path / "run"
     result = run_cli(
         "validate",
@@ -108,3 +108,246 @@ def test_bad_contract_is_a_usage_error_with_hint(tmp_path):
     path.write_text("name: x\nfields:\n  note: {type: string, min_lenght: 3}\n")
     with pytest.raises(RecipeError, match=r"fields.note.min_lenght: unknown key \(did you mean 'min_length'\?\)"):
         load_contract(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Contract v2: dataset checks, PII policy, tokens, formats. Each test plants a problem and checks the reason.
+
+SSN, PHONE, MRN = "536-22-8726", "617-726-2000", "00412345"
+
+
+def note_row(i, text=None, codes=("I10",)):
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
+    text = text or f"Pt {i} seen. " + " ".join(words[(i * 7 + k) % 10] + str((i * 13 + k) % 97) for k in range(12))
+    return {"id": f"r{i}", "note": text, "codes": list(codes)}
+
+
+def write_rows(path, rows):
+    return write_lines(path, [json.dumps(r) for r in rows])
+
+
+def run_contract(contract, train, evaluation, measure=None, max_length=None):
+    from pipeline.contracts import ContractRun
+
+    run = ContractRun(contract, measure_tokens=measure, max_length=max_length)
+    splits = [run.split("train", train), run.split("eval", evaluation)]
+    dataset = run.finish()
+    for split in splits:  # nothing is ever lost
+        assert split.rows_in == split.rows_accepted + split.rows_quarantined == len(split.rows) + split.rows_quarantined
+        every_row = sorted([q["row"] for q in split.quarantined] + [r["_row"] for r in split.rows])
+        assert every_row == list(range(1, split.rows_in + 1))  # each line exactly once, accepted or quarantined
+    return splits, dataset
+
+
+def reasons_of(split):
+    return {q["row"]: {(r["check"], r["field"]) for r in q["reasons"]} for q in split.quarantined}
+
+
+def test_planted_dataset_problems_are_caught_with_their_reasons(tmp_path):
+    train_rows = [note_row(i, codes=("I10",) if i % 3 else ("E11.9",)) for i in range(30)]  # 20 vs 10
+    train_rows.append({**train_rows[3], "id": "copy", "note": train_rows[3]["note"].upper() + "!!"})  # exact dup
+    eval_rows = [note_row(100 + i) for i in range(10)]
+    eval_rows.append({**train_rows[5], "id": "leak-exact"})  # row 11: copied from train row 6
+    near = train_rows[7]["note"].split()
+    near[-1] = "zulu"  # one word changed of 14: estimated similarity ~0.8+
+    eval_rows.append({**train_rows[7], "id": "leak-near", "note": " ".join(near) + " " + " ".join(near[-4:])})
+    eval_rows.append(note_row(200, codes=("K35.80",)))  # row 13: a code train never saw
+    splits, dataset = run_contract(
+        CONTRACT, write_rows(tmp_path / "t.jsonl", train_rows), write_rows(tmp_path / "e.jsonl", eval_rows)
+    )
+    train, evaluation = splits
+    assert reasons_of(train) == {31: {("exact_duplicate", "note")}}
+    assert train.checks["exact_duplicate"].pairs == [{"row": 31, "duplicate_of": 4}]
+    assert reasons_of(evaluation) == {11: {("leakage", "note")}, 12: {("leakage", "note")}}
+    pairs = {p["row"]: p["train_row"] for p in evaluation.checks["leakage"].pairs}
+    assert pairs == {11: 6, 12: 8}
+    # label coverage is reported (default action), the row stays in eval
+    assert evaluation.checks["label_coverage"].examples == [13] and 13 in {r["_row"] for r in evaluation.rows}
+    assert dataset["label_coverage"]["labels"] == {"K35.80": {"train_count": 0, "eval_rows": 1}}
+    assert dataset["imbalance"]["ratio"] == 2.0
+
+
+def test_coverage_and_near_duplicates_can_quarantine(tmp_path):
+    rules = CONTRACT.dataset.model_copy(update={"label_coverage": "quarantine", "near_duplicates": "quarantine"})
+    contract = CONTRACT.model_copy(update={"dataset": rules})
+    base = note_row(1)  # 15 words, 13 shingles; one word more shares all 13 of 14: similarity ~0.93
+    train_rows = [note_row(i) for i in range(10)] + [{**base, "id": "n", "note": base["note"] + " today"}]
+    splits, _ = run_contract(
+        contract,
+        write_rows(tmp_path / "t.jsonl", train_rows),
+        write_rows(tmp_path / "e.jsonl", [note_row(50, codes=("K35.80",))]),
+    )
+    assert reasons_of(splits[0]) == {11: {("near_duplicate", "note")}}
+    (quarantined,) = splits[1].quarantined
+    assert (
+        quarantined["reasons"][0]["check"] == "label_coverage" and "K35.80 (0x)" in quarantined["reasons"][0]["message"]
+    )
+
+
+def test_pii_is_redacted_before_anything_sees_the_row(tmp_path):
+    rows = [note_row(i) for i in range(5)]
+    rows[1]["note"] += f" SSN {SSN}. Call {PHONE}. MRN: {MRN}. DOB: 03/14/1962."
+    train, evaluation = run_contract(
+        CONTRACT, write_rows(tmp_path / "t.jsonl", rows), write_rows(tmp_path / "e.jsonl", [note_row(9)])
+    )[0]
+    redacted = next(r for r in train.rows if r["_row"] == 2)["note"]
+    assert "SSN <US_SSN>. Call <PHONE_NUMBER>. MRN: <MEDICAL_RECORD_NUMBER>. DOB: <DATE_OF_BIRTH>." in redacted
+    assert SSN not in redacted and PHONE not in redacted and MRN not in redacted
+    stat = train.checks["pii_redact"]
+    assert stat.count == 1 and stat.examples == [2]
+    assert dict(stat.by) == {
+        f"note:{e}": 1 for e in ("US_SSN", "PHONE_NUMBER", "MEDICAL_RECORD_NUMBER", "DATE_OF_BIRTH")
+    }
+    assert train.rows_quarantined == 0
+
+
+def test_pii_block_quarantines_without_quoting_the_value(tmp_path):
+    fields = {
+        **CONTRACT.fields,
+        "note": CONTRACT.fields["note"].model_copy(update={"pii": "block", "pattern": "Pt .*"}),
+    }
+    contract = CONTRACT.model_copy(update={"fields": fields})
+    rows = [note_row(i) for i in range(4)]
+    rows[2]["note"] += f" SSN {SSN} phone {PHONE}"
+    rows[1]["note"] = f"SSN {SSN} seen for hypertension follow-up"  # fails the pattern: not quoted either
+    train = run_contract(
+        contract, write_rows(tmp_path / "t.jsonl", rows), write_rows(tmp_path / "e.jsonl", [note_row(9)])
+    )[0][0]
+    quarantine = json.dumps(train.quarantined) + json.dumps(train.summary())
+    assert SSN not in quarantine and PHONE not in quarantine and "pt 2 seen" not in quarantine.lower()
+    row3 = next(q for q in train.quarantined if q["row"] == 3)
+    assert ("pii", "note") in {(r["check"], r["field"]) for r in row3["reasons"]}
+    assert "US_SSN x1" in json.dumps(row3)
+    row2 = next(q for q in train.quarantined if q["row"] == 2)
+    assert row2["reasons"][0]["message"].startswith("the value (withheld: the field has a pii policy) does not match")
+
+
+def test_over_long_examples_are_quarantined_because_truncation_would_cut_the_codes(tmp_path):
+    def words(rows):  # a stand-in tokenizer: one token per word, prompt = note, completion = codes + EOS
+        return [(len(r["note"].split()), len(r["note"].split()) + len(r["codes"]) + 1) for r in rows]
+
+    rows = [note_row(i) for i in range(5)]
+    rows[3]["note"] += " more" * 6  # 15 + 6 = 21 prompt tokens: above 20 before the completion starts
+    train = run_contract(
+        CONTRACT, write_rows(tmp_path / "t.jsonl", rows), write_rows(tmp_path / "e.jsonl", [note_row(9)]), words, 20
+    )[0][0]
+    (q,) = train.quarantined
+    assert q["row"] == 4 and q["reasons"][0]["check"] == "max_tokens"
+    assert "truncation would cut all of the completion" in q["reasons"][0]["message"]
+    assert train.token_lengths == [17] * 4  # 15 note words + 1 code + EOS
+
+
+def test_token_lengths_use_the_recipes_tokenizer(tmp_path, tiny_assets, tiny_recipe_path):
+    from pipeline.data import validate_data
+    from pipeline.recipe import load_recipe
+
+    rows = [json.loads(line) for line in (tiny_assets["data"] / "train.jsonl").read_text().splitlines()][:40]
+    rows[7]["note"] = rows[7]["note"] + " Follow up in 3 months." * 80  # over 400 tokens
+    train = write_rows(tmp_path / "train.jsonl", rows)
+    recipe = load_recipe(tiny_recipe_path, [f"data.train={train}"])  # max_length 384
+    data = validate_data(recipe, tmp_path / "run")
+    assert data.report["dataset"]["tokens"]["status"] == "measured"
+    (q,) = data.train.quarantined
+    assert q["row"] == 8 and q["reasons"][0]["check"] == "max_tokens"
+    assert data.report["splits"]["train"]["tokens"]["max"] <= 384
+    out = tmp_path / "run" / "validation"
+    for name in ("report.json", "quarantine.jsonl", "report.md", "token_lengths.png", "label_frequency.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| train | max_tokens | quarantine | 1 | 8 |" in (out / "report.md").read_text()
+
+
+def test_min_rows_and_empty_file_stop_the_job(tmp_path):
+    from pipeline.contracts import over_threshold
+
+    rules = CONTRACT.dataset.model_copy(update={"min_rows": {"train": 5}})
+    contract = CONTRACT.model_copy(update={"dataset": rules})
+    splits, _ = run_contract(
+        contract, write_rows(tmp_path / "t.jsonl", [note_row(1), note_row(2)]), write_lines(tmp_path / "e.jsonl", [])
+    )
+    problems = over_threshold(contract, splits)
+    assert any("2 accepted train rows, fewer than the contract's dataset.min_rows.train 5" in p for p in problems)
+    assert any(p.startswith(str(tmp_path / "e.jsonl")) and "empty" in p for p in problems)
+
+
+# Malformed input: each line becomes a quarantined row with its reason (or one error naming the file).
+MALFORMED = [
+    (b'{"id": "x", "note": "Pt with essential hypertension.", "codes": ["I10"], "v": Infinity}', "json"),
+    (b'{"id": "x", "note": "Pt with essential hypertension.", "codes": ["I10"], "v": -Infinity}', "json"),
+    (b"[" * 5000 + b"]" * 5000, "json"),  # nesting too deep for the parser (10 kB, under max_row_bytes)
+    (b'"just a string"', "row_type"),
+    (b"null", "row_type"),
+    (b"   \t ", "blank_line"),
+    (b'{"note": "caf\xe9 au lait"}', "encoding"),
+    (b'{"id": "big", "note": "' + b"x" * 30_000 + b'", "codes": ["I10"]}', "row_size"),
+]
+
+
+@pytest.mark.parametrize("line,check", MALFORMED, ids=[m[1] + str(i) for i, m in enumerate(MALFORMED)])
+def test_malformed_jsonl_lines_are_quarantined(tmp_path, line, check):
+    contract = CONTRACT.model_copy(update={"max_row_bytes": 20_000})
+    path = tmp_path / "split.jsonl"
+    path.write_bytes(
+        json.dumps(GOOD).encode()
+        + b"\r\n"
+        + line
+        + b"\n"
+        + json.dumps({**GOOD, "id": "n2", "note": GOOD["note"] + " x"}).encode()
+    )
+    result = validate_split("train", path, contract)
+    assert result.rows_in == 3 and result.rows_accepted == 2, result.quarantined
+    assert result.quarantined[0]["row"] == 2 and result.quarantined[0]["reasons"][0]["check"] == check
+
+
+def test_csv_input(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(
+        b"\xef\xbb\xbfid,note,codes\r\n"
+        b'a1,"Pt with essential hypertension, stable.",I10\r\n'
+        b'a2,"Pt with type 2 diabetes,\nfollowed up.","E11.9;I10"\r\n'  # a quoted newline: one record, lines 3-4
+        b"a3,too,many,columns\r\n"
+        b"\r\n"
+        b'a5,"Pt with caf\xe9 allergy noted in chart.",I10\r\n'
+        b'a6,"Pt with type 2 diabetes, stable.","[""E11""]"\r\n'
+    )
+    result = validate_split("train", path, CONTRACT)
+    assert result.format == "csv" and result.rows_in == 6 and result.rows_accepted == 2
+    assert [r["codes"] for r in result.rows] == [["I10"], ["E11.9", "I10"]]
+    assert {q["row"]: q["reasons"][0]["check"] for q in result.quarantined} == {
+        5: "csv_columns",
+        6: "blank_line",
+        7: "encoding",
+        8: "billable",
+    }
+
+
+def test_parquet_input_streams_row_groups(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"p{i}", "note": GOOD["note"] + f" visit {i}", "codes": ["I10"]} for i in range(10)]
+    rows[4] = {"id": "p4", "note": None, "codes": ["E11"]}
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3)
+    result = validate_split("train", path, CONTRACT)
+    assert result.rows_in == 10 and result.rows_accepted == 9
+    assert reasons_of(result) == {5: {("required", "note"), ("billable", "codes[0]")}}
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    from pipeline.contracts import DataFileError
+
+    with pytest.raises(DataFileError, match=r"bad\.parquet: not a readable Parquet file"):
+        validate_split("train", tmp_path / "bad.parquet", CONTRACT)
+
+
+def test_vocabulary_file_and_missing_vocabulary(tmp_path):
+    (tmp_path / "wards.txt").write_text("# wards\ncardiology\noncology  # second floor\n\n")
+    (tmp_path / "c.yaml").write_text(
+        "name: x\nfields:\n  ward: {type: string, vocabulary_file: wards.txt}\n"
+        "  tags: {type: list, items: {type: string, vocabulary_file: wards.txt}}\n"
+    )
+    contract = load_contract(tmp_path / "c.yaml")
+    assert check_row({"ward": "oncology", "tags": ["cardiology"]}, contract) == []
+    (reason,) = check_row({"ward": "oncology", "tags": ["ent"]}, contract)
+    assert (reason.check, reason.field) == ("vocabulary", "tags[0]") and "wards.txt" in reason.message
+    (tmp_path / "c.yaml").write_text("name: x\nfields:\n  ward: {type: string, vocabulary_file: nope.txt}\n")
+    with pytest.raises(RecipeError, match=r"fields\.ward\.vocabulary_file: cannot read .*nope\.txt"):
+        load_contract(tmp_path / "c.yaml")

@@ -125,3 +125,49 @@ def test_ui_refuses_to_bind_beyond_loopback():
         timeout=60,
     )
     assert result.returncode == 2 and "binds loopback addresses only" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# PII/PHI detection (Presidio pattern recognizers, offline)
+
+
+def test_pii_scanner_finds_each_entity_and_never_touches_the_network(monkeypatch):
+    import socket
+
+    from pipeline.privacy import PiiScanner, redact
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network call attempted: {args}")
+
+    # tldextract's default extractor would fetch the public-suffix list here, for the e-mail domain check.
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    scanner = PiiScanner()  # a fresh one, so its construction is under the patch too
+    text = (
+        "Pt 67M. SSN 536-22-8726. Cell (617) 726-2000. Mail jane.doe@mgh.harvard.edu. Card 4111 1111 1111 1111. "
+        "DOB: March 14, 1962. MRN# A00412345. BP 130/80, seen 3 months ago."
+    )
+    findings = scanner.scan(text)
+    assert [f.entity for f in findings] == [
+        "US_SSN",
+        "PHONE_NUMBER",
+        "EMAIL_ADDRESS",
+        "CREDIT_CARD",
+        "DATE_OF_BIRTH",
+        "MEDICAL_RECORD_NUMBER",
+    ]
+    assert redact(text, findings) == (
+        "Pt 67M. SSN <US_SSN>. Cell <PHONE_NUMBER>. Mail <EMAIL_ADDRESS>. Card <CREDIT_CARD>. "
+        "DOB: <DATE_OF_BIRTH>. MRN# <MEDICAL_RECORD_NUMBER>. BP 130/80, seen 3 months ago."
+    )
+    assert scanner.scan("Pt 67M with essential hypertension, BP 130/80, follow up in 3 months.") == []
+    # No spaCy model ships with pipeline: PERSON is reported unavailable, not silently claimed.
+    if scanner.model is None:
+        assert "PERSON" in scanner.unavailable and "PERSON" not in scanner.entities
+
+
+def test_pii_detector_is_not_imported_by_light_modules():
+    code = "import sys, pipeline.contracts, pipeline.data, pipeline.privacy; print('presidio_analyzer' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
