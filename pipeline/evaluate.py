@@ -721,8 +721,10 @@ def log_to_tracker(
         if cost.get("break_even_cases_per_month") is not None:
             flat["cost.break_even_cases_per_month"] = cost["break_even_cases_per_month"]
         tracker.log_metrics(flat)
+    # One row per system. mlflow appends to an existing table, so a re-evaluation adds rows, dated.
     names = sorted({name for values in metrics.values() for name in values})
-    table = {"system": list(metrics)}
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    table: dict[str, list[Any]] = {"system": list(metrics), "evaluated_at": [stamp] * len(metrics)}
     table.update({name: [metrics[s].get(name) for s in metrics] for name in names})
     tracker.log_table(table, "eval/comparison_table.json")
     tracker.log_artifact(eval_dir)

@@ -25,7 +25,12 @@ CODES = ["I10", "E11.9", "J44.9", "K21.9", "N39.0", "F32.A", "M54.5", "R51.9"]
 
 def make_rows(n: int, prefix: str = "eval") -> list[dict]:
     return [
-        {"id": f"{prefix}-{i}", "note": f"{prefix} note {i}: patient seen today", "codes": [CODES[i % 8]], "_row": i + 1}
+        {
+            "id": f"{prefix}-{i}",
+            "note": f"{prefix} note {i}: patient seen today",
+            "codes": [CODES[i % 8]],
+            "_row": i + 1,
+        }
         for i in range(n)
     ]
 
@@ -166,7 +171,15 @@ run_baseline(settings, get_task("medical_coding"), json.loads(sys.argv[2]), trai
 """
     config = settings(server, max_concurrency=1).model_dump(mode="json")
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, json.dumps(config), json.dumps(rows), str(tmp_path / "cache"), str(tmp_path / "e")],
+        [
+            sys.executable,
+            "-c",
+            script,
+            json.dumps(config),
+            json.dumps(rows),
+            str(tmp_path / "cache"),
+            str(tmp_path / "e"),
+        ],
         env={**os.environ, KEY_ENV: KEY},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -247,8 +260,10 @@ def test_only_the_given_rows_and_few_shot_rows_are_sent_and_logged_by_hash(provi
     sent_text = json.dumps([r["body"] for r in server.requests])
     shots = [t for t in train if t["note"] in sent_text]
     assert len(shots) == 2  # the same two train rows in every request
-    assert all(r["body"]["messages"][-1]["content"] == row["note"] for r, row in zip(
-        sorted(server.requests, key=lambda r: index_of(r["prompt"])), rows))
+    assert all(
+        r["body"]["messages"][-1]["content"] == row["note"]
+        for r, row in zip(sorted(server.requests, key=lambda r: index_of(r["prompt"])), rows, strict=True)
+    )
     log = [json.loads(line) for line in (tmp_path / "eval" / "baseline_sent.jsonl").read_text().splitlines()]
     assert sorted(e["row_sha256"] for e in log if e["split"] == "eval") == sorted(row_hash(r) for r in rows)
     assert sorted(e["row_sha256"] for e in log if e["split"] == "train") == sorted(row_hash(s) for s in shots)

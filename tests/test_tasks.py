@@ -135,5 +135,6 @@ def test_main_metric_rebuilt_from_example_stats_equals_the_score(name, labels, g
     # The bootstrap recomputes the main metric from summed per-example numbers; on all examples it must
     # equal the task's own score exactly.
     task = get_task(name, labels)
-    totals = [sum(col) for col in zip(*(task.example_stats(g, p) for g, p in zip(golds, preds)))]
+    stats = [task.example_stats(g, p) for g, p in zip(golds, preds, strict=True)]
+    totals = [sum(col) for col in zip(*stats, strict=True)]
     assert task.main_from_totals(totals) == pytest.approx(task.score(golds, preds)[task.main_metric])
