@@ -12,6 +12,7 @@ per mode; results are recorded in benchmarks/eval_generation.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
+    """Time both modes and print the Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -47,8 +49,6 @@ def main() -> None:
     tokenizer = load_tokenizer(model_dir)
     model = load_base(recipe, model_dir, "cpu")
     task = get_task("medical_coding")
-    import json
-
     rows = [json.loads(line) for line in (data / "eval.jsonl").read_text().splitlines()][: args.examples]
     examples = [sft_example({**row, "_row": i}, task, "plain") for i, row in enumerate(rows)]
     eos = eos_token_ids(tokenizer, model)
@@ -74,7 +74,8 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| one at a time (batch 1) | {one_s:.2f} | {len(examples) / one_s:.2f} | 1.0x |")
     print(
-        f"| batched (batch {args.batch_size}) | {batch_s:.2f} | {len(examples) / batch_s:.2f} | {one_s / batch_s:.1f}x |"
+        f"| batched (batch {args.batch_size}) | {batch_s:.2f} | {len(examples) / batch_s:.2f} | "
+        f"{one_s / batch_s:.1f}x |"
     )
     print(f"identical answers in both modes: {same}/{len(examples)}")
 

@@ -3,7 +3,14 @@
 Local systems share one model: ``base`` is the fine-tune with its adapter switched off (exactly the 4-bit
 base it was trained on), ``finetuned`` has it on. Generation is greedy, batched with left padding, and stops
 at an end-of-sequence token; an answer that reaches ``eval.max_new_tokens`` without one is cut there and
-counted (``cut_at_max_new_tokens``), since a fine-tune that never stops is a failure worth seeing.
+counted (``cut_at_max_new_tokens``), since a fine-tune that never stops is a failure worth seeing. Local
+answers are kept in ``eval/generations/`` keyed by what they depend on, so re-scoring reuses them.
+
+``baseline`` is the commercial model of the recipe's baseline section (see ``pipeline.baseline``). With a
+fine-tune and a baseline scored, the difference on the task's main metric gets a paired-bootstrap 95%
+interval and a verdict; with prices, each system gets its $ per 1,000 examples and the report a
+cost-of-ownership section. ``evaluate_run`` is the one path: ``train`` calls it at its end and
+``python -m pipeline evaluate --run`` calls it on an existing run.
 """
 
 from __future__ import annotations
