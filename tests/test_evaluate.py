@@ -276,3 +276,61 @@ def test_evaluate_regenerates_what_is_not_cached_with_the_same_answers(trained_r
         for line in (run_dir / "eval" / "generations" / "finetuned.jsonl").read_text().splitlines()
     ]
     assert after == before
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_classification_against_a_baseline_only_and_a_skipped_one(tmp_path, monkeypatch):
+    from pipeline.data import task_for, validate_data
+    from pipeline.evaluate import evaluate_run
+
+    labels = ["billing", "technical", "account", "other"]
+    rows = [{"id": f"m{i}", "text": f"message {i} about {labels[i % 4]}", "label": labels[i % 4]} for i in range(12)]
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    recipe_data = {
+        "extends": str(ROOT / "recipes" / "quickstart.yaml"),
+        "name": "cls",
+        "task": "classification",
+        "data": {
+            "contract": str(ROOT / "data_contracts" / "classification.yaml"),
+            "train": str(_write_jsonl(data_dir / "train.jsonl", rows[:4])),
+            "eval": str(_write_jsonl(data_dir / "eval.jsonl", rows)),
+        },
+        "eval": {"systems": ["baseline"], "bootstrap_samples": 200},
+        "tracking": {"enabled": False},
+    }
+    # The fake labels "other" messages as billing: 3 of 12 wrong, accuracy 0.75.
+    server = FakeLLM("anthropic", lambda m: m[-1]["content"].split()[-1].replace("other", "billing"))
+    monkeypatch.setenv(KEY_ENV, KEY)
+    try:
+        baseline = {"provider": "anthropic", "model": "claude-test", "base_url": server.base_url}
+        baseline |= {"api_key_env": KEY_ENV, "send_data": True, "price_input_per_1m": 3, "price_output_per_1m": 15}
+        recipe = load_recipe(write_recipe(tmp_path / "cls.yaml", {**recipe_data, "baseline": baseline}))
+        data = validate_data(recipe, tmp_path / "run")
+        task = task_for(recipe, data.contract)
+        result = evaluate_run(recipe, tmp_path / "run", data, task, "chat")
+    finally:
+        server.close()
+    assert len(server.requests) == 12 and "billing, technical, account, other" in server.requests[0]["body"]["system"]
+    values = result.metrics["baseline"]
+    assert values["accuracy"] == pytest.approx(0.75)
+    # billing: TP 3, FP 3 -> P 1/2, R 1, F1 2/3; technical and account perfect; other: F1 0.
+    assert values["macro_f1"] == pytest.approx((2 / 3 + 1 + 1 + 0) / 4)
+    document = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert document["main_metric"] == "accuracy" and "comparison" not in document
+    assert document["details"]["baseline"]["confusion_matrix"]["other"] == {"billing": 3}
+    report = (tmp_path / "run" / "eval" / "report.md").read_text()
+    assert "## Confusion matrix (baseline" in report and "No comparison" in report
+
+    # The same recipe with send_data false: nothing sent, and the report says why.
+    quiet = load_recipe(
+        write_recipe(tmp_path / "q.yaml", {**recipe_data, "baseline": {**baseline, "send_data": False}})
+    )
+    skipped = evaluate_run(quiet, tmp_path / "run2", data, task, "chat")
+    assert skipped.metrics == {} and skipped.baseline["status"] == "skipped"
+    report = (tmp_path / "run2" / "eval" / "report.md").read_text()
+    assert "was skipped: baseline.send_data is false" in report
