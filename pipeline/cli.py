@@ -53,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="train even if the plan says it does not fit the GPU")
     p.set_defaults(handler=cmd_train)
 
+    p = commands.add_parser(
+        "evaluate", help="re-score a run: base, fine-tune and the commercial baseline, with a CI and cost"
+    )
+    _recipe_args(p)
+    p.add_argument("--run", help="the run: its directory (runs/<name>/<run-id>) or its MLflow run id")
+    p.add_argument(
+        "--systems",
+        help="comma-separated systems to score: base,finetuned,baseline (default: the recipe's eval.systems, plus "
+        "baseline when the recipe has one); generations already in the run are reused",
+    )
+    p.set_defaults(handler=cmd_evaluate)
+
     p = commands.add_parser("sync", help="upload what a run kept locally while the tracking server was down")
     p.add_argument("run_dir", help="run directory with tracking/pending.jsonl")
     p.add_argument("--uri", help="tracking store to upload to (default: the run's own; MLFLOW_TRACKING_URI wins)")
@@ -280,6 +292,49 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"Run directory: {result.run_dir}  MLflow run: {result.mlflow_run_id or '(tracking disabled)'}")
+    return EXIT_OK
+
+
+SYSTEMS = ("base", "finetuned", "baseline")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Re-score an existing run; the last line names the run directory and the MLflow run id."""
+    recipe = _load(args)
+    run = args.run or args.run_dir
+    if not run:
+        print("error: evaluate: pass --run RUN (a run directory or an MLflow run id)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.systems:
+        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+        unknown = [s for s in systems if s not in SYSTEMS]
+        if unknown or not systems:
+            print(
+                f"error: --systems {args.systems}: unknown {', '.join(unknown) or '(empty)'}; choose from "
+                f"{', '.join(SYSTEMS)}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    else:
+        systems = list(recipe.eval.systems) + (
+            ["baseline"] if recipe.baseline and "baseline" not in recipe.eval.systems else []
+        )
+    if "baseline" in systems and recipe.baseline is None:
+        print(f"error: {args.recipe}: --systems baseline needs a baseline section in the recipe", file=sys.stderr)
+        return EXIT_USAGE
+    from pipeline.evaluate import RunNotFound, evaluate_existing
+    from pipeline.model import ModelNotFound
+
+    try:
+        result, run_dir, run_id = evaluate_existing(recipe, run, systems=systems, recipe_source=args.recipe)
+    except (RunNotFound, ModelNotFound) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from pipeline.tracking import tracking_uri
+
+    _CONTEXT.update(run_dir=run_dir, mlflow_run_id=run_id, tracking_uri=tracking_uri(recipe) if run_id else None)
+    print(f"Evaluation: {result.eval_dir / 'report.md'}")
+    print(f"Run directory: {run_dir}  MLflow run: {run_id or '(tracking disabled)'}")
     return EXIT_OK
 
 

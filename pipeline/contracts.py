@@ -31,7 +31,7 @@ from pipeline.dedup import LshIndex, MinHasher, normalize, pairs_within, text_ha
 from pipeline.privacy import PII_ENTITIES, redact
 from pipeline.recipe import RecipeError, format_validation_errors
 
-FieldType = Literal["string", "integer", "number", "boolean", "list"]
+FieldType = Literal["string", "integer", "number", "boolean", "list", "object"]
 
 
 class FieldRule(BaseModel):
@@ -39,7 +39,10 @@ class FieldRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: FieldType = Field(description="JSON type: string, integer, number, boolean or list.")
+    type: FieldType = Field(
+        description="JSON type: string, integer, number, boolean, list or object (a JSON object, e.g. the "
+        "gold fields of an extraction row)."
+    )
     required: bool = Field(default=True, description="Rows without the field (or with null) are quarantined.")
     description: str | None = Field(default=None, description="What the field holds, for people.")
     pattern: str | None = Field(default=None, description="Regular expression a string must match in full.")
@@ -310,6 +313,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "number": (int, float),
     "boolean": (bool,),
     "list": (list,),
+    "object": (dict,),
 }
 
 

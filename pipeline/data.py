@@ -22,7 +22,7 @@ from pipeline.contracts import (
     over_threshold,
 )
 from pipeline.recipe import Recipe, RecipeError, check_data_files
-from pipeline.tasks import Task
+from pipeline.tasks import Task, get_task
 
 
 @dataclass
@@ -273,6 +273,25 @@ def save_validation_plots(out: Path, splits: list[SplitResult], max_tokens: int 
         fig.tight_layout()
         fig.savefig(out / "label_frequency.png", dpi=100)
         plt.close(fig)
+
+
+def task_for(recipe: Recipe, contract: DataContract) -> Task:
+    """The recipe's task; a classifier takes its label set from the contract's ``label`` enum.
+
+    Raises:
+        RecipeError: A classification contract that does not list its labels.
+    """
+    if recipe.task == "classification":
+        rule = contract.fields.get("label")
+        if rule is None or not rule.enum:
+            raise RecipeError(
+                [
+                    f"{recipe.data.contract}: fields.label.enum: the classification task needs the label set; "
+                    "list the labels under the contract's label field (enum: [a, b, c])"
+                ]
+            )
+        return get_task("classification", [str(label) for label in rule.enum])
+    return get_task(recipe.task)
 
 
 # --------------------------------------------------------------------------------------------------

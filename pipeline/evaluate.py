@@ -1,23 +1,35 @@
-"""Evaluation: generate answers for the eval split with each system, parse them, score them, report.
+"""Evaluation: answer the eval split with each system, parse, score, compare, cost, report.
 
 Local systems share one model: ``base`` is the fine-tune with its adapter switched off (exactly the 4-bit
 base it was trained on), ``finetuned`` has it on. Generation is greedy, batched with left padding, and stops
 at an end-of-sequence token; an answer that reaches ``eval.max_new_tokens`` without one is cut there and
-counted (``cut_at_max_new_tokens``), since a fine-tune that never stops is a failure worth seeing.
+counted (``cut_at_max_new_tokens``), since a fine-tune that never stops is a failure worth seeing. Local
+answers are kept in ``eval/generations/`` keyed by what they depend on, so re-scoring reuses them.
+
+``baseline`` is the commercial model of the recipe's baseline section (see ``pipeline.baseline``). With a
+fine-tune and a baseline scored, the difference on the task's main metric gets a paired-bootstrap 95%
+interval and a verdict; with prices, each system gets its $ per 1,000 examples and the report a
+cost-of-ownership section. ``evaluate_run`` is the one path: ``train`` calls it at its end and
+``python -m pipeline evaluate --run`` calls it on an existing run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import re
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import rundir
-from pipeline.data import prompt_input_ids
-from pipeline.recipe import EvalSection
-from pipeline.tasks import Task, per_label_f1
+from pipeline.data import ValidatedData, prompt_input_ids, sft_example
+from pipeline.recipe import EvalSection, Recipe
+from pipeline.tasks import Task
 
 # Metrics shown in the terminal table and report, in this order.
 TABLE_METRICS = (
@@ -47,7 +59,7 @@ def generate(
 
     Returns:
         Per example: ``text`` (decoded answer), ``stopped`` (an EOS was produced), ``tokens_in``,
-        ``tokens_out`` and ``latency_s`` (wall time of its batch).
+        ``tokens_out``, ``latency_s`` (wall time of its batch) and ``seconds`` (its share of that time).
     """
     import torch
 
@@ -90,6 +102,8 @@ def generate(
                 "tokens_in": len(prompts[i]),
                 "tokens_out": len(kept) + (stop_at is not None),
                 "latency_s": latency,
+                # This example's share of the batch's wall time: shares add up to the generation time.
+                "seconds": latency / len(batch_idx),
             }
         done += len(batch_idx)
         elapsed = time.perf_counter() - start_all
@@ -97,70 +111,386 @@ def generate(
     return [r for r in results if r is not None]
 
 
+LOCAL_SYSTEMS = ("base", "finetuned")
+GENERATIONS = "generations"
+
+
+@dataclass
+class LocalModel:
+    """The trained PEFT model and what generation needs with it."""
+
+    model: Any
+    tokenizer: Any
+    eos_ids: set[int]
+    device: str
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation produced (also written to ``eval/``)."""
+
+    metrics: dict[str, dict[str, Any]]
+    comparison: dict[str, Any] | None
+    baseline: dict[str, Any] | None
+    cost: dict[str, Any] | None
+    eval_dir: Path
+
+
+def evaluate_run(
+    recipe: Recipe,
+    run_dir: str | Path,
+    data: ValidatedData,
+    task: Task,
+    fmt: str,
+    *,
+    systems: list[str] | None = None,
+    local: LocalModel | Callable[[], LocalModel] | None = None,
+    tracker: Any = None,
+    device: str = "cpu",
+    reuse_previous: bool = False,
+) -> EvalResult:
+    """Score each system on the eval split, compare, cost, and write ``eval/`` (the one evaluation path).
+
+    ``train`` calls it at its end with the model in memory; ``python -m pipeline evaluate`` calls it on an
+    existing run with a loader that builds the model only if a local system has no cached generations.
+
+    Args:
+        recipe: The recipe (eval, baseline, cost and privacy sections are read).
+        run_dir: The run directory; ``eval/`` is written there.
+        data: The validated splits. Only ``data.eval.rows`` (and few-shot ``data.train.rows``) are used.
+        task: The task (prompt, parser, metrics).
+        fmt: Prompt format of the run ('chat' or 'plain').
+        systems: Systems to score; ``recipe.eval.systems`` if None.
+        local: The local model, or a function that loads it on first need.
+        tracker: ``tracking.Tracker`` of the run, or None.
+        device: Where local generation runs (named in the cost section).
+        reuse_previous: Also report local systems not asked for whose generations are already cached.
+
+    Returns:
+        Metrics per system, the fine-tune/baseline comparison, the baseline summary and the cost block.
+    """
+    run_dir = Path(run_dir)
+    eval_dir = run_dir / "eval"
+    wanted = list(systems or recipe.eval.systems)
+    rows = data.eval.rows
+    if recipe.eval.max_examples is not None:
+        rows = rows[: recipe.eval.max_examples]
+    examples = [sft_example(row, task, fmt) for row in rows]  # type: ignore[arg-type]
+    adapter = run_dir / "adapter" / "adapter_model.safetensors"
+    adapter_sha = _sha256_file(adapter) if adapter.is_file() else None
+
+    outputs: dict[str, list[dict[str, Any]]] = {}
+    loaded: LocalModel | None = local if isinstance(local, LocalModel) else None
+    for system in [s for s in LOCAL_SYSTEMS if s in wanted or reuse_previous]:
+        keys = [generation_key(recipe, system, ex, adapter_sha) for ex in examples]
+        path = eval_dir / GENERATIONS / f"{system}.jsonl"
+        cached = cached_generations(path, keys)
+        if cached is not None:
+            print(f"Evaluating {system}: {len(cached)} generations reused from {path}")
+            outputs[system] = cached
+            continue
+        if system not in wanted:
+            continue
+        if loaded is None:
+            if local is None:
+                raise ValueError(f"{system}: no cached generations in {path} and no model to generate with")
+            loaded = local()  # type: ignore[operator]
+        print(f"Evaluating {system} on {len(rows)} eval rows")
+        outputs[system] = generate_local(loaded, system, examples, recipe.eval)
+        rundir.write_jsonl(path, [{"key": k, **o} for k, o in zip(keys, outputs[system], strict=True)])
+
+    baseline_summary = None
+    if "baseline" in wanted and recipe.baseline is not None:
+        from pipeline.baseline import run_baseline
+
+        result = run_baseline(
+            recipe.baseline,
+            task,
+            rows,
+            train_rows=data.train.rows,
+            allowed_hosts=recipe.privacy.allowed_hosts,
+            cache_dir=recipe.baseline.cache_dir or run_dir / "baseline_cache",
+            eval_dir=eval_dir,
+            seed=recipe.training.seed,
+        )
+        baseline_summary = result.summary
+        if result.outputs is not None:
+            outputs["baseline"] = result.outputs
+
+    metrics = {system: score_system(task, rows, outs) for system, outs in outputs.items()}
+    cost = cost_of_ownership(recipe, metrics, device)
+    for system, values in metrics.items():
+        per_1000 = cost_per_1000_examples(recipe, system, values)
+        if per_1000 is not None:
+            values["cost_per_1000_examples"] = per_1000
+    comparison = None
+    if "finetuned" in outputs and "baseline" in outputs:
+        golds = [task.gold(row) for row in rows]
+        comparison = paired_bootstrap(
+            task,
+            golds,
+            [task.parse(o["text"]) for o in outputs["finetuned"]],
+            [task.parse(o["text"]) for o in outputs["baseline"]],
+            samples=recipe.eval.bootstrap_samples,
+            seed=recipe.training.seed,
+        )
+    write_outputs(eval_dir, task, rows, outputs, metrics, comparison=comparison, baseline=baseline_summary, cost=cost)
+    print(render_table(metrics, task.table_metrics))
+    print(render_ops_table(metrics))
+    if comparison is not None:
+        print(comparison_sentence(comparison))
+    if tracker is not None:
+        log_to_tracker(tracker, metrics, comparison, cost, eval_dir)
+    return EvalResult(metrics, comparison, baseline_summary, cost, eval_dir)
+
+
+def generate_local(loaded: LocalModel, system: str, examples: list[dict[str, Any]], settings: EvalSection) -> list:
+    """Greedy generation for ``base`` (the adapter switched off) or ``finetuned`` (on)."""
+    model = loaded.model
+    model.eval()
+    # The base is the same 4-bit weights with the adapter switched off: no second copy in memory.
+    switch = model.disable_adapter() if system == "base" else contextlib.nullcontext()
+    with switch:
+        return generate(
+            model,
+            loaded.tokenizer,
+            examples,
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size,
+            eos_ids=loaded.eos_ids,
+            label=system,
+        )
+
+
+def generation_key(recipe: Recipe, system: str, example: dict[str, Any], adapter_sha: str | None) -> str:
+    """What a local answer depends on: system, prompt, generation budget, base weights, quantization, adapter."""
+    body = {
+        "system": system,
+        "prompt": example["prompt"],
+        "max_new_tokens": recipe.eval.max_new_tokens,
+        "model": [recipe.model.path, recipe.model.revision],
+        "quantization": recipe.quantization.model_dump(mode="json"),
+        "adapter": adapter_sha if system == "finetuned" else None,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def cached_generations(path: Path, keys: list[str]) -> list[dict[str, Any]] | None:
+    """The cached answers for exactly these keys, in order, or None if any is missing."""
+    if not path.is_file():
+        return None
+    by_key = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            by_key[entry.pop("key")] = entry
+    if not all(k in by_key for k in keys):
+        return None
+    return [by_key[k] for k in keys]
+
+
 def score_system(task: Task, rows: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Task metrics plus the operational numbers of one system."""
+    """Task metrics plus the operational numbers of one system.
+
+    A baseline example that failed after its retries counts as a wrong (empty) answer and in ``failed``: it
+    keeps the comparison paired and shows what production would have got.
+    """
     golds = [task.gold(row) for row in rows]
     preds = [task.parse(o["text"]) for o in outputs]
     metrics: dict[str, Any] = dict(task.score(golds, preds))
-    latencies = sorted(o["latency_s"] for o in outputs)
+    answered = [o for o in outputs if "error" not in o]
+    latencies = sorted(o["latency_s"] for o in answered if o.get("latency_s") is not None)
     metrics.update(
         {
-            "cut_at_max_new_tokens": float(sum(not o["stopped"] for o in outputs)),
+            "failed": float(len(outputs) - len(answered)),
+            "cut_at_max_new_tokens": float(sum(not o["stopped"] for o in answered)),
             "tokens_in": float(sum(o["tokens_in"] for o in outputs)),
             "tokens_out": float(sum(o["tokens_out"] for o in outputs)),
             "latency_p50_s": _percentile(latencies, 50),
             "latency_p95_s": _percentile(latencies, 95),
         }
     )
+    if any("seconds" in o for o in outputs):
+        metrics["generation_seconds"] = float(sum(o.get("seconds", 0.0) for o in outputs))
     return metrics
 
 
-def evaluate_local(
-    model: Any,
-    tokenizer: Any,
-    rows: list[dict[str, Any]],
-    examples: list[dict[str, Any]],
-    task: Task,
-    settings: EvalSection,
-    eos_ids: set[int],
-    out_dir: str | Path,
-) -> dict[str, dict[str, Any]]:
-    """Score the base (adapter off) and the fine-tune (adapter on) on the eval rows and write ``eval/``.
+# --------------------------------------------------------------------------------------------------
+# Comparison: paired bootstrap of fine-tune minus baseline on the main metric
 
-    Args:
-        model: The PEFT model after training.
-        tokenizer: Its tokenizer.
-        rows: Accepted eval rows (gold answers).
-        examples: The same rows rendered as prompt/completion examples (see ``data.sft_example``).
-        task: The recipe's task.
-        settings: The recipe's eval section.
-        eos_ids: Token ids that end an answer.
-        out_dir: The run directory.
+
+def paired_bootstrap(
+    task: Task, golds: list[Any], preds_a: list[Any], preds_b: list[Any], *, samples: int = 1000, seed: int = 42
+) -> dict[str, Any]:
+    """95% percentile interval of main_metric(a) - main_metric(b), resampling examples with replacement.
+
+    Both systems are scored on the same resampled examples (paired), so example difficulty cancels out. Each
+    resample recomputes the main metric from per-example numbers that add up (``task.example_stats``), e.g.
+    micro-F1 from summed TP/FP/FN, exactly as the full-data metric is computed.
 
     Returns:
-        Metrics per system.
+        The interface of eval/metrics.json ``comparison``: metric, a, b, difference (on all examples),
+        ci95 [low, high], verdict ("better" when the interval is above 0, "worse" below, else "no significant
+        difference"), plus samples and n.
     """
-    if settings.max_examples is not None:
-        rows, examples = rows[: settings.max_examples], examples[: settings.max_examples]
-    model.eval()
-    outputs: dict[str, list[dict[str, Any]]] = {}
-    for system in settings.systems:
-        # The base is the same 4-bit weights with the adapter switched off: no second copy in memory.
-        switch = model.disable_adapter() if system == "base" else contextlib.nullcontext()
-        print(f"Evaluating {system} on {len(rows)} eval rows")
-        with switch:
-            outputs[system] = generate(
-                model,
-                tokenizer,
-                examples,
-                max_new_tokens=settings.max_new_tokens,
-                batch_size=settings.batch_size,
-                eos_ids=eos_ids,
-                label=system,
-            )
-    metrics = {system: score_system(task, rows, outs) for system, outs in outputs.items()}
-    write_outputs(Path(out_dir) / "eval", task, rows, outputs, metrics)
-    return metrics
+    import numpy as np
+
+    assert task.example_stats is not None and task.main_from_totals is not None
+    stats_a = np.array([task.example_stats(g, p) for g, p in zip(golds, preds_a, strict=True)], dtype=float)
+    stats_b = np.array([task.example_stats(g, p) for g, p in zip(golds, preds_b, strict=True)], dtype=float)
+    main = task.main_from_totals
+    difference = main(stats_a.sum(axis=0)) - main(stats_b.sum(axis=0))
+    rng = np.random.default_rng(seed)
+    n = len(golds)
+    diffs = []
+    for start in range(0, samples, 200):  # chunks keep memory at 200 x n x stats
+        idx = rng.integers(0, n, size=(min(200, samples - start), n))
+        totals_a, totals_b = stats_a[idx].sum(axis=1), stats_b[idx].sum(axis=1)
+        diffs += [main(ta) - main(tb) for ta, tb in zip(totals_a, totals_b, strict=True)]
+    low, high = (float(v) for v in np.percentile(diffs, [2.5, 97.5]))
+    verdict = "better" if low > 0 else "worse" if high < 0 else "no significant difference"
+    return {
+        "metric": task.main_metric,
+        "a": "finetuned",
+        "b": "baseline",
+        "difference": float(difference),
+        "ci95": [low, high],
+        "verdict": verdict,
+        "samples": samples,
+        "n": n,
+    }
+
+
+def comparison_sentence(comparison: dict[str, Any]) -> str:
+    """The verdict in words, e.g. 'The fine-tune is better than the baseline on micro_f1: +0.120 (95% CI ...)'."""
+    low, high = comparison["ci95"]
+    words = {
+        "better": "is better than",
+        "worse": "is worse than",
+        "no significant difference": "shows no significant difference from",
+    }[comparison["verdict"]]
+    return (
+        f"The fine-tune {words} the baseline on {comparison['metric']}: {comparison['difference']:+.3f} "
+        f"(95% CI {low:+.3f} to {high:+.3f}, paired bootstrap, {comparison['samples']} resamples of "
+        f"{comparison['n']} examples)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost
+
+
+def _api_cost(recipe: Recipe, values: dict[str, Any]) -> float | None:
+    b = recipe.baseline
+    if b is None or b.price_input_per_1m is None or b.price_output_per_1m is None:
+        return None
+    return values["tokens_in"] * b.price_input_per_1m / 1e6 + values["tokens_out"] * b.price_output_per_1m / 1e6
+
+
+def _seconds_per_case(recipe: Recipe, values: dict[str, Any]) -> tuple[float, float, str] | None:
+    """(seconds per case, tokens per second, source) of a local system, from the given or measured throughput."""
+    n = values.get("num_examples") or 0.0
+    tokens = values["tokens_in"] + values["tokens_out"]
+    if not n or not tokens:
+        return None
+    given = recipe.cost.throughput_tokens_per_s
+    if given is not None:
+        return tokens / n / given, given, "given (cost.throughput_tokens_per_s)"
+    seconds = values.get("generation_seconds")
+    if not seconds:
+        return None
+    return seconds / n, tokens / seconds, "measured"
+
+
+def cost_per_1000_examples(recipe: Recipe, system: str, values: dict[str, Any]) -> float | None:
+    """$ per 1,000 examples: API prices x tokens for the baseline, GPU $/h x time per example for local ones."""
+    if system == "baseline":
+        cost = _api_cost(recipe, values)
+        answered = values["num_examples"] - values["failed"]
+        return cost / answered * 1000 if cost is not None and answered else None
+    price = recipe.cost.gpu_price_per_hour
+    timing = _seconds_per_case(recipe, values)
+    if price is None or timing is None:
+        return None
+    return price / 3600 * timing[0] * 1000
+
+
+def cost_of_ownership(recipe: Recipe, metrics: dict[str, dict[str, Any]], device: str) -> dict[str, Any] | None:
+    """Self-hosted fine-tune versus the baseline's API: per 1M tokens, per 1,000 cases, break-even volume.
+
+    A dedicated GPU costs ``gpu_price_per_hour x hours_per_month`` whatever the volume; the API costs its
+    price per case times the volume. Self-hosting breaks even at ``monthly GPU cost / API cost per case``
+    cases a month, if one GPU can serve that many (``hours_per_month x 3600 / seconds per case``).
+
+    Worked example: $2/h, 1,000 tokens/s, 500 tokens per case -> 0.5 s/case, $0.556 per 1M tokens, $0.278
+    per 1,000 cases, $1,460 a month for 5,256,000 cases of capacity. An API case of 1,000 input and 100
+    output tokens at $2.50/$10 per 1M costs $0.0035, so self-hosting breaks even at 1,460 / 0.0035 =
+    417,143 cases a month.
+    """
+    out: dict[str, Any] = {
+        "gpu_price_per_hour": recipe.cost.gpu_price_per_hour,
+        "hours_per_month": recipe.cost.hours_per_month,
+        "self_hosted": None,
+        "api": None,
+        "break_even_cases_per_month": None,
+    }
+    fine = metrics.get("finetuned")
+    price = recipe.cost.gpu_price_per_hour
+    if fine is not None and price is not None:
+        timing = _seconds_per_case(recipe, fine)
+        if timing is not None:
+            seconds, tps, source = timing
+            out["self_hosted"] = {
+                "throughput_tokens_per_s": tps,
+                "throughput_source": source if source != "measured" else f"measured during this evaluation ({device})",
+                "seconds_per_case": seconds,
+                "cost_per_1m_tokens": price / (tps * 3600) * 1e6,
+                "cost_per_1000_cases": price / 3600 * seconds * 1000,
+                "monthly_gpu_cost": price * recipe.cost.hours_per_month,
+                "capacity_cases_per_month": recipe.cost.hours_per_month * 3600 / seconds,
+            }
+    base = metrics.get("baseline")
+    if base is not None:
+        cost = _api_cost(recipe, base)
+        answered = base["num_examples"] - base["failed"]
+        tokens = base["tokens_in"] + base["tokens_out"]
+        if cost is not None and answered and tokens:
+            out["api"] = {
+                "cost_per_1m_tokens": cost / tokens * 1e6,
+                "cost_per_1000_cases": cost / answered * 1000,
+                "cost_per_case": cost / answered,
+            }
+    hosted, api = out["self_hosted"], out["api"]
+    if hosted is not None and api is not None and api["cost_per_case"] > 0:
+        volume = hosted["monthly_gpu_cost"] / api["cost_per_case"]
+        out["break_even_cases_per_month"] = volume
+        out["one_gpu_suffices"] = volume <= hosted["capacity_cases_per_month"]
+    if hosted is None and api is None:
+        return None
+    return out
+
+
+def cost_sentence(cost: dict[str, Any]) -> str:
+    """The break-even statement in words."""
+    volume = cost.get("break_even_cases_per_month")
+    hosted = cost.get("self_hosted")
+    if volume is None or hosted is None:
+        return "Break-even volume: needs both cost.gpu_price_per_hour and the baseline's prices and answers."
+    if cost.get("one_gpu_suffices"):
+        return (
+            f"Self-hosting breaks even at {volume:,.0f} cases a month: above that a dedicated GPU "
+            f"(${hosted['monthly_gpu_cost']:,.0f}/month, capacity {hosted['capacity_cases_per_month']:,.0f} cases) "
+            "costs less than the API."
+        )
+    return (
+        f"At this throughput one GPU serves at most {hosted['capacity_cases_per_month']:,.0f} cases a month, fewer "
+        f"than the {volume:,.0f} at which its ${hosted['monthly_gpu_cost']:,.0f}/month would match the API: "
+        "the API is cheaper at every volume unless throughput rises (cost.throughput_tokens_per_s for the target GPU)."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
 
 
 def write_outputs(
@@ -169,36 +499,51 @@ def write_outputs(
     rows: list[dict[str, Any]],
     outputs: dict[str, list[dict[str, Any]]],
     metrics: dict[str, dict[str, Any]],
+    *,
+    comparison: dict[str, Any] | None = None,
+    baseline: dict[str, Any] | None = None,
+    cost: dict[str, Any] | None = None,
 ) -> None:
-    """predictions.jsonl, metrics.json (with per-label scores), report.md and a per-label F1 plot."""
+    """predictions.jsonl, metrics.json, report.md, and the per-label F1 and cost plots."""
     predictions = []
     for system, outs in outputs.items():
         for row, out in zip(rows, outs, strict=True):
-            predictions.append(
-                {
-                    "system": system,
-                    "id": row.get("id"),
-                    "row": row["_row"],
-                    "gold": task.gold(row),
-                    "predicted": task.parse(out["text"]),
-                    "answer": out["text"],
-                    "stopped": out["stopped"],
-                }
-            )
+            record = {
+                "system": system,
+                "id": row.get("id"),
+                "row": row["_row"],
+                "gold": task.gold(row),
+                "predicted": task.parse(out["text"]),
+                "answer": out["text"],
+                "stopped": out["stopped"],
+            }
+            if "error" in out:
+                record["error"] = out["error"]
+            predictions.append(record)
     rundir.write_jsonl(eval_dir / "predictions.jsonl", predictions)
     golds = [task.gold(row) for row in rows]
-    per_label = {s: per_label_f1(golds, [task.parse(o["text"]) for o in outs]) for s, outs in outputs.items()}
-    rundir.write_json(
-        eval_dir / "metrics.json",
-        {"main_metric": task.main_metric, "systems": metrics, "per_label": per_label},
-    )
-    rundir.write_text(eval_dir / "report.md", render_report(task, metrics, per_label))
-    save_per_label_plot(eval_dir / "per_label_f1.png", per_label)
+    parsed = {s: [task.parse(o["text"]) for o in outs] for s, outs in outputs.items()}
+    per_label = {s: task.per_label(golds, p) for s, p in parsed.items()} if task.per_label else {}
+    document: dict[str, Any] = {"main_metric": task.main_metric, "systems": metrics, "per_label": per_label}
+    if task.extras is not None:
+        document["details"] = {s: task.extras(golds, p) for s, p in parsed.items()}
+    if comparison is not None:
+        document["comparison"] = comparison
+    if baseline is not None:
+        document["baseline"] = baseline
+    if cost is not None:
+        document["cost"] = cost
+    rundir.write_json(eval_dir / "metrics.json", document)
+    rundir.write_text(eval_dir / "report.md", render_report(task, metrics, per_label, document))
+    if per_label:
+        save_per_label_plot(eval_dir / "per_label_f1.png", per_label)
+    if cost is not None:
+        save_cost_plot(eval_dir / "cost.png", cost)
 
 
-def render_table(metrics: dict[str, dict[str, Any]]) -> str:
-    """Systems x metrics as a Markdown table (also printed in the terminal)."""
-    columns = [m for m in TABLE_METRICS if all(m in v for v in metrics.values())]
+def render_table(metrics: dict[str, dict[str, Any]], table_metrics: tuple[str, ...] = ()) -> str:
+    """Systems x quality metrics as a Markdown table (also printed in the terminal)."""
+    columns = [m for m in (table_metrics or TABLE_METRICS) if all(m in v for v in metrics.values())]
     columns += ["cut_at_max_new_tokens", "latency_p50_s"]
     header = "| system | " + " | ".join(columns) + " |"
     rule = "|---" * (len(columns) + 1) + "|"
@@ -209,12 +554,78 @@ def render_table(metrics: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def render_report(task: Task, metrics: dict[str, dict[str, Any]], per_label: dict[str, dict[str, Any]]) -> str:
-    """eval/report.md: the comparison table, the main-metric difference, and the weakest labels."""
-    lines = [f"# Evaluation: {task.name}", "", render_table(metrics), ""]
+def render_ops_table(metrics: dict[str, dict[str, Any]]) -> str:
+    """Systems x operational numbers: failures, latency p50/p95, tokens in/out, $ per 1,000 examples."""
+    lines = [
+        "| system | examples | failed | cut at max tokens | latency p50 (s) | latency p95 (s) | tokens in | "
+        "tokens out | $ per 1,000 examples |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for system, v in metrics.items():
+        price = v.get("cost_per_1000_examples")
+        lines.append(
+            f"| {system} | {v.get('num_examples', 0):.0f} | {v['failed']:.0f} | {v['cut_at_max_new_tokens']:.0f} | "
+            f"{v['latency_p50_s']:.3f} | {v['latency_p95_s']:.3f} | {v['tokens_in']:,.0f} | {v['tokens_out']:,.0f} | "
+            + (f"{price:.4f}" if price is not None else "n/a")
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def render_report(
+    task: Task,
+    metrics: dict[str, dict[str, Any]],
+    per_label: dict[str, dict[str, Any]],
+    document: dict[str, Any] | None = None,
+) -> str:
+    """eval/report.md: quality, the comparison with its interval, operations, egress, cost, weakest labels."""
+    document = document or {}
+    lines = [f"# Evaluation: {task.name}", "", "## Quality", "", render_table(metrics, task.table_metrics), ""]
     if "base" in metrics and "finetuned" in metrics:
         diff = metrics["finetuned"][task.main_metric] - metrics["base"][task.main_metric]
         lines += [f"Fine-tune minus base on {task.main_metric}: {diff:+.3f}", ""]
+    baseline = document.get("baseline")
+    comparison = document.get("comparison")
+    lines += ["## Fine-tune versus the baseline", ""]
+    if comparison is not None:
+        lines += [f"**{comparison['verdict']}**. {comparison_sentence(comparison)}.", ""]
+        failed = metrics.get("baseline", {}).get("failed", 0)
+        if failed:
+            lines += [f"{failed:.0f} baseline examples failed after their retries and are scored as wrong answers.", ""]
+    elif baseline is not None and baseline.get("status") == "skipped":
+        lines += [f"The baseline ({baseline['provider']}/{baseline['model']}) was skipped: {baseline['reason']}.", ""]
+    else:
+        lines += ["No comparison: the fine-tune and a baseline were not both scored.", ""]
+    lines += ["## Operations", "", render_ops_table(metrics), ""]
+    if baseline is not None and baseline.get("status") == "ok":
+        kinds = ", ".join(f"{k} {v}" for k, v in baseline["failures_by_kind"].items()) or "none"
+        lines += [
+            "## What was sent",
+            "",
+            f"- Endpoint: {baseline['provider']} `{baseline['model']}` at host `{baseline['host']}` "
+            f"(key from the environment variable `{baseline['api_key_env']}`).",
+            f"- Eval rows sent in this evaluation: {baseline['rows_sent']}, few-shot train rows: "
+            f"{baseline['few_shot_rows_sent']}; distinct rows ever sent from this run: "
+            f"{baseline['rows_sent_all_runs']}. SHA-256 of each in `{baseline['sent_log']}`.",
+            f"- Requests {baseline['requests_sent']}, answers from the cache {baseline['answers_from_cache']}, "
+            f"retries {baseline['retries']}, failed examples {baseline['failed']} ({kinds}).",
+            "",
+        ]
+    cost = document.get("cost")
+    if cost is not None:
+        lines += ["## Cost of ownership", "", *render_cost_lines(cost), "", "![cost](cost.png)", ""]
+    details = document.get("details") or {}
+    for system, extra in details.items():
+        matrix = extra.get("confusion_matrix")
+        if matrix:
+            predicted = sorted({p for row in matrix.values() for p in row})
+            lines += [f"## Confusion matrix ({system}; rows gold, columns predicted)", ""]
+            lines += ["| gold \\ predicted | " + " | ".join(predicted) + " |", "|---" * (len(predicted) + 1) + "|"]
+            lines += [
+                f"| {gold} | " + " | ".join(str(row.get(p, 0)) for p in predicted) + " |"
+                for gold, row in matrix.items()
+            ]
+            lines.append("")
     if "finetuned" in per_label:
         worst = sorted(per_label["finetuned"].items(), key=lambda kv: (kv[1]["f1"], -kv[1]["support"]))[:10]
         lines += [
@@ -229,6 +640,101 @@ def render_report(task: Task, metrics: dict[str, dict[str, Any]], per_label: dic
         ]
         lines.append("")
     return "\n".join(lines)
+
+
+def render_cost_lines(cost: dict[str, Any]) -> list[str]:
+    """The cost block of the report: self-hosted and API side by side, then the break-even sentence."""
+    hosted, api = cost.get("self_hosted"), cost.get("api")
+    lines = ["| | self-hosted fine-tune | baseline API |", "|---|---|---|"]
+
+    def cell(block: dict[str, Any] | None, key: str, fmt: str) -> str:
+        return fmt.format(block[key]) if block is not None and block.get(key) is not None else "n/a"
+
+    lines += [
+        f"| $ per 1M tokens | {cell(hosted, 'cost_per_1m_tokens', '${:.4f}')} | "
+        f"{cell(api, 'cost_per_1m_tokens', '${:.4f}')} |",
+        f"| $ per 1,000 cases | {cell(hosted, 'cost_per_1000_cases', '${:.4f}')} | "
+        f"{cell(api, 'cost_per_1000_cases', '${:.4f}')} |",
+    ]
+    if hosted is not None:
+        lines += [
+            "",
+            f"Self-hosted: ${cost['gpu_price_per_hour']:.2f}/h, {hosted['throughput_tokens_per_s']:,.1f} tokens/s "
+            f"({hosted['throughput_source']}), {hosted['seconds_per_case']:.4f} s per case.",
+        ]
+    lines += ["", cost_sentence(cost)]
+    return lines
+
+
+def save_cost_plot(path: Path, cost: dict[str, Any]) -> None:
+    """Monthly cost against monthly volume: the API's line and the self-hosted GPUs' steps (one more per capacity)."""
+    hosted, api = cost.get("self_hosted"), cost.get("api")
+    if hosted is None and api is None:
+        return
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    volume = cost.get("break_even_cases_per_month")
+    top = 3 * volume if volume else (3 * hosted["capacity_cases_per_month"] if hosted else 1_000_000)
+    xs = [top * i / 400 for i in range(401)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if api is not None:
+        ax.plot(xs, [x * api["cost_per_case"] for x in xs], label="baseline API")
+    if hosted is not None:
+        gpus = [max(1, math.ceil(x / hosted["capacity_cases_per_month"])) for x in xs]
+        ax.step(xs, [g * hosted["monthly_gpu_cost"] for g in gpus], where="post", label="self-hosted (dedicated GPUs)")
+    if volume:
+        ax.axvline(volume, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(f"break-even\n{volume:,.0f} cases/month", (volume, 0), xytext=(5, 10), textcoords="offset points")
+    ax.set_xlabel("cases per month")
+    ax.set_ylabel("$ per month")
+    ax.set_title("Cost of ownership")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def log_to_tracker(
+    tracker: Any,
+    metrics: dict[str, dict[str, Any]],
+    comparison: dict[str, Any] | None,
+    cost: dict[str, Any] | None,
+    eval_dir: Path,
+) -> None:
+    """MLflow: ``eval.<system>.<metric>``, the comparison and cost numbers, a comparison table, ``eval/``."""
+    for system, values in metrics.items():
+        tracker.log_metrics({f"eval.{system}.{name}": value for name, value in values.items()})
+    if comparison is not None:
+        tracker.log_metrics(
+            {
+                "eval.comparison.difference": comparison["difference"],
+                "eval.comparison.ci95_low": comparison["ci95"][0],
+                "eval.comparison.ci95_high": comparison["ci95"][1],
+            }
+        )
+        tracker.set_tags({"eval.comparison.verdict": comparison["verdict"]})
+    if cost is not None:
+        flat = {}
+        for side in ("self_hosted", "api"):
+            for key, value in (cost.get(side) or {}).items():
+                flat[f"cost.{side}.{key}"] = value
+        if cost.get("break_even_cases_per_month") is not None:
+            flat["cost.break_even_cases_per_month"] = cost["break_even_cases_per_month"]
+        tracker.log_metrics(flat)
+    # One row per system. mlflow appends to an existing table, so a re-evaluation adds rows, dated.
+    names = sorted({name for values in metrics.values() for name in values})
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    table: dict[str, list[Any]] = {"system": list(metrics), "evaluated_at": [stamp] * len(metrics)}
+    table.update({name: [metrics[s].get(name) for s in metrics] for name in names})
+    tracker.log_table(table, "eval/comparison_table.json")
+    tracker.log_artifact(eval_dir)
 
 
 def save_per_label_plot(path: Path, per_label: dict[str, dict[str, dict[str, float]]]) -> None:
@@ -268,3 +774,146 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     if len(sorted_values) == 1:
         return sorted_values[0]
     return statistics.quantiles(sorted_values, n=100, method="inclusive")[int(q) - 1]
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Re-scoring an existing run (`python -m pipeline evaluate RECIPE --run RUN`)
+
+
+class RunNotFound(Exception):
+    """``--run`` names neither a run directory nor an MLflow run with a run directory (exit code 2)."""
+
+
+def resolve_run(recipe: Recipe, run: str) -> tuple[Path, str | None]:
+    """(run directory, MLflow run id) for ``--run``: a run directory, or an MLflow run id in the recipe's store."""
+    path = Path(run)
+    if path.is_dir():
+        summary = path / "summary.json"
+        run_id = json.loads(summary.read_text(encoding="utf-8")).get("mlflow_run_id") if summary.is_file() else None
+        return path, run_id
+    if not re.fullmatch(r"[0-9a-f]{32}", run):
+        raise RunNotFound(
+            f"--run {run}: no such run directory, and not an MLflow run id (32 hex digits); pass the directory "
+            "a `train` printed (runs/<name>/<run-id>) or its MLflow run id"
+        )
+    from pipeline.tracking import run_dir_of, tracking_uri
+
+    try:
+        found = run_dir_of(tracking_uri(recipe), run)
+    except LookupError as exc:
+        raise RunNotFound(f"--run {run}: {exc}; check tracking.uri / MLFLOW_TRACKING_URI") from None
+    if not found or not Path(found).is_dir():
+        raise RunNotFound(
+            f"--run {run}: the MLflow run's directory {found!r} is not on this machine; pass the directory"
+        )
+    return Path(found), run
+
+
+def check_run_matches(recipe: Recipe, run_dir: Path, data: ValidatedData) -> None:
+    """Refuse to re-score a run with a recipe or eval split other than the ones it was trained with.
+
+    Raises:
+        RecipeError: Naming the key (task, model.path, data.eval) and both values.
+    """
+    from pipeline.recipe import RecipeError
+
+    resolved = run_dir / "recipe.resolved.yaml"
+    if not resolved.is_file():
+        raise RunNotFound(f"{run_dir}: no recipe.resolved.yaml; is this a run directory?")
+    import yaml
+
+    ran = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    problems = [
+        f"{key}: the run used {old!r}, the recipe says {new!r}"
+        for key, old, new in (
+            ("task", ran.get("task"), recipe.task),
+            ("model.path", ran.get("model", {}).get("path"), recipe.model.path),
+        )
+        if old != new
+    ]
+    report = run_dir / "validation" / "report.json"
+    if report.is_file():
+        before = json.loads(report.read_text(encoding="utf-8"))["splits"].get("eval", {}).get("sha256")
+        if before and before != data.eval.sha256:
+            problems.append(
+                f"data.eval: {data.eval.path} changed since the run (SHA-256 {before[:12]}... then, "
+                f"{data.eval.sha256[:12]}... now); score the split the run was evaluated on"
+            )
+    if problems:
+        raise RecipeError([f"{run_dir}: {p}" for p in problems])
+
+
+def load_local_model(recipe: Recipe, run_dir: Path) -> LocalModel:
+    """The 4-bit base with the run's adapter, for generating what the run has not cached."""
+    from peft import PeftModel
+
+    from pipeline.env import gather
+    from pipeline.model import device_for, eos_token_ids, load_base, load_tokenizer, resolve_model_path
+
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise RunNotFound(f"{adapter}: no adapter here (the run did not finish training); train again")
+    model_dir = resolve_model_path(recipe.model.path, recipe.model.revision)
+    device = device_for(recipe, gather())
+    print(f"Loading {model_dir} with the adapter {adapter} on {device}", flush=True)
+    tokenizer = load_tokenizer(adapter)
+    model = PeftModel.from_pretrained(load_base(recipe, model_dir, device), adapter)
+    return LocalModel(model, tokenizer, eos_token_ids(tokenizer, model), device)
+
+
+def evaluate_existing(
+    recipe: Recipe, run: str, *, systems: list[str] | None = None, recipe_source: str | Path = "recipe"
+) -> tuple[EvalResult, Path, str | None]:
+    """Re-score a run: reuse its cached generations, add systems, write eval/ and log to the same MLflow run.
+
+    Returns:
+        The evaluation, the run directory and the MLflow run id.
+    """
+    import tempfile
+
+    from pipeline.data import task_for, validate_data
+    from pipeline.tracking import Tracker
+
+    run_dir, run_id = resolve_run(recipe, run)
+    with tempfile.TemporaryDirectory(prefix="pipeline-revalidate-") as scratch:
+        data = validate_data(recipe, scratch, recipe_source)
+    check_run_matches(recipe, run_dir, data)
+    task = task_for(recipe, data.contract)
+    plan_file = run_dir / "plan.json"
+    plan = json.loads(plan_file.read_text(encoding="utf-8")) if plan_file.is_file() else {}
+    fmt, device = plan.get("prompt_format"), plan.get("device", "cpu")
+    if fmt is None:
+        from pipeline.data import prompt_format
+        from pipeline.model import load_tokenizer
+
+        fmt = prompt_format(recipe, load_tokenizer(run_dir / "adapter"))
+    tracker = Tracker(recipe, run_name=run_dir.name, run_dir=run_dir, run_id=run_id)
+    if run_id is None:
+        tracker.set_tags({"run_dir": str(run_dir), "task": recipe.task})
+    status = "FAILED"
+    try:
+        result = evaluate_run(
+            recipe,
+            run_dir,
+            data,
+            task,
+            fmt,
+            systems=systems,
+            local=lambda: load_local_model(recipe, run_dir),
+            tracker=tracker,
+            device=device,
+            reuse_previous=True,
+        )
+        status = "FINISHED"
+    finally:
+        if run_id is None:  # a run this command created; an existing training run keeps its own status
+            tracker.end(status)
+    return result, run_dir, tracker.run_id

@@ -22,7 +22,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 RECIPE_KEYS_ALLOWED_OUTSIDE_SCHEMA = ("extends",)
 
@@ -189,9 +189,16 @@ class EvalSection(_Section):
         gt=0,
         description="Score only the first N accepted eval rows (quick checks); all if unset.",
     )
-    systems: list[Literal["base", "finetuned"]] = Field(
+    systems: list[Literal["base", "finetuned", "baseline"]] = Field(
         default_factory=lambda: ["base", "finetuned"],
-        description="Local systems to score: the base with the adapter off, and the fine-tune.",
+        description="Systems to score: 'base' (the adapter off), 'finetuned', and 'baseline' (the commercial "
+        "model of the baseline section; it sends data only when baseline.send_data is true).",
+    )
+    bootstrap_samples: int = Field(
+        default=1000,
+        ge=100,
+        le=100_000,
+        description="Paired bootstrap resamples for the 95% confidence interval of fine-tune minus baseline.",
     )
 
 
@@ -227,11 +234,112 @@ class PrivacySection(_Section):
         return value
 
 
+class BaselineSection(_Section):
+    """A commercial or remote model scored beside the fine-tune, through its official SDK.
+
+    Nothing is sent unless ``send_data`` is true, and then only to a host that is loopback or on
+    ``privacy.allowed_hosts``. The API key is read from the environment variable named by ``api_key_env``;
+    a key never belongs in a recipe.
+    """
+
+    provider: Literal["openai", "anthropic"] = Field(
+        description="'openai' (the OpenAI chat completions API, also Azure OpenAI, vLLM or any compatible "
+        "gateway through base_url) or 'anthropic' (the Anthropic messages API)."
+    )
+    model: str = Field(description="Model name at the provider, e.g. gpt-4o or claude-sonnet-4-5.")
+    base_url: str | None = Field(
+        default=None,
+        description="Endpoint URL; the provider's public API if unset (https://api.openai.com/v1, "
+        "https://api.anthropic.com). Its host must be loopback or on privacy.allowed_hosts.",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the API key (default OPENAI_API_KEY or "
+        "ANTHROPIC_API_KEY). The key itself never appears in a recipe, log, param or artifact.",
+    )
+    price_input_per_1m: float | None = Field(
+        default=None, ge=0, description="Price in $ per 1M input tokens (e.g. 2.50 for gpt-4o); cost unknown if unset."
+    )
+    price_output_per_1m: float | None = Field(
+        default=None, ge=0, description="Price in $ per 1M output tokens (e.g. 10.00 for gpt-4o)."
+    )
+    max_concurrency: int = Field(default=4, ge=1, le=64, description="Requests in flight at once.")
+    few_shot: int = Field(
+        default=0,
+        ge=0,
+        le=32,
+        description="Solved examples drawn from the train split (seeded) and sent before each eval row.",
+    )
+    send_data: bool = Field(
+        default=False,
+        description="Send eval rows (and few-shot train rows) to the provider. False: nothing is sent and the "
+        "report says the baseline was skipped and why.",
+    )
+    max_tokens: int = Field(default=256, gt=0, description="Most tokens the baseline may answer with.")
+    temperature: float | None = Field(
+        default=0.0,
+        ge=0,
+        le=2,
+        description="Sampling temperature, 0 (greedy) like the fine-tune's evaluation; null sends none, for models "
+        "that accept only their default (recent Claude and OpenAI reasoning models).",
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="Seconds one request may take before it is retried.")
+    max_retries: int = Field(
+        default=4, ge=0, le=20, description="Retries per example after a 429, a 5xx, a timeout or a malformed answer."
+    )
+    retry_budget: int = Field(
+        default=200,
+        ge=0,
+        description="Retries allowed across the whole evaluation; once spent, a failed request is recorded as "
+        "failed at once instead of retried.",
+    )
+    backoff_initial_s: float = Field(
+        default=1.0, ge=0, description="Wait before the first retry; doubles each retry (with jitter)."
+    )
+    backoff_max_s: float = Field(default=30.0, ge=0, description="Longest wait between two retries.")
+    cache_dir: str | None = Field(
+        default=None,
+        description="Where answers are cached (one file per request hash); <run-dir>/baseline_cache if unset. "
+        "A re-run sends nothing already answered.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_key_like_values(cls, data: Any) -> Any:
+        # Someone may paste the key itself here. The error must not echo it (errors print the value).
+        if isinstance(data, dict):
+            value = data.get("api_key_env")
+            if isinstance(value, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+                data = {**data, "api_key_env": "<hidden: not an environment variable name; put the key in one>"}
+        return data
+
+
+class CostSection(_Section):
+    """Inputs of the cost-of-ownership comparison (self-hosted GPU versus the baseline's API)."""
+
+    gpu_price_per_hour: float | None = Field(
+        default=None,
+        ge=0,
+        description="$ per hour for the GPU(s) serving the fine-tune, e.g. 2.69 (H100, marketplace) to 6.88 "
+        "(hyperscaler). No self-hosted cost is computed if unset.",
+    )
+    throughput_tokens_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Tokens (prompt + answer) per second the target GPU serves; the throughput measured during "
+        "evaluation on this machine if unset.",
+    )
+    hours_per_month: float = Field(
+        default=730.0, gt=0, le=744, description="Hours a dedicated GPU is paid for a month."
+    )
+
+
 class Recipe(_Section):
     """A whole fine-tuning job."""
 
     name: str = Field(description="Short name; runs go to runs/<name>/<run-id>/.")
-    task: Literal["medical_coding"] = Field(
+    task: Literal["medical_coding", "classification", "extraction", "summarization"] = Field(
         description="What the model learns; decides the prompt, how answers are parsed, and the metrics."
     )
     description: str | None = Field(default=None, description="One line for people reading the run.")
@@ -244,6 +352,20 @@ class Recipe(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
+    baseline: BaselineSection | None = Field(
+        default=None,
+        validate_default=True,
+        description="A commercial model to compare with (see eval.systems); none if unset.",
+    )
+    cost: CostSection = Field(default_factory=CostSection)
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_configured(cls, value: BaselineSection | None, info: ValidationInfo) -> BaselineSection | None:
+        settings = info.data.get("eval")
+        if value is None and settings is not None and "baseline" in settings.systems:
+            raise ValueError("eval.systems lists 'baseline' but the recipe has no baseline section (add one)")
+        return value
 
     @field_validator("name")
     @classmethod

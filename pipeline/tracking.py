@@ -63,7 +63,7 @@ class Tracker:
     they are in the run directory anyway) and ``python -m pipeline sync RUN_DIR`` replays it later.
     """
 
-    def __init__(self, recipe: Recipe, run_name: str, run_dir: str | Path | None = None):
+    def __init__(self, recipe: Recipe, run_name: str, run_dir: str | Path | None = None, run_id: str | None = None):
         self.enabled = recipe.tracking.enabled
         self.run_id: str | None = None
         self.uri = tracking_uri(recipe)
@@ -73,10 +73,14 @@ class Tracker:
             return
         self._experiment = recipe.tracking.experiment or recipe.name
         self._run_name = run_name
+        self.run_id = run_id  # kept if the store is down, so `sync` adds to this run rather than a new one
         try:
             _probe(self.uri)
             self._client = _client(self.uri)
-            self.run_id = start_run(self._client, self.uri, self._experiment, run_name)
+            if run_id is not None:  # add to an existing run (``evaluate --run``)
+                self.run_id = self._client.get_run(run_id).info.run_id
+            else:
+                self.run_id = start_run(self._client, self.uri, self._experiment, run_name)
         except Exception as exc:  # noqa: BLE001 - any store failure must not stop training
             self._go_offline(exc)
 
@@ -98,6 +102,10 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file or a whole directory into the run's artifacts."""
         self._op("artifact", {"path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def log_table(self, data: dict[str, list[Any]], artifact_file: str) -> None:
+        """A table (column -> values) as a JSON artifact MLflow shows as a table (``mlflow.log_table``)."""
+        self._op("table", {"data": data, "artifact_file": artifact_file})
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run as FINISHED, FAILED or KILLED."""
@@ -183,6 +191,8 @@ def apply_op(client: Any, run_id: str | None, kind: str, payload: dict[str, Any]
             client.log_artifacts(run_id, str(path), artifact_path=payload["artifact_path"] or path.name)
         elif path.is_file():
             client.log_artifact(run_id, str(path), artifact_path=payload["artifact_path"])
+    elif kind == "table":
+        client.log_table(run_id, data=payload["data"], artifact_file=payload["artifact_file"])
     elif kind == "end":
         client.set_terminated(run_id, status=payload["status"])
 
@@ -217,6 +227,19 @@ def sync(run_dir: str | Path, uri: str | None = None) -> tuple[str, int]:
         apply_op(client, run_id, kind, op)
     pending.rename(pending.with_name("synced.jsonl"))
     return run_id, len(ops) - 1
+
+
+def run_dir_of(uri: str, run_id: str) -> str | None:
+    """The run directory an MLflow run was logged from (its ``run_dir`` tag), or None if the run has none.
+
+    Raises:
+        LookupError: The store has no such run.
+    """
+    try:
+        run = _client(uri).get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - mlflow raises its own exception types for a missing run
+        raise LookupError(f"no MLflow run {run_id} in {redact_secrets(uri)} ({type(exc).__name__})") from None
+    return run.data.tags.get("run_dir")
 
 
 def annotate_run(uri: str, run_id: str, tags: dict[str, str], files: list[Path]) -> None:

@@ -17,9 +17,9 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import __version__, rundir
-from pipeline.data import check_loss_masks, prompt_format, sft_example, to_dataset, validate_data
+from pipeline.data import check_loss_masks, prompt_format, sft_example, task_for, to_dataset, validate_data
 from pipeline.env import Env, gather
-from pipeline.evaluate import evaluate_local, render_table
+from pipeline.evaluate import LocalModel, evaluate_run
 from pipeline.model import (
     attach_lora,
     count_4bit_linear,
@@ -33,7 +33,6 @@ from pipeline.model import (
 from pipeline.plan import DoesNotFit, find_model_config, make_plan, render_plan
 from pipeline.privacy import redact_secrets
 from pipeline.recipe import Recipe
-from pipeline.tasks import get_task
 from pipeline.tracking import Tracker, params_for
 
 
@@ -116,7 +115,6 @@ def train(
     device = device_for(recipe, env)
     out = rundir.new_run_dir(recipe.name, run_dir)
     rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
-    task = get_task(recipe.task)
     set_seed(recipe.training.seed)
     tracker = Tracker(recipe, run_name=out.name, run_dir=out)
     if on_start is not None:
@@ -137,6 +135,7 @@ def train(
 
         # 1. Data: the contract runs before any weights load; bad rows go to quarantine, not to training.
         data = validate_data(recipe, out, recipe_source)
+        task = task_for(recipe, data.contract)
         tracker.log_artifact(out / "validation")
 
         # 2. Tokenizer and prompts: the same rendering serves training and evaluation.
@@ -144,7 +143,6 @@ def train(
         tokenizer = load_tokenizer(model_dir)
         fmt = prompt_format(recipe, tokenizer)
         train_examples = [sft_example(row, task, fmt) for row in data.train.rows]
-        eval_examples = [sft_example(row, task, fmt) for row in data.eval.rows]
 
         # 3. Derived numbers, said out loud and saved before the expensive part.
         model_config, config_source = find_model_config(str(model_dir))
@@ -202,14 +200,19 @@ def train(
         tracker.log_artifact(out / "adapter")
         tracker.log_artifact(out / "loss.png")
 
-        # 7. Evaluate base (adapter off) and fine-tune (adapter on) on the eval split.
-        metrics = evaluate_local(
-            trainer.model, tokenizer, data.eval.rows, eval_examples, task, recipe.eval, eos_ids, out
+        # 7. Evaluate: base (adapter off), fine-tune (adapter on) and the baseline if the recipe lists it.
+        # The same function serves `python -m pipeline evaluate --run`; it logs eval.* and eval/ to MLflow.
+        evaluation = evaluate_run(
+            recipe,
+            out,
+            data,
+            task,
+            fmt,
+            local=LocalModel(trainer.model, tokenizer, eos_ids, device),
+            tracker=tracker,
+            device=device,
         )
-        print(render_table(metrics))
-        for system, values in metrics.items():
-            tracker.log_metrics({f"eval.{system}.{name}": value for name, value in values.items()})
-        tracker.log_artifact(out / "eval")
+        metrics = evaluation.metrics
 
         summary = {
             "run_dir": str(out),

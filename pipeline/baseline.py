@@ -1,0 +1,466 @@
+"""The commercial baseline: the same eval rows, the same task prompt, a remote model through its official SDK.
+
+Egress is explicit. With ``baseline.send_data: false`` (the default) nothing is sent and the result says the
+baseline was skipped and why. With ``true`` the endpoint's host must be loopback or on
+``privacy.allowed_hosts``, and only the rows handed in (``ValidatedData.eval.rows``, already through the
+contract and its PII policy) plus ``few_shot`` train rows are sent; each sent row is recorded by hash in
+``eval/baseline_sent.jsonl``.
+
+Every answer is cached on disk as soon as it arrives, keyed by a hash of provider, model, messages and
+parameters: a re-run sends nothing already answered, and an interrupted run resumes where it stopped.
+The SDKs' own retries are off (``max_retries=0``) so that every attempt is counted here: 429s, 5xx,
+timeouts, dropped connections and malformed answers are retried with exponential backoff (and the
+server's Retry-After) within ``max_retries`` per example and ``retry_budget`` per run. What still fails
+is recorded per example, never dropped, and never stops the evaluation.
+
+The API key is read from the environment variable named by ``api_key_env``, handed to the SDK client, and
+scrubbed from every error text kept; it is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pipeline import rundir
+from pipeline.privacy import EgressGuard, redact_secrets
+from pipeline.recipe import BaselineSection
+from pipeline.tasks import Task
+
+DEFAULT_BASE_URL = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
+DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+# Request timeout (408), conflict (409, the APIs' lock contention) and rate limits (429) are worth
+# retrying, as is any 5xx (529 is Anthropic's "overloaded"); every other 4xx would fail the same way again.
+RETRY_STATUS = {408, 409, 429}
+STOP_STATUS = {401, 403}  # the key is wrong or lacks access: stop sending for the whole run
+SENT_LOG = "baseline_sent.jsonl"
+
+
+class MalformedAnswer(Exception):
+    """The provider answered 2xx but without a usable text answer (no choice, no text block)."""
+
+
+@dataclass
+class BaselineResult:
+    """What the baseline run produced.
+
+    Attributes:
+        status: ``ok`` (requests were made or answered from the cache) or ``skipped`` (nothing was sent).
+        reason: Why it was skipped, in words; empty when ok.
+        outputs: Per eval row, in order: ``text``, ``stopped``, ``tokens_in``, ``tokens_out``, ``latency_s``,
+            ``attempts``, ``cached`` and, for a failed example, ``error``. None when skipped.
+        summary: The ``baseline`` block of eval/metrics.json (counts, host, what was sent).
+    """
+
+    status: str
+    reason: str
+    outputs: list[dict[str, Any]] | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def base_url(settings: BaselineSection) -> str:
+    """The endpoint used: the recipe's, else the provider's public API."""
+    return settings.base_url or DEFAULT_BASE_URL[settings.provider]
+
+
+def key_env(settings: BaselineSection) -> str:
+    """Name of the environment variable holding the key."""
+    return settings.api_key_env or DEFAULT_KEY_ENV[settings.provider]
+
+
+def egress_decision(settings: BaselineSection, allowed_hosts: list[str] | tuple[str, ...]) -> tuple[bool, str]:
+    """(allowed, reason) for the endpoint's host under the recipe's privacy.allowed_hosts."""
+    host = urlparse(base_url(settings)).hostname or ""
+    if not host:
+        return False, f"baseline.base_url {base_url(settings)!r} names no host"
+    allowed, reason = EgressGuard(tuple(allowed_hosts)).decide(host)
+    if allowed:
+        return True, reason
+    return False, (
+        f"the endpoint host {host} is not loopback and not on privacy.allowed_hosts; add {host!r} there to allow "
+        "sending eval rows to it"
+    )
+
+
+def build_messages(task: Task, row: dict[str, Any], shots: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The fine-tune's own chat prompt, with ``shots`` solved train rows as earlier user/assistant turns."""
+    system, user = task.chat_messages(row)
+    messages = [system]
+    for shot in shots:
+        messages += [
+            {"role": "user", "content": task.user_prompt(shot)},
+            {"role": "assistant", "content": task.target(shot)},
+        ]
+    return [*messages, user]
+
+
+def few_shot_rows(train_rows: list[dict[str, Any]], k: int, seed: int) -> list[dict[str, Any]]:
+    """``k`` train rows drawn with the recipe's seed (the same shots for every eval row and every re-run)."""
+    if k <= 0 or not train_rows:
+        return []
+    return random.Random(seed).sample(train_rows, min(k, len(train_rows)))
+
+
+def request_params(settings: BaselineSection) -> dict[str, Any]:
+    """Generation parameters sent with every request (part of the cache key); temperature 0 unless told otherwise."""
+    params: dict[str, Any] = {"max_tokens": settings.max_tokens}
+    if settings.temperature is not None:
+        params["temperature"] = settings.temperature
+    return params
+
+
+def request_key(provider: str, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
+    """SHA-256 over provider, model, messages and parameters: the cache key of one request."""
+    body = json.dumps(
+        {"provider": provider, "model": model, "messages": messages, "params": params},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def row_hash(row: dict[str, Any]) -> str:
+    """SHA-256 of a row as it was sent (its fields, without the pipeline's line number)."""
+    body = json.dumps({k: v for k, v in row.items() if k != "_row"}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def run_baseline(
+    settings: BaselineSection,
+    task: Task,
+    rows: list[dict[str, Any]],
+    *,
+    train_rows: list[dict[str, Any]],
+    allowed_hosts: list[str] | tuple[str, ...],
+    cache_dir: str | Path,
+    eval_dir: str | Path,
+    seed: int = 42,
+) -> BaselineResult:
+    """Answer every eval row with the baseline model (or say why nothing was sent).
+
+    Args:
+        settings: The recipe's baseline section.
+        task: The recipe's task (prompt and parser shared with the fine-tune).
+        rows: The validated eval rows to send; nothing else of the eval split is ever read.
+        train_rows: Validated train rows, the pool of few-shot examples.
+        allowed_hosts: The recipe's privacy.allowed_hosts.
+        cache_dir: Directory of cached answers (one JSON file per request hash).
+        eval_dir: The run's eval/ directory, for the log of sent rows.
+        seed: Seed for drawing few-shot rows.
+
+    Returns:
+        The outputs per row and the summary for metrics.json.
+    """
+    summary: dict[str, Any] = {
+        "provider": settings.provider,
+        "model": settings.model,
+        "host": urlparse(base_url(settings)).hostname,
+        "send_data": settings.send_data,
+        "api_key_env": key_env(settings),
+    }
+
+    def skipped(reason: str) -> BaselineResult:
+        print(f"Baseline {settings.provider}/{settings.model} skipped: {reason}", flush=True)
+        return BaselineResult(
+            "skipped", reason, None, {**summary, "status": "skipped", "reason": reason, "rows_sent": 0}
+        )
+
+    if not settings.send_data:
+        return skipped(
+            "baseline.send_data is false, so no eval row was sent to the provider (set baseline.send_data: true "
+            "to compare against it; rows are sent only after the data contract and its PII policy)"
+        )
+    allowed, reason = egress_decision(settings, allowed_hosts)
+    if not allowed:
+        return skipped(reason)
+    api_key = os.environ.get(key_env(settings), "")
+    if not api_key:
+        return skipped(f"the environment variable {key_env(settings)} (baseline.api_key_env) is not set or empty")
+
+    shots = few_shot_rows(train_rows, settings.few_shot, seed)
+    caller = _Caller(settings, api_key, Path(cache_dir))
+    params = request_params(settings)
+    jobs = []
+    outputs: list[dict[str, Any] | None] = [None] * len(rows)
+    for index, row in enumerate(rows):
+        messages = build_messages(task, row, shots)
+        key = request_key(settings.provider, settings.model, messages, params)
+        cached = caller.cached(key)
+        if cached is not None:
+            outputs[index] = cached
+        else:
+            jobs.append((index, key, messages))
+    print(
+        f"Baseline {settings.provider}/{settings.model} at {summary['host']}: {len(rows) - len(jobs)} answers "
+        f"cached, {len(jobs)} to request ({settings.max_concurrency} at a time)",
+        flush=True,
+    )
+    started = time.perf_counter()
+    sent: list[dict[str, Any]] = []
+    if jobs:
+        with ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="baseline") as pool:
+            futures = {pool.submit(caller.ask, key, messages): (index, key) for index, key, messages in jobs}
+            done = 0
+            for future in as_completed(futures):
+                index, key = futures[future]
+                outputs[index] = out = future.result()
+                if out["attempts"] > 0:
+                    sent.append(
+                        {
+                            "split": "eval",
+                            "id": rows[index].get("id"),
+                            "row": rows[index].get("_row"),
+                            "row_sha256": row_hash(rows[index]),
+                            "request_sha256": key,
+                        }
+                    )
+                done += 1
+                if done == len(jobs) or done % max(1, len(jobs) // 10) == 0:
+                    print(
+                        f"  baseline answered {done}/{len(jobs)} ({caller.failed} failed, {caller.retries} retries, "
+                        f"{time.perf_counter() - started:.1f}s)",
+                        flush=True,
+                    )
+    if sent and shots:
+        sent += [
+            {
+                "split": "train",
+                "id": s.get("id"),
+                "row": s.get("_row"),
+                "row_sha256": row_hash(s),
+                "request_sha256": None,
+            }
+            for s in shots
+        ]
+    total_sent = _append_sent_log(Path(eval_dir) / SENT_LOG, sent)
+    final = [o for o in outputs if o is not None]
+    failures: dict[str, int] = {}
+    for out in final:
+        if "error" in out:
+            kind = out["error"].split(":", 1)[0]
+            failures[kind] = failures.get(kind, 0) + 1
+    summary.update(
+        {
+            "status": "ok",
+            "reason": "",
+            "rows_sent": sum(s["split"] == "eval" for s in sent),
+            "few_shot_rows_sent": sum(s["split"] == "train" for s in sent),
+            "rows_sent_all_runs": total_sent,
+            "sent_log": f"eval/{SENT_LOG}",
+            "requests_sent": caller.requests,
+            "answers_from_cache": sum(bool(o.get("cached")) for o in final),
+            "answered": sum("error" not in o for o in final),
+            "failed": sum("error" in o for o in final),
+            "failures_by_kind": failures,
+            "retries": caller.retries,
+            "retry_budget_left": caller.budget_left,
+            "few_shot": len(shots),
+            "wall_seconds": round(time.perf_counter() - started, 3),
+        }
+    )
+    return BaselineResult("ok", "", final, summary)
+
+
+def _append_sent_log(path: Path, sent: list[dict[str, Any]]) -> int:
+    """Add this run's sent rows (with a timestamp) to the log; returns how many distinct rows were ever sent."""
+    existing = []
+    if path.is_file():
+        existing = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if sent:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        existing += [{**s, "sent_at": stamp} for s in sent]
+        rundir.write_jsonl(path, existing)
+    return len({(s["split"], s["row_sha256"]) for s in existing})
+
+
+class _Caller:
+    """One SDK client, the cache, and the retry/failure accounting shared by the worker threads."""
+
+    def __init__(self, settings: BaselineSection, api_key: str, cache_dir: Path):
+        self.settings = settings
+        self._key = api_key
+        self.cache_dir = cache_dir
+        self.params = request_params(settings)
+        self._lock = threading.Lock()
+        self.requests = self.retries = self.failed = 0
+        self.budget_left = settings.retry_budget
+        self._stop_reason: str | None = None
+        if settings.provider == "openai":
+            import openai as sdk
+        else:
+            import anthropic as sdk
+        self.sdk = sdk
+        # max_retries=0: the SDK must not retry behind our back, every attempt is counted here.
+        self.client = sdk.OpenAI if settings.provider == "openai" else sdk.Anthropic
+        self.client = self.client(
+            api_key=api_key, base_url=base_url(settings), max_retries=0, timeout=settings.timeout_s
+        )
+
+    def cached(self, key: str) -> dict[str, Any] | None:
+        """A cached answer for a request hash, or None (an unreadable cache file counts as absent)."""
+        path = self.cache_dir / f"{key}.json"
+        if not path.is_file():
+            return None
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            return None
+        return {**entry["answer"], "attempts": 0, "cached": True}
+
+    def ask(self, key: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+        """One example: attempts with backoff until an answer, a final failure, or the budget runs out."""
+        attempts = 0
+        while True:
+            with self._lock:
+                stop = self._stop_reason
+            if stop is not None:
+                return self._fail(f"not_sent: {stop}", attempts)
+            attempts += 1
+            with self._lock:
+                self.requests += 1
+            start = time.perf_counter()
+            try:
+                answer = self._call(messages)
+            except Exception as exc:  # noqa: BLE001 - classified below; nothing may stop the evaluation
+                kind, retry, wait_hint = self._classify(exc)
+                message = f"{kind}: {self._clean(exc)}"
+                if kind == "auth":
+                    with self._lock:
+                        self._stop_reason = "the provider refused the API key earlier in this run"
+                if not retry or attempts > self.settings.max_retries or not self._take_retry():
+                    return self._fail(message, attempts)
+                time.sleep(self._backoff(attempts, wait_hint))
+                continue
+            answer["latency_s"] = time.perf_counter() - start
+            rundir.write_json(
+                self.cache_dir / f"{key}.json",
+                {"key": key, "provider": self.settings.provider, "model": self.settings.model, "answer": answer},
+            )
+            return {**answer, "attempts": attempts, "cached": False}
+
+    def _call(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+        """One request through the SDK; the text, whether it stopped on its own, and the token usage."""
+        settings = self.settings
+        if settings.provider == "openai":
+            sampling = {"temperature": self.params["temperature"]} if "temperature" in self.params else {}
+            response = self.client.chat.completions.create(
+                model=settings.model,
+                messages=messages,
+                max_completion_tokens=self.params["max_tokens"],
+                **sampling,
+            )
+            try:
+                choice = response.choices[0]
+                text = choice.message.content
+                finish = choice.finish_reason
+            except (AttributeError, IndexError, TypeError) as exc:
+                raise MalformedAnswer(f"no choice in the answer ({type(exc).__name__})") from None
+            usage = getattr(response, "usage", None)
+            tokens_in = getattr(usage, "prompt_tokens", None)
+            tokens_out = getattr(usage, "completion_tokens", None)
+            stopped = finish == "stop"
+        else:
+            # anthropic 1.x+ dropped the temperature keyword; the API still takes it in the body (older models).
+            body = {"temperature": self.params["temperature"]} if "temperature" in self.params else None
+            response = self.client.messages.create(
+                model=settings.model,
+                system=messages[0]["content"],
+                messages=messages[1:],
+                max_tokens=self.params["max_tokens"],
+                extra_body=body,
+            )
+            try:
+                blocks = [b.text for b in response.content if getattr(b, "type", None) == "text"]
+            except (AttributeError, TypeError) as exc:
+                raise MalformedAnswer(f"no content in the answer ({type(exc).__name__})") from None
+            text = "".join(blocks) if blocks else None
+            usage = getattr(response, "usage", None)
+            tokens_in = getattr(usage, "input_tokens", None)
+            tokens_out = getattr(usage, "output_tokens", None)
+            stopped = getattr(response, "stop_reason", None) in ("end_turn", "stop_sequence")
+        if not isinstance(text, str):
+            raise MalformedAnswer("the answer holds no text")
+        return {
+            "text": text,
+            "stopped": bool(stopped),
+            "tokens_in": int(tokens_in or 0),
+            "tokens_out": int(tokens_out or 0),
+            "usage_reported": tokens_in is not None and tokens_out is not None,
+        }
+
+    def _classify(self, exc: Exception) -> tuple[str, bool, float | None]:
+        """(kind, retry?, server's Retry-After in seconds) for an exception of either SDK."""
+        sdk = self.sdk
+        if isinstance(exc, sdk.APITimeoutError):
+            return "timeout", True, None
+        if isinstance(exc, sdk.APIConnectionError):
+            return "connection", True, None
+        if isinstance(exc, sdk.APIStatusError):
+            status = exc.status_code
+            wait = _retry_after(exc)
+            if status == 429:
+                return "rate_limited", True, wait
+            if status >= 500:
+                return "server_error", True, wait
+            if status in STOP_STATUS:
+                return "auth", False, None
+            return f"http_{status}", status in RETRY_STATUS, wait
+        if isinstance(exc, (MalformedAnswer, sdk.APIResponseValidationError, ValueError)):
+            # A 2xx that is not the expected JSON (decoding/validation errors) or holds no answer.
+            return "malformed", True, None
+        return "error", False, None  # anything else is not the provider's doing: recorded, not retried
+
+    def _take_retry(self) -> bool:
+        with self._lock:
+            if self.budget_left <= 0:
+                return False
+            self.budget_left -= 1
+            self.retries += 1
+            return True
+
+    def _backoff(self, attempts: int, hint: float | None) -> float:
+        """Exponential: initial x 2^(n-1), capped, with up to 25% jitter so parallel workers spread out."""
+        s = self.settings
+        wait = min(s.backoff_max_s, s.backoff_initial_s * 2 ** (attempts - 1))
+        if hint is not None:
+            wait = min(s.backoff_max_s, max(wait, hint))
+        return wait * (1 + 0.25 * random.random())
+
+    def _fail(self, message: str, attempts: int) -> dict[str, Any]:
+        with self._lock:
+            self.failed += 1
+        return {
+            "text": "",
+            "stopped": False,
+            "tokens_in": 0,
+            "tokens_out": 0,
+            "latency_s": None,
+            "attempts": attempts,
+            "cached": False,
+            "error": message,
+        }
+
+    def _clean(self, exc: Exception) -> str:
+        """The error text as kept in outputs: the key scrubbed, URL secrets redacted, one short line."""
+        text = f"{type(exc).__name__}: {exc}"
+        if self._key:
+            text = text.replace(self._key, "***")
+        return redact_secrets(" ".join(text.split()))[:300]
+
+
+def _retry_after(exc: Exception) -> float | None:
+    response = getattr(exc, "response", None)
+    value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
