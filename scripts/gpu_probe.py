@@ -146,6 +146,9 @@ def probe(
     try:
         started = time.perf_counter()
         if cuda:
+            # In use right after the CUDA context exists, before any tensor: calibrates plan.CUDA_CONTEXT_GIB.
+            free, total = torch.cuda.mem_get_info(device)
+            result["device_used_at_start_gib"] = round((total - free) / gib, 3)
             torch.cuda.reset_peak_memory_stats(device)
         base = build_random_base(config, recipe, device, seed=t.seed)
         result["linear4bit_layers"] = count_4bit_linear(base)
