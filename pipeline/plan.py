@@ -404,6 +404,7 @@ def estimate_memory(
     components["allocator fragmentation (8%)"] = round((reserved - allocated) / GIB, 2)
     return {
         "components_gib": components,
+        "components_bytes": {k: round(v) for k, v in {**inside, **outside}.items()},
         "allocated_gib": round(allocated / GIB, 2),
         "reserved_gib": round(reserved / GIB, 2),
         "outside_allocator_gib": round(sum(outside.values()) / GIB, 2),
