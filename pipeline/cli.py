@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("plan", help="print the derived numbers: batch, steps, tokens, parameters (no weights)")
     _recipe_args(p)
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="count parameters on the meta device with transformers and peft (any architecture; imports torch)",
+    )
     p.set_defaults(handler=cmd_plan)
 
     p = commands.add_parser("train", help="validate, train the adapter, evaluate, and log everything to MLflow")
@@ -257,15 +262,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     train_file = Path(recipe.data.train)
     rows = _count_lines(train_file) if train_file.is_file() else 0
     config, source = find_model_config(recipe.model.path)
-    plan = make_plan(recipe, rows, config)
+    model_dir = recipe.model.path if Path(recipe.model.path).is_dir() else None
+    plan = make_plan(recipe, rows, config, exact=args.exact, model_dir=model_dir)
     print(render_plan(plan, source))
     if not train_file.is_file():
         print(f"  (data.train {train_file} not found: steps assume 0 rows)")
     else:
         print(f"  (rows counted as non-blank lines of {train_file}; `validate` counts accepted rows)")
-    if args.run_dir:
-        rundir.write_json(Path(args.run_dir) / "plan.json", plan)
-        _CONTEXT["run_dir"] = Path(args.run_dir)
+    out = rundir.new_run_dir(recipe.name, args.run_dir)
+    rundir.write_json(out / "plan.json", {**plan, "model_config_source": source})
+    _CONTEXT["run_dir"] = out
+    print(f"Plan: {out / 'plan.json'}")
     return EXIT_FAILED if (plan.get("fit") or {}).get("fits") is False else EXIT_OK
 
 
@@ -276,6 +283,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.plan import DoesNotFit
 
     recipe = _load(args)
+    if recipe.model.init == "random":
+        print(
+            f"error: {args.recipe}: model.init: random builds random 4-bit weights to measure memory and speed "
+            "(scripts/gpu_probe.py); training needs the real weights: set model.init: pretrained",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     from pipeline.train import train  # heavy: torch, transformers, trl
 
     try:

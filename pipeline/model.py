@@ -277,3 +277,63 @@ def _local_rank() -> int:
     import os
 
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def build_random_base(config: dict[str, Any], recipe: Recipe, device: str, seed: int = 0) -> Any:
+    """The base with random weights (``model.init: random``), created in 4 bits layer by layer on ``device``.
+
+    The architecture is built on the meta device with the same 4-bit layers as a real load
+    (``plan.build_meta_model``); then each ``Linear4bit`` gets a random 16-bit weight on the device that is
+    quantized at once, so the 16-bit model never exists in memory (a 70B peaks at one 235M-weight matrix,
+    0.44 GiB, on top of the 4-bit weights). Embeddings, norms and the head are created in the compute dtype.
+    Values follow N(0, initializer_range) (norm weights 1): meaningless for quality, exact for memory and speed.
+
+    Args:
+        config: The base's config.json.
+        recipe: The recipe (quantization, attention, compute dtype).
+        device: ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
+        seed: Seed of the random weights.
+
+    Returns:
+        The model, ready for ``attach_lora``.
+    """
+    import torch
+    from torch import nn
+
+    from pipeline.plan import build_meta_model
+
+    model = build_meta_model(config, recipe)
+    dtype = getattr(torch, recipe.quantization.compute_dtype)
+    std = float(config.get("initializer_range", 0.02))
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def random(shape: tuple[int, ...], fill: float | None = None) -> torch.Tensor:
+        tensor = torch.empty(shape, device=device, dtype=dtype)
+        return tensor.fill_(fill) if fill is not None else tensor.normal_(0.0, std, generator=generator)
+
+    q = recipe.quantization
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            import bitsandbytes as bnb
+
+            weight = bnb.nn.Params4bit(
+                random((module.out_features, module.in_features)),
+                requires_grad=False,
+                compress_statistics=q.double_quant,
+                quant_type=q.quant_type,
+                module=module,
+            )
+            module.weight = weight._quantize(device)  # 16-bit matrix -> 4 bits now; the 16-bit copy is dropped
+            module.compute_dtype = dtype
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type == "meta":
+                fill = 1.0 if param.ndim == 1 and "norm" in type(module).__name__.lower() else None
+                fill = 0.0 if name == "bias" else fill
+                setattr(module, name, nn.Parameter(random(tuple(param.shape), fill), requires_grad=False))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)  # rotary inverse frequencies are built on the CPU
+    if model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model.config.use_cache = False
+    return model

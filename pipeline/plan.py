@@ -1,8 +1,13 @@
-"""Derived numbers, said out loud before training: batch, steps, tokens, parameters.
+"""Derived numbers, said out loud before training: batch, steps, tokens, parameters, memory, disk.
 
-Pure functions of the recipe, the base's ``config.json`` and a row count: no torch, no weights. The
-parameter counts are exact for Llama-family decoders (llama, mistral, qwen2): they are checked in the tests
-against peft on a real model.
+Pure functions of the recipe, the base's ``config.json`` and a row count: no weights. Parameters are counted
+two ways that must agree (the tests check them against each other and against real models):
+
+* analytic, for Llama-family decoders (llama, mistral, qwen2): instant, no torch;
+* on the meta device (``count_parameters_meta``): transformers builds the architecture from config.json with
+  no storage, transformers' own bitsandbytes pass swaps the linear layers that would be stored in 4 bits, and
+  peft attaches the recipe's LoRA (the same ``LoraConfig`` as training). Works for any architecture
+  transformers knows; it costs the torch/transformers/peft import (seconds).
 
 The arithmetic, for a Llama with hidden size h, MLP size I, L layers, n_q query heads, n_kv key/value
 heads of size d and vocabulary V:
@@ -15,6 +20,9 @@ heads of size d and vocabulary V:
   16 x 161,792 per layer x 80 = 207.1M trainable (0.29%).
 * NF4 with double quantization stores 4 bits + 8/64 + 32/(64 x 256) = 4.127 bits per quantized weight
   (QLoRA paper, section 3): 68.45B x 4.127 / 8 bytes = 32.9 GiB.
+
+The memory estimate (``estimate_memory``) and the host RAM / disk estimate (``estimate_host``) are explained
+term by term in docs/planner.md, with a side-by-side comparison against published figures.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from typing import Any
 from pipeline.recipe import Recipe
 
 NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4.127 bits per weight (QLoRA section 3)
+NF4_BITS = 4 + 32 / 64  # 4.5: one fp32 absmax per 64-weight block without double quantization
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -35,6 +44,12 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def shipped_config_name(model_id: str) -> str:
     """File name of a shipped architecture config for a model id (``org/name`` -> ``org--name.json``)."""
     return model_id.replace("/", "--") + ".json"
+
+
+def shipped_model_ids() -> list[str]:
+    """Model ids whose config.json ships with pipeline (planning without the model on disk)."""
+    folder = resources.files("pipeline") / "model_configs"
+    return sorted(f.name[: -len(".json")].replace("--", "/") for f in folder.iterdir() if f.name.endswith(".json"))
 
 
 def find_model_config(path: str) -> tuple[dict[str, Any] | None, str]:
@@ -77,11 +92,13 @@ def linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
 
 
 def count_parameters(config: dict[str, Any], recipe: Recipe) -> dict[str, int]:
-    """Exact parameter counts of a Llama-family base with the recipe's adapter.
+    """Exact parameter counts of a Llama-family base with the recipe's adapter (analytic, no torch).
 
     Returns:
         ``total`` (base), ``quantized`` (decoder linear weights stored in 4 bits, 0 for a 16-bit base),
-        ``kept_16bit`` (everything else in the base), ``trainable`` (LoRA + modules_to_save) and ``lora``.
+        ``kept_16bit`` (everything else in the base), ``vectors`` (the 1-D part of kept_16bit: norms and
+        biases), ``trainable`` (LoRA + modules_to_save), ``lora``, ``largest_linear`` (weights of the
+        biggest linear layer) and ``adapted_inputs`` (sum of in_features over adapted layers, all layers).
 
     Raises:
         ValueError: For an architecture outside the Llama family.
@@ -124,8 +141,106 @@ def count_parameters(config: dict[str, Any], recipe: Recipe) -> dict[str, int]:
         "total": total,
         "quantized": quantized,
         "kept_16bit": total - quantized,
+        "vectors": layers * (biases + norms) + h,
         "lora": lora,
         "trainable": lora + full,
+        "largest_linear": max(i * o for i, o in shapes.values()),
+        "adapted_inputs": layers * sum(shapes[n][0] for n in adapted),
+    }
+
+
+def transformers_config(config: dict[str, Any]) -> Any:
+    """A transformers ``PretrainedConfig`` from a config.json dict (keys starting with '_' are notes, dropped).
+
+    Raises:
+        ValueError: When transformers does not know the model_type.
+    """
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.items() if not k.startswith("_") and k != "model_type"}
+    return AutoConfig.for_model(config.get("model_type"), **fields)
+
+
+def build_meta_model(config: dict[str, Any], recipe: Recipe) -> Any:
+    """The base architecture on the meta device (no storage), with 4-bit layers where training would have them.
+
+    transformers' own bitsandbytes pass (``replace_with_bnb_linear`` with the modules it would skip: the
+    output head and tied weights) swaps ``nn.Linear`` for ``bnb.nn.Linear4bit``, so what counts as quantized
+    here is exactly what ``from_pretrained(quantization_config=...)`` quantizes. Used by the exact count and by
+    the GPU probe, which fills each 4-bit layer with random data on the device.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.model import bnb_config
+
+    cfg = transformers_config(config)
+    cfg.use_cache = False
+    dtype = getattr(torch, recipe.quantization.compute_dtype)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
+    # from_pretrained ties the head to the embeddings when the config says so. Outside init_empty_weights, whose
+    # register_parameter hook would re-create the parameter and so untie it again.
+    model.tie_weights()
+    if recipe.quantization.load_in_4bit:
+        from transformers.integrations import replace_with_bnb_linear
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        skip = list(set(get_keys_to_not_convert(model)) | set(getattr(model, "_keep_in_fp32_modules", None) or []))
+        model = replace_with_bnb_linear(
+            model, modules_to_not_convert=skip, quantization_config=bnb_config(recipe.quantization)
+        )
+        model.is_loaded_in_4bit = True  # what transformers sets after loading; peft's k-bit preparation reads it
+    return model
+
+
+def count_parameters_meta(config: dict[str, Any], recipe: Recipe) -> dict[str, int]:
+    """Exact counts from the architecture built on the meta device, with the recipe's LoRA applied by peft.
+
+    Same keys as ``count_parameters``. ``all-linear`` is resolved by peft itself, as in training.
+
+    Raises:
+        ValueError: When transformers cannot build the architecture from this config.
+    """
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+
+    from pipeline.model import lora_config
+
+    model = build_meta_model(config, recipe)
+    total = quantized = vectors = largest = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(module).__name__ == "Linear4bit":
+            quantized += weight.numel()
+            largest = max(largest, weight.numel())
+    for param in model.parameters():
+        total += param.numel()
+        vectors += param.numel() if param.ndim == 1 else 0
+    if not recipe.quantization.load_in_4bit:
+        largest = max(
+            (m.weight.numel() for n, m in model.named_modules() if type(m).__name__ == "Linear" and "lm_head" not in n),
+            default=0,
+        )
+    with init_empty_weights():  # adapters are created on the meta device too
+        peft_model = get_peft_model(model, lora_config(recipe.lora))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    adapted_inputs = sum(
+        m.in_features
+        for n, m in peft_model.named_modules()
+        if n.endswith("lora_A.default") and hasattr(m, "in_features")
+    )
+    return {
+        "total": total,
+        "quantized": quantized,
+        "kept_16bit": total - quantized,
+        "vectors": vectors,
+        "lora": lora,
+        "trainable": trainable,
+        "largest_linear": largest,
+        "adapted_inputs": adapted_inputs,
     }
 
 
@@ -133,72 +248,254 @@ class DoesNotFit(Exception):
     """The memory estimate exceeds the GPU: refused before any weights load (exit 1; --force overrides)."""
 
 
-# Memory estimate (shared/reference memory-speed-cost.md, section 2; all terms in bytes).
-OPTIMIZER_STATE_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8}
-CUDA_CONTEXT_GIB = 0.75  # context + cuBLAS workspaces, outside the allocator (0.3-2 GiB reported)
-FRAGMENTATION = 1.08  # reserved / allocated under the caching allocator
-LOGIT_BYTES = 22  # per vocabulary entry per token at the loss: bf16 logits, fp32 upcast, log-softmax, grad
-LAYER_BYTES_PER_HIDDEN = 89  # one decoder layer's saved tensors (~44.5 h) plus its backward buffers, per token
+# ------------------------------------------------------------------------------------------------------------
+# Peak GPU memory of one training process. docs/planner.md derives every constant; the short version:
+
+GIB = 2**30
+CUDA_CONTEXT_GIB = 0.75  # CUDA context + cuBLAS workspaces, outside PyTorch's allocator (0.3-2 GiB reported)
+FRAGMENTATION = 1.08  # reserved / allocated under PyTorch's caching allocator
+DEQUANT_SLACK = 1.1  # the largest linear dequantized to 16 bits for its matmul, +10% for bitsandbytes' buffers
+# Optimizer state bytes per trainable parameter. bitsandbytes' 8-bit AdamW: two uint8 states + one fp32 absmax
+# per 256-value block per state (2 + 2 x 4/256). Its 32-bit AdamW: two fp32 states whatever the parameter dtype.
+# torch's AdamW: two states in the parameter's dtype (the "2 x" is applied to the parameter bytes below).
+OPTIMIZER_STATE_BYTES = {"paged_adamw_8bit": 2 + 8 / 256, "adamw_8bit": 2 + 8 / 256, "paged_adamw_32bit": 8}
+PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")  # states in CUDA unified memory, outside PyTorch
+# Saved activations of one decoder layer, bytes per token (stock transformers Llama layer, bf16 autocast,
+# norms in fp32 after k-bit preparation, SDPA/flash attention): fp32 inputs of the two RMSNorms (2 x 4h),
+# their bf16 outputs (2 x 2h), q and attention output (2 x 2 q_dim), k and v (2 x 2 kv_dim), SwiGLU's gate, up,
+# silu(gate) and product (4 x 2 I): 12 h + 4 q_dim + 4 kv_dim + 8 I. Llama-3-70B: 44.5 h.
+# Backward of that layer needs about as much again for its gradients (the reference's 89 h per token).
+LAYER_BACKWARD_FACTOR = 2
+LORA_DROPOUT_BYTES = 3  # per adapted input feature: the dropped-out bf16 copy (2) and its mask (1)
+EAGER_ATTENTION_BYTES = 8  # per head per key per token: bf16 scores (2) + fp32 softmax (4) + bf16 probabilities (2)
+FULL_LOGIT_BYTES = 22  # per vocab entry per token at the loss when the full logits exist (reference section 2.4)
+# TRL's fused LM head (trl>=1.x, what `pipeline train` runs) never materializes the logits: it scores tiles of
+# 4,096 tokens x 32,768 vocabulary entries and keeps per token 3 copies of the final hidden state in the norm's
+# dtype (the saved input, its fp32 gradient accumulator, the full-size gradient scattered back) + 7 fp32 stats.
+FUSED_TILE = (4096, 32768)
+FUSED_HIDDEN_COPIES = 3
+FUSED_STATS_BYTES = 7 * 4
 
 
-def estimate_memory(config: dict[str, Any], recipe: Recipe, counts: dict[str, int]) -> dict[str, Any]:
+def architecture(config: dict[str, Any]) -> dict[str, int]:
+    """Hidden size, layers, vocabulary, MLP width, q/kv widths and heads from config.json."""
+    h, heads = config["hidden_size"], config["num_attention_heads"]
+    d = config.get("head_dim") or h // heads
+    return {
+        "hidden": h,
+        "layers": config["num_hidden_layers"],
+        "vocab": config["vocab_size"],
+        "intermediate": config["intermediate_size"],
+        "heads": heads,
+        "q_dim": heads * d,
+        "kv_dim": (config.get("num_key_value_heads") or heads) * d,
+    }
+
+
+def adapter_bytes(recipe: Recipe) -> int:
+    """Bytes per trainable parameter in training.
+
+    TRL casts the adapter of a 4-bit model to bf16 (QLoRA paper, section 3); ``model.restore_adapter_dtype``
+    puts it back in fp32 for fp32 compute; on a 16-bit base peft keeps the adapter in fp32.
+    """
+    q = recipe.quantization
+    return 2 if q.load_in_4bit and q.compute_dtype != "float32" else 4
+
+
+def optimizer_bytes(recipe: Recipe, param_bytes: int) -> float:
+    """Optimizer state bytes per trainable parameter for ``training.optim``."""
+    return OPTIMIZER_STATE_BYTES.get(recipe.training.optim, 2 * param_bytes)
+
+
+def estimate_memory(
+    config: dict[str, Any],
+    recipe: Recipe,
+    counts: dict[str, int],
+    *,
+    processes: int = 1,
+    sharded: bool = False,
+    loss: str = "fused",
+    param_bytes: int | None = None,
+) -> dict[str, Any]:
     """Peak GPU memory of one training process, by component (GiB).
 
-    Fixed: NF4 weights at 4.127 bits (4.5 without double quantization); the rest of the base in 16 bits
-    (32 when computing in fp32); trainable weights and their gradients in fp32 (4 + 4 bytes); optimizer
-    states (2 bytes for 8-bit AdamW, 8 for 32-bit); the largest linear dequantized to 16 bits for its matmul;
-    CUDA context. Per token (micro-batch x max_length): with gradient checkpointing each layer keeps its
-    bf16 input (2 h bytes per layer), and backward recomputes one layer (~89 h bytes); without it every
-    layer keeps its activations. The loss peaks at ~22 bytes per vocabulary entry per token (transformers
-    upcasts the logits to fp32); it happens at another moment than the layer recompute, so the larger of
-    the two counts. Allocator fragmentation adds 8%.
-    Llama-3-70B, r=16, 2,048 tokens: 40.0 GiB fixed + 2.5 stash + 5.4 logits = 47.9 -> 51.7 GiB.
+    Args:
+        config: The base's config.json.
+        recipe: The recipe.
+        counts: ``count_parameters`` or ``count_parameters_meta``.
+        processes: Training processes (GPUs).
+        sharded: FSDP-QLoRA: weights, adapter, gradients and optimizer states are split over the processes;
+            the 16-bit embeddings and head and one decoder layer (+ the prefetched next) are gathered whole.
+            False with several processes is DDP: a whole replica per GPU plus DDP's gradient buckets.
+        loss: ``"fused"`` (TRL's chunked LM head, what ``pipeline train`` runs) or ``"full_logits"``
+            (transformers' own loss, the reference note's "stock path").
+        param_bytes: Bytes per trainable parameter; ``adapter_bytes(recipe)`` when not given.
+
+    Returns:
+        ``components_gib`` (every term), ``allocated_gib`` (what ``torch.cuda.max_memory_allocated`` should
+        read), ``reserved_gib`` (allocated x 1.08 fragmentation), ``outside_allocator_gib`` (CUDA context and
+        paged optimizer states), ``load_peak_gib`` and ``needed_gib`` (the largest of training and loading).
     """
-    gib = 2**30
-    h, vocab, layers = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
-    q = recipe.quantization
-    bits = (NF4_DQ_BITS if q.double_quant else 4.5) if q.load_in_4bit else 16
-    rest = 4 if q.compute_dtype == "float32" else 2
-    t = recipe.training
-    shapes = linear_shapes(config)
-    largest = max(i * o for i, o in shapes.values())
-    fixed = {
-        "base weights (quantized)": counts["quantized"] * bits / 8,
-        "base weights (16-bit: embeddings, norms, head)": counts["kept_16bit"] * rest,
-        "trainable weights (fp32)": counts["trainable"] * 4,
-        "gradients (fp32)": counts["trainable"] * 4,
-        "optimizer states": counts["trainable"] * OPTIMIZER_STATE_BYTES[t.optim],
-        "dequantized weight in flight": largest * 2 * 1.1 if q.load_in_4bit else 0,
-        "CUDA context": CUDA_CONTEXT_GIB * gib,
+    dims = architecture(config)
+    h, layers, vocab = dims["hidden"], dims["layers"], dims["vocab"]
+    q, t = recipe.quantization, recipe.training
+    rest = 4 if q.compute_dtype == "float32" else 2  # bytes of a 16-bit (or fp32 on CPU) weight
+    pb = param_bytes or adapter_bytes(recipe)
+    n = max(1, processes)
+    shard = n if sharded else 1
+    bits = NF4_DQ_BITS if q.double_quant else NF4_BITS
+    matrices = counts["kept_16bit"] - counts["vectors"]
+    # k-bit preparation upcasts every 16-bit parameter to fp32; attach_lora casts the 2-D ones back.
+    vector_bytes = 4 if q.load_in_4bit else rest
+    trainable = counts["trainable"]
+    state_bytes = optimizer_bytes(recipe, pb)
+    paged = t.optim in PAGED_OPTIMIZERS
+
+    inside = {
+        "NF4 weights (4 bits)": counts["quantized"] * 0.5 / shard,
+        "quantization constants": counts["quantized"] * (bits - 4) / 8 / shard,
+        # FSDP gathers the root unit (embeddings, head) for the whole step: no saving from sharding it.
+        "16-bit embeddings and head": matrices * rest,
+        "norms and biases (fp32)": counts["vectors"] * vector_bytes / shard,
+        "trainable weights": trainable * pb / shard,
+        "gradients": trainable * pb / shard,
+        "optimizer states": 0 if paged else trainable * state_bytes / shard,
+        "dequantized weight in flight": counts["largest_linear"] * 2 * DEQUANT_SLACK if q.load_in_4bit else 0,
     }
+    if n > 1 and sharded:
+        # One decoder layer gathered for compute, the next prefetched.
+        inside["gathered layers (FSDP)"] = 2 * counts["quantized"] / layers * bits / 8
+    elif n > 1:
+        inside["gradient buckets (DDP)"] = trainable * pb
+
     tokens = t.micro_batch_size * t.max_length
+    layer = 12 * h + 4 * dims["q_dim"] + 4 * dims["kv_dim"] + 8 * dims["intermediate"]
+    if recipe.model.attn_implementation == "eager":
+        layer += dims["heads"] * t.max_length * EAGER_ATTENTION_BYTES
+    dropout = LORA_DROPOUT_BYTES * counts["adapted_inputs"] / layers if recipe.lora.dropout > 0 else 0
     if t.gradient_checkpointing:
-        stash = 2 * h * layers * tokens
-        layer = LAYER_BYTES_PER_HIDDEN * h * tokens
+        stash = 2 * h * layers * tokens  # each layer's bf16 input
+        recompute = (LAYER_BACKWARD_FACTOR * layer + dropout) * tokens
     else:
-        stash = LAYER_BYTES_PER_HIDDEN / 2 * h * layers * tokens
-        layer = LAYER_BYTES_PER_HIDDEN / 2 * h * tokens
-    logits = LOGIT_BYTES * vocab * tokens
-    variable = {"activations kept for backward": stash, "peak of loss or layer recompute": max(logits, layer)}
-    allocated = sum(fixed.values()) + sum(variable.values())
-    needed = allocated * FRAGMENTATION
-    components = {k: round(v / gib, 2) for k, v in {**fixed, **variable}.items()}
-    components["allocator fragmentation (8%)"] = round((needed - allocated) / gib, 2)
+        stash = (layer + dropout) * layers * tokens
+        recompute = layer * tokens
+    if loss == "fused":
+        hidden_bytes = 4 if q.load_in_4bit else rest  # the final norm's weight is fp32 after k-bit preparation
+        tile = min(tokens, FUSED_TILE[0]) * min(vocab, FUSED_TILE[1]) * rest
+        loss_peak = tokens * (FUSED_HIDDEN_COPIES * hidden_bytes * h + FUSED_STATS_BYTES) + tile
+    else:
+        loss_peak = FULL_LOGIT_BYTES * vocab * tokens
+    inside["activations kept for backward"] = stash
+    inside["peak of loss or layer recompute"] = max(loss_peak, recompute)
+
+    outside = {
+        "optimizer states (paged, unified memory)": trainable * state_bytes / shard if paged else 0,
+        "CUDA context": CUDA_CONTEXT_GIB * GIB,
+    }
+    allocated = sum(inside.values())
+    reserved = allocated * FRAGMENTATION
+    training = reserved + sum(outside.values())
+    # Loading: prepare_model_for_kbit_training holds every 16-bit parameter in fp32 at once before
+    # attach_lora casts the matrices back (Llama-3-70B: 2.1B x 4 bytes = 7.8 GiB next to the 4-bit weights).
+    load_peak = (
+        inside["NF4 weights (4 bits)"] + inside["quantization constants"] + counts["kept_16bit"] * 4 / shard
+    ) * FRAGMENTATION + CUDA_CONTEXT_GIB * GIB
+    components = {k: round(v / GIB, 2) for k, v in {**inside, **outside}.items() if v}
+    components["allocator fragmentation (8%)"] = round((reserved - allocated) / GIB, 2)
     return {
         "components_gib": components,
-        "allocated_gib": round(allocated / gib, 2),
-        "needed_gib": round(needed / gib, 2),
+        "components_bytes": {k: round(v) for k, v in {**inside, **outside}.items()},
+        "allocated_gib": round(allocated / GIB, 2),
+        "reserved_gib": round(reserved / GIB, 2),
+        "outside_allocator_gib": round(sum(outside.values()) / GIB, 2),
+        "load_peak_gib": round(load_peak / GIB, 2),
+        "needed_gib": round(max(training, load_peak) / GIB, 2),
+        "per_process": {"processes": n, "sharded": bool(sharded and n > 1), "loss": loss},
+        "tokens_per_micro_batch": tokens,
     }
 
 
-def fit_verdict(recipe: Recipe, memory: dict[str, Any]) -> dict[str, Any]:
-    """Compare the estimate with ``hardware.gpu_memory_gb`` and say what would make it fit."""
+# ------------------------------------------------------------------------------------------------------------
+# Host RAM and disk (docs/planner.md, "Host memory and disk").
+
+HOST_PROCESS_GIB = 3.0  # python + torch/transformers/peft/trl + CUDA runtime and cuBLAS/cuDNN host code
+DEFAULT_SHARD_BYTES = 5 * 10**9  # save_pretrained's max_shard_size "5GB", what the shipped bases use
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def estimate_host(
+    config: dict[str, Any], recipe: Recipe, counts: dict[str, int], model_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Host RAM to load, train and merge, and disk for the base, checkpoints, the adapter and a merged export.
+
+    Args:
+        config: The base's config.json.
+        recipe: The recipe.
+        counts: Parameter counts.
+        model_dir: The local model directory; its safetensors are measured when present.
+
+    Returns:
+        ``ram_gib`` (load / train / merge) and ``disk_gib`` (base / checkpoints / adapter / merged / total).
+    """
+    files = sorted(Path(model_dir).glob("*.safetensors")) if model_dir and Path(model_dir).is_dir() else []
+    if files:
+        sizes = [f.stat().st_size for f in files]
+        base_disk, shard = sum(sizes), max(sizes)
+    else:
+        base_disk = counts["total"] * DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype")), 2)
+        shard = min(DEFAULT_SHARD_BYTES, base_disk)
+    pb = adapter_bytes(recipe)
+    adapter = counts["trainable"] * pb
+    states = counts["trainable"] * optimizer_bytes(recipe, pb)
+    checkpoint = adapter + states  # + scheduler, RNG and trainer state: kilobytes
+    kept = recipe.training.save_total_limit + 1  # the next checkpoint is complete before the oldest goes
+    merged = counts["total"] * 2  # the base with the adapter folded in, bf16 safetensors
+    process = HOST_PROCESS_GIB * GIB
+    paged = states if recipe.training.optim in PAGED_OPTIMIZERS else 0
+    ram = {
+        # safetensors are memory-mapped and quantized onto the GPU tensor by tensor: one shard resident at a time.
+        "load": process + shard,
+        # paged optimizer states move to host memory when the GPU runs short.
+        "train": process + paged,
+        # merging folds the adapter into a 16-bit copy of the base held on the CPU.
+        "merge": process + merged + adapter,
+    }
+    disk = {
+        "base weights": base_disk,
+        f"checkpoints ({kept} x {checkpoint / GIB:.2f} GiB)": kept * checkpoint,
+        "adapter": adapter,
+        "merged export (bf16)": merged,
+    }
+    disk["total"] = sum(disk.values())
+    return {
+        "ram_gib": {k: round(v / GIB, 2) for k, v in ram.items()},
+        "disk_gib": {k: round(v / GIB, 2) for k, v in disk.items()},
+        "base_measured": bool(files),
+    }
+
+
+FSDP_CHOICES = (2, 4, 8)
+HEADROOM = 0.10  # the planner's accuracy goal: within 10% of the measured peak
+
+
+def fit_verdict(recipe: Recipe, memory: dict[str, Any], fsdp_needed: dict[int, float] | None = None) -> dict[str, Any]:
+    """Compare the estimate with ``hardware.gpu_memory_gb`` and say what would make it fit.
+
+    Args:
+        recipe: The recipe.
+        memory: ``estimate_memory``'s result for the recipe as written.
+        fsdp_needed: GiB per GPU under FSDP for a few GPU counts, to suggest sharding.
+    """
     gpu = recipe.hardware.gpu_memory_gb
     if gpu is None or recipe.hardware.device == "cpu":
         return {"fits": None, "message": "no GPU memory given (hardware.gpu_memory_gb): fit not checked"}
     needed = memory["needed_gib"]
+    where = "per GPU" if memory["per_process"]["processes"] > 1 else "on the GPU"
     if needed <= gpu:
-        return {"fits": True, "message": f"fits with {gpu - needed:.1f} GB to spare ({needed:.1f} of {gpu:g} GB)"}
+        message = f"fits with {gpu - needed:.1f} GB to spare ({needed:.1f} of {gpu:g} GB {where})"
+        if gpu - needed < HEADROOM * gpu:
+            message += "; less than 10% headroom, which is the estimate's own accuracy goal: measure first"
+        return {"fits": True, "message": message}
     t = recipe.training
     tips = []
     if t.max_length > 512:
@@ -209,18 +506,54 @@ def fit_verdict(recipe: Recipe, memory: dict[str, Any]) -> dict[str, Any]:
         tips.append("training.gradient_checkpointing: true")
     if recipe.lora.r > 8:
         tips.append(f"a smaller lora.r (now {recipe.lora.r})")
-    if OPTIMIZER_STATE_BYTES[t.optim] > 2:
+    if t.optim not in ("paged_adamw_8bit", "adamw_8bit"):
         tips.append("training.optim: paged_adamw_8bit")
-    tips.append(f"a GPU with at least {math.ceil(needed)} GB (sharding over several GPUs is not supported yet)")
+    for gpus, per_gpu in sorted((fsdp_needed or {}).items()):
+        if per_gpu <= gpu:
+            tips.append(
+                f"FSDP-QLoRA over {gpus} GPUs (hardware.num_gpus: {gpus}, hardware.distributed: fsdp): "
+                f"{per_gpu:.1f} GB per GPU"
+            )
+            break
+    tips.append(f"a GPU with at least {math.ceil(needed)} GB")
     return {
         "fits": False,
-        "message": f"does not fit: {needed:.1f} GB needed, {gpu:g} GB available",
+        "message": f"does not fit: {needed:.1f} GB needed {where}, {gpu:g} GB available",
         "suggestions": tips,
     }
 
 
+def parameter_counts(config: dict[str, Any], recipe: Recipe, exact: bool = False) -> tuple[dict[str, int], str]:
+    """Counts and how they were made: analytic (Llama family) unless ``exact`` asks for the meta device.
+
+    Other architectures are counted only with ``exact`` (``plan --exact``): building a model of unknown shape
+    is not something a quick plan should do behind the user's back.
+
+    Raises:
+        KeyError, TypeError, ValueError: When the config cannot be counted.
+    """
+    if not exact:
+        try:
+            return count_parameters(config, recipe), "analytic"
+        except ValueError as exc:
+            if config.get("model_type") in LLAMA_FAMILY:
+                raise
+            raise ValueError(f"{exc}; `plan --exact` counts any architecture transformers knows") from None
+    try:
+        return count_parameters_meta(config, recipe), "meta-device"
+    except ImportError as exc:
+        raise ValueError(f"counting on the meta device needs torch, transformers and peft ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a config it cannot build
+        raise ValueError(f"transformers cannot build this architecture on the meta device: {exc}") from None
+
+
 def make_plan(
-    recipe: Recipe, num_train_rows: int, model_config: dict[str, Any] | None, world_size: int | None = None
+    recipe: Recipe,
+    num_train_rows: int,
+    model_config: dict[str, Any] | None,
+    world_size: int | None = None,
+    exact: bool = False,
+    model_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The derived numbers of a recipe.
 
@@ -233,6 +566,8 @@ def make_plan(
         num_train_rows: Accepted training rows (or lines in the file, before validation).
         model_config: The base's config.json, if known.
         world_size: Training processes; ``hardware.num_gpus`` when not given.
+        exact: Count parameters on the meta device even for architectures the analytic count knows.
+        model_dir: Local model directory, to measure the base's size on disk.
 
     Returns:
         A JSON-ready dict (written as plan.json).
@@ -257,24 +592,37 @@ def make_plan(
         "parameters": None,
         "weights_memory_gib": None,
         "memory": None,
+        "host": None,
         "fit": None,
     }
     if model_config is not None:
         try:
-            counts = count_parameters(model_config, recipe)
+            counts, method = parameter_counts(model_config, recipe, exact)
         except (KeyError, TypeError, ValueError) as exc:
-            plan["parameters_unknown"] = f"cannot count parameters from this config.json: {exc!r}"
+            plan["parameters_unknown"] = f"cannot count parameters from this config.json: {exc}"
             return plan
         plan["parameters"] = {
             **counts,
+            "method": method,
             "trainable_percent": round(100 * counts["trainable"] / counts["total"], 4),
         }
         # 16-bit storage for what is not quantized; bf16/fp16 = 2 bytes, fp32 = 4 (CPU recipes).
         rest_bytes = 4 if recipe.quantization.compute_dtype == "float32" else 2
         weight_bytes = counts["quantized"] * NF4_DQ_BITS / 8 + counts["kept_16bit"] * rest_bytes
         plan["weights_memory_gib"] = round(weight_bytes / 2**30, 4)
-        plan["memory"] = estimate_memory(model_config, recipe, counts)
-        plan["fit"] = fit_verdict(recipe, plan["memory"])
+        try:
+            sharded = getattr(recipe.hardware, "distributed", "ddp") == "fsdp" and world > 1
+            plan["memory"] = estimate_memory(model_config, recipe, counts, processes=world, sharded=sharded)
+            fsdp = None
+            if plan["memory"]["needed_gib"] > (recipe.hardware.gpu_memory_gb or math.inf) and not sharded:
+                fsdp = {
+                    g: estimate_memory(model_config, recipe, counts, processes=g, sharded=True)["needed_gib"]
+                    for g in FSDP_CHOICES
+                }
+            plan["fit"] = fit_verdict(recipe, plan["memory"], fsdp)
+            plan["host"] = estimate_host(model_config, recipe, counts, model_dir)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            plan["memory_unknown"] = f"cannot estimate memory from this config.json: {exc!r}"
     return plan
 
 
@@ -295,15 +643,35 @@ def render_plan(plan: dict[str, Any], model_source: str | None = None) -> str:
         lines.append(
             f"  parameters: {_human(params['total'])} in the base ({_human(params['quantized'])} in 4-bit), "
             f"{_human(params['trainable'])} trainable ({params['trainable_percent']:.3g}%, "
-            f"LoRA {_human(params['lora'])})"
+            f"LoRA {_human(params['lora'])}; counted {params['method']})"
         )
         gib = plan["weights_memory_gib"]
         shown = f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
         lines.append(f"  base weights in memory: {shown} (NF4 + double quantization for linear layers, rest 16/32-bit)")
         memory, fit = plan.get("memory"), plan.get("fit")
         if memory and fit and fit["fits"] is not None:  # a GPU target: show where the memory goes
-            lines.append(f"  peak GPU memory per process (estimate): {memory['needed_gib']:.1f} GiB")
+            shape = memory["per_process"]
+            scope = "per process"
+            if shape["processes"] > 1:
+                scope = f"per GPU, {'FSDP' if shape['sharded'] else 'DDP'} over {shape['processes']} GPUs"
+            lines.append(f"  peak GPU memory {scope} (estimate): {memory['needed_gib']:.1f} GiB")
             lines += [f"    {name:<48} {value:>8.2f}" for name, value in memory["components_gib"].items()]
+            if memory["load_peak_gib"] >= memory["needed_gib"]:
+                lines.append(
+                    f"    (loading peaks higher: {memory['load_peak_gib']:.2f} GiB while 16-bit weights are fp32)"
+                )
+            host = plan.get("host")
+            if host:
+                ram, disk = host["ram_gib"], host["disk_gib"]
+                lines.append(
+                    f"  host RAM: load {ram['load']:.1f} GiB, train {ram['train']:.1f} GiB, "
+                    f"merge for export {ram['merge']:.1f} GiB"
+                )
+                lines.append(
+                    "  disk: "
+                    + ", ".join(f"{name} {value:.1f} GiB" for name, value in disk.items() if name != "total")
+                    + f" = {disk['total']:.1f} GiB"
+                )
         if fit:
             lines.append(f"  verdict: {fit['message']}")
             lines += [f"    - {tip}" for tip in fit.get("suggestions", [])]

@@ -61,6 +61,12 @@ class ModelSection(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         default="sdpa", description="Attention kernel (transformers' attn_implementation)."
     )
+    init: Literal["pretrained", "random"] = Field(
+        default="pretrained",
+        description="'pretrained' loads the base's weights. 'random' builds the architecture from its config.json "
+        "with random weights created directly in 4 bits, layer by layer, to measure memory and speed without "
+        "downloading weights (scripts/gpu_probe.py); `train` refuses it.",
+    )
 
 
 class QuantizationSection(_Section):
