@@ -187,7 +187,7 @@ def write_shard(
                 tensor = produce(name)
                 if tensor.dtype != _torch_dtype(code) or list(tensor.shape) != list(shape):
                     raise ValueError(f"{name}: produced {tensor.dtype} {list(tensor.shape)}, expected {code} {shape}")
-                handle.write(memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy()))
+                handle.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
                 del tensor
             handle.flush()
             os.fsync(handle.fileno())
@@ -437,10 +437,9 @@ def stream_merge(
             f"adapter modules not found in the base weights: {', '.join(missing[:5])}. Is model.path the base "
             "the adapter was trained on?"
         )
-    if len(shards) > 1 or untie:
+    if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        if len(shards) > 1:
-            rundir.write_json(out_dir / "model.safetensors.index.json", index)
+        rundir.write_json(out_dir / "model.safetensors.index.json", index)
     return {
         **counts,
         "merge_base": merge_base,

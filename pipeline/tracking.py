@@ -43,13 +43,27 @@ def artifact_root(uri: str) -> str | None:
 
 def params_for(recipe: Recipe) -> dict[str, str]:
     """The resolved recipe as MLflow params: dotted keys, string values within MLflow's length limits."""
-    params = {}
-    for key, value in flatten(recipe.model_dump(mode="json")).items():
+    return within_limits(flatten(recipe.model_dump(mode="json")))
+
+
+def within_limits(params: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow accepts them: secrets redacted, values cut to 6,000 characters with a marker.
+
+    A key over 250 characters keeps its first 241 and gets ``~`` + 8 hex digits of its SHA-1, so two long keys
+    that share a prefix stay two params.
+    """
+    import hashlib
+
+    out = {}
+    for key, value in params.items():
         text = "" if value is None else redact_secrets(str(value))
         if len(text) > MAX_PARAM_VALUE:
             text = text[: MAX_PARAM_VALUE - len(TRUNCATED)] + TRUNCATED
-        params[key[:MAX_KEY]] = text
-    return params
+        key = str(key)
+        if len(key) > MAX_KEY:
+            key = key[: MAX_KEY - 9] + "~" + hashlib.sha1(key.encode("utf-8")).hexdigest()[:8]
+        out[key] = text
+    return out
 
 
 class Tracker:
@@ -82,8 +96,8 @@ class Tracker:
 
     # Each public call becomes one operation, done now or queued for `sync`.
     def log_params(self, params: dict[str, str]) -> None:
-        """Log params (sent in batches of at most 100)."""
-        self._op("params", params)
+        """Log params (within MLflow's limits, sent in batches of at most 100)."""
+        self._op("params", within_limits(params))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Tags on the run (pipeline version, base model, task...), secrets redacted."""
