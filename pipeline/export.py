@@ -454,9 +454,29 @@ def stream_merge(
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process, in MiB: since the last ``reset_peak_rss`` where Linux allows it.
+
+    Reads VmHWM from /proc/self/status; elsewhere ru_maxrss (KiB on Linux, bytes on macOS), the lifetime peak.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak-RSS mark to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs).
+
+    Imports alone can leave a transient peak above what a merge adds, which would hide the merge's own peak.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def write_model_files(model_dir: Path, tokenizer_dir: Path, out_dir: Path, untie: bool) -> dict[str, Any]:

@@ -49,19 +49,21 @@ def params_for(recipe: Recipe) -> dict[str, str]:
 def within_limits(params: dict[str, Any]) -> dict[str, str]:
     """Params as MLflow accepts them: secrets redacted, values cut to 6,000 characters with a marker.
 
-    A key over 250 characters keeps its first 241 and gets ``~`` + 8 hex digits of its SHA-1, so two long keys
-    that share a prefix stay two params.
+    Characters MLflow refuses in a key (it allows letters, digits, ``_ - . /`` and spaces) become ``_``. A key
+    over 250 characters keeps its first 241 and gets ``-`` + 8 hex digits of its SHA-1, so two long keys that
+    share a prefix stay two params.
     """
     import hashlib
+    import re
 
     out = {}
     for key, value in params.items():
         text = "" if value is None else redact_secrets(str(value))
         if len(text) > MAX_PARAM_VALUE:
             text = text[: MAX_PARAM_VALUE - len(TRUNCATED)] + TRUNCATED
-        key = str(key)
+        key = re.sub(r"[^\w\-./ ]", "_", str(key), flags=re.ASCII)
         if len(key) > MAX_KEY:
-            key = key[: MAX_KEY - 9] + "~" + hashlib.sha1(key.encode("utf-8")).hexdigest()[:8]
+            key = key[: MAX_KEY - 9] + "-" + hashlib.sha1(key.encode("utf-8")).hexdigest()[:8]
         out[key] = text
     return out
 
