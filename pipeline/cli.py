@@ -90,6 +90,35 @@ def build_parser() -> argparse.ArgumentParser:
         "see docs/architecture.md for a shared, authenticated server",
     )
     p.set_defaults(handler=cmd_ui)
+
+    p = commands.add_parser(
+        "export", help="export a run: the adapter (PEFT format), and with --merge verified merged weights + model card"
+    )
+    p.add_argument("run", help="run directory (runs/<name>/<id>/) or MLflow run id")
+    p.add_argument("--merge", action="store_true", help="also merge the adapter into the base, one shard at a time")
+    p.add_argument("--out", help="output directory (default: RUN/export)")
+    p.add_argument(
+        "--merge-base",
+        choices=["dequantized", "original"],
+        help="merge into dequant(NF4(W)) (what was trained and evaluated) or the original 16-bit weights "
+        "(default: the recipe's export.merge_base)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override the run's resolved recipe, e.g. --set model.license_accepted=true",
+    )
+    p.add_argument("--register", action="store_true", help="upload the merged model to MLflow and register it")
+    p.add_argument("--tracking-uri", help="MLflow store of an MLflow run id (default MLFLOW_TRACKING_URI)")
+    p.set_defaults(handler=cmd_export)
+
+    p = commands.add_parser("runs", help="list tracked runs: each system's main metric and the verdict vs baseline")
+    p.add_argument("recipe", nargs="?", help="recipe whose store and experiment to list (default: every experiment)")
+    p.add_argument("--limit", type=int, default=20, help="newest N runs (default 20)")
+    p.set_defaults(handler=cmd_runs)
     return parser
 
 
@@ -204,7 +233,7 @@ def _audit(args: argparse.Namespace, code: int, guard) -> None:  # noqa: ANN001 
         "outputs": audit.hash_outputs(Path(run_dir)) if run_dir else {},
         "egress": guard.decisions,
         "mlflow_run_id": _CONTEXT.get("mlflow_run_id"),
-        "license_acknowledged": None,
+        "license_acknowledged": _CONTEXT.get("license_acknowledged"),
     }
     try:
         entry = audit.append(audit_log_path(), record)
@@ -431,6 +460,55 @@ def cmd_audit(args: argparse.Namespace) -> int:
     entries = sum(1 for line in log.read_text(encoding="utf-8").splitlines() if line.strip())
     last = json.loads(log.read_text(encoding="utf-8").splitlines()[-1])
     print(f"Audit log {log}: {entries} entries, chain intact (last entry {last['seq']}, hash {last['hash'][:16]}...)")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Adapter-only export, and with --merge the streamed, verified merge; exit 1 when verification fails."""
+    from pipeline.export import ExportInputError, VerificationFailed, export_run  # heavy: torch
+    from pipeline.licenses import LicenseError
+    from pipeline.model import ModelNotFound
+
+    try:
+        report = export_run(
+            args.run,
+            merge=args.merge,
+            out=args.out,
+            merge_base=args.merge_base,
+            overrides=args.overrides,
+            register=args.register,
+            tracking_uri=args.tracking_uri,
+        )
+    except (ExportInputError, LicenseError, ModelNotFound) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except VerificationFailed as exc:
+        print(f"error: export verification failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    _CONTEXT.update(
+        run_dir=Path(report["out"]),  # the audit entry hashes the exported files
+        mlflow_run_id=report["mlflow_run_id"],
+        license_acknowledged=report["license_acknowledgment"],
+    )
+    where = report.get("merged_dir") or report["adapter_dir"]
+    print(
+        f"Export: {where}  report: {Path(report['out']) / 'export_report.json'}  MLflow run: {report['mlflow_run_id']}"
+    )
+    return EXIT_OK
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """Tracked runs in the terminal, newest first."""
+    import os
+
+    from pipeline.tracking import list_runs, render_runs, tracking_uri
+
+    if args.recipe:
+        recipe = _load(args_with_no_overrides(args))
+        uri, experiment = tracking_uri(recipe), recipe.tracking.experiment or recipe.name
+    else:
+        uri, experiment = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db", None
+    print(render_runs(list_runs(uri, experiment, args.limit)))
     return EXIT_OK
 
 

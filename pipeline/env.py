@@ -71,3 +71,36 @@ def gather() -> Env:
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
         platform=platform.platform(),
     )
+
+
+def environment_report() -> dict[str, object]:
+    """What the run ran on, for ``environment.json`` and MLflow: machine facts, CUDA, and every package version.
+
+    Imports torch (through ``gather``) when it is installed.
+    """
+    import sys
+
+    env = gather()
+    cuda_version = cudnn = driver_gpus = None
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        cuda_version = torch.version.cuda
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        if env.cuda:
+            driver_gpus = [
+                {"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}"}
+                for p in (torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count()))
+            ]
+    packages = sorted(
+        {f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"]},
+        key=str.lower,
+    )
+    return {
+        **env.to_dict(),
+        "python": sys.version.split()[0],
+        "cuda_version": cuda_version,
+        "cudnn_version": cudnn,
+        "gpus": driver_gpus or [],
+        "packages": packages,
+    }

@@ -56,7 +56,14 @@ class ModelSection(_Section):
         "or a directory with no such record stops the run before any weight loads.",
     )
     license: str | None = Field(
-        default=None, description="License of the base weights, e.g. 'llama3.3' or 'apache-2.0'."
+        default=None,
+        description="License of the base weights, an id from pipeline/licenses.yaml (llama3.3, apache-2.0, mit, "
+        "gemma, qwen, ...). Unset: read from the base's README/LICENSE files when they name one.",
+    )
+    license_accepted: bool = Field(
+        default=False,
+        description="You have read the base license's obligations (train and export print them) and accept them. "
+        "`export` refuses until this is true; the acknowledgment is recorded in the export report.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         default="sdpa", description="Attention kernel (transformers' attn_implementation)."
@@ -218,6 +225,14 @@ class TrackingSection(_Section):
         "in ./mlartifacts beside it. MLFLOW_TRACKING_URI in the environment wins over this value.",
     )
     experiment: str | None = Field(default=None, description="MLflow experiment; the recipe name if unset.")
+    registered_model: str | None = Field(
+        default=None,
+        description="MLflow Model Registry name the adapter is registered under after training (the merged model "
+        "from `export --register` goes to '<name>-merged'); the recipe name if unset.",
+    )
+    register_adapter: bool = Field(
+        default=True, description="Register the trained adapter as a new version of registered_model."
+    )
 
 
 class PrivacySection(_Section):
@@ -341,6 +356,32 @@ class CostSection(_Section):
     )
 
 
+class ExportSection(_Section):
+    """``python -m pipeline export``: adapter-only and merged exports, and the check of the merged weights."""
+
+    merge_base: Literal["dequantized", "original"] = Field(
+        default="dequantized",
+        description="Weights the adapter is merged into: 'dequantized' = dequant(NF4(W)), the weights it was trained "
+        "and evaluated against; 'original' = the base's 16-bit weights (closer to the base, further from what was "
+        "evaluated). `export --merge-base` overrides it.",
+    )
+    min_next_token_agreement: float = Field(
+        default=0.98,
+        ge=0,
+        le=1,
+        description="Export fails (exit 1) when the merged model predicts the same next token as base-in-4-bit + "
+        "adapter on fewer than this fraction of the verification positions.",
+    )
+    verify_examples: int = Field(
+        default=16, gt=0, description="Eval rows the merged model is checked on (logits and the task metric)."
+    )
+    model_name: str | None = Field(
+        default=None,
+        description="Name of the exported model (model card, registry). Unset: the recipe name, prefixed as the "
+        "base license requires (Llama 3.x: 'Llama-').",
+    )
+
+
 class Recipe(_Section):
     """A whole fine-tuning job."""
 
@@ -364,6 +405,7 @@ class Recipe(_Section):
         description="A commercial model to compare with (see eval.systems); none if unset.",
     )
     cost: CostSection = Field(default_factory=CostSection)
+    export: ExportSection = Field(default_factory=ExportSection)
 
     @field_validator("baseline")
     @classmethod

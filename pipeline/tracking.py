@@ -43,13 +43,29 @@ def artifact_root(uri: str) -> str | None:
 
 def params_for(recipe: Recipe) -> dict[str, str]:
     """The resolved recipe as MLflow params: dotted keys, string values within MLflow's length limits."""
-    params = {}
-    for key, value in flatten(recipe.model_dump(mode="json")).items():
+    return within_limits(flatten(recipe.model_dump(mode="json")))
+
+
+def within_limits(params: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow accepts them: secrets redacted, values cut to 6,000 characters with a marker.
+
+    Characters MLflow refuses in a key (it allows letters, digits, ``_ - . /`` and spaces) become ``_``. A key
+    over 250 characters keeps its first 241 and gets ``-`` + 8 hex digits of its SHA-1, so two long keys that
+    share a prefix stay two params.
+    """
+    import hashlib
+    import re
+
+    out = {}
+    for key, value in params.items():
         text = "" if value is None else redact_secrets(str(value))
         if len(text) > MAX_PARAM_VALUE:
             text = text[: MAX_PARAM_VALUE - len(TRUNCATED)] + TRUNCATED
-        params[key[:MAX_KEY]] = text
-    return params
+        key = re.sub(r"[^\w\-./ ]", "_", str(key), flags=re.ASCII)
+        if len(key) > MAX_KEY:
+            key = key[: MAX_KEY - 9] + "-" + hashlib.sha1(key.encode("utf-8")).hexdigest()[:8]
+        out[key] = text
+    return out
 
 
 class Tracker:
@@ -86,8 +102,8 @@ class Tracker:
 
     # Each public call becomes one operation, done now or queued for `sync`.
     def log_params(self, params: dict[str, str]) -> None:
-        """Log params (sent in batches of at most 100)."""
-        self._op("params", params)
+        """Log params (within MLflow's limits, sent in batches of at most 100)."""
+        self._op("params", within_limits(params))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Tags on the run (pipeline version, base model, task...), secrets redacted."""
@@ -149,7 +165,7 @@ class Tracker:
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _probe(uri: str, timeout: float = 3.0) -> None:
@@ -195,6 +211,8 @@ def apply_op(client: Any, run_id: str | None, kind: str, payload: dict[str, Any]
         client.log_table(run_id, data=payload["data"], artifact_file=payload["artifact_file"])
     elif kind == "end":
         client.set_terminated(run_id, status=payload["status"])
+    else:
+        apply_lineage_op(client, run_id, kind, payload)
 
 
 def sync(run_dir: str | Path, uri: str | None = None) -> tuple[str, int]:
@@ -274,3 +292,318 @@ def ui_command(uri: str, host: str, port: int) -> list[str]:
     if root is not None:
         command += ["--default-artifact-root", root]
     return command
+
+
+# --------------------------------------------------------------------------------------------------
+# Lineage: dataset inputs, lineage tags, the registry, and reading runs back (runs command, notebook)
+
+DIGEST_CHARS = 32  # MLflow stores a dataset digest in 36 characters: the first 32 hex digits of its SHA-256
+_COLSPEC_TYPES = {"string": "string", "integer": "long", "number": "double", "boolean": "boolean"}
+
+
+def dataset_inputs(report: dict[str, Any], contract: Any) -> list[dict[str, Any]]:
+    """Each validated split as an MLflow dataset input: source path, content digest, counts, schema.
+
+    No row content is logged: the source is the file's path, the digest its SHA-256, the profile the contract
+    report's counts, and the schema the contract's field types.
+
+    Args:
+        report: ``validation/report.json`` (``data.validate_data``'s report).
+        contract: The ``DataContract`` the splits were checked against.
+    """
+    columns = []
+    for name, rule in contract.fields.items():
+        if rule.type == "list":
+            item = _COLSPEC_TYPES.get(rule.items.type if rule.items else "string", "string")
+            kind: Any = {"type": "array", "items": {"type": item}}
+        else:
+            kind = _COLSPEC_TYPES[rule.type]
+        columns.append({"name": name, "type": kind, "required": rule.required})
+    schema = json.dumps({"mlflow_colspec": columns})
+    meta = report["contract"]
+    inputs = []
+    for split, summary in report["splits"].items():
+        profile = {k: summary[k] for k in ("rows_in", "rows_accepted", "rows_quarantined", "failed_checks")}
+        inputs.append(
+            {
+                "name": f"{split}:{Path(summary['path']).name}",
+                "digest": summary["sha256"][:DIGEST_CHARS],
+                "source_type": "local",
+                "source": json.dumps({"uri": str(Path(summary["path"]).resolve()), "sha256": summary["sha256"]}),
+                "schema": schema,
+                "profile": json.dumps({**profile, "sha256": summary["sha256"]}),
+                "tags": {
+                    "mlflow.data.context": split,
+                    "contract.name": str(meta["name"]),
+                    "contract.version": str(meta["version"]),
+                    "contract.sha256": str(meta["sha256"]),
+                    "contract.report": "validation/report.json",
+                    "contract.reconciled": str(report.get("reconciled")),
+                },
+            }
+        )
+    return inputs
+
+
+def project_commit() -> str:
+    """Git commit of the pipeline code that ran ('+dirty' with uncommitted changes), or 'unknown'."""
+    import subprocess
+
+    where = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def weight_files_digest(model_dir: str | Path) -> tuple[str, dict[str, str]]:
+    """SHA-256 over the base's weight files: (combined digest, per-file digests).
+
+    A file in the Hugging Face cache is a symlink to a blob named by its own SHA-256 (for LFS files), so that name
+    is used rather than re-reading 140 GB; other files are hashed. The combined digest hashes the sorted
+    ``name:sha256`` lines, so it changes when any weight file does.
+    """
+    import hashlib
+    import re
+
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    digests = {}
+    for path in files:
+        target = path.resolve()
+        if path.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", target.name):
+            digests[path.name] = target.name
+            continue
+        digest = hashlib.sha256()
+        with target.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digests[path.name] = digest.hexdigest()
+    combined = hashlib.sha256("\n".join(f"{k}:{v}" for k, v in digests.items()).encode()).hexdigest()
+    return combined, digests
+
+
+def lineage_tags(recipe: Recipe, model_dir: str | Path, license_id: str) -> dict[str, str]:
+    """Tags that say what produced a run: code commit and version, base model id, revision, weights, license."""
+    from pipeline import __version__
+
+    model_dir = Path(model_dir)
+    # In the HF cache the snapshot directory is named by the commit: .../snapshots/<revision>/
+    revision = recipe.model.revision or (model_dir.name if model_dir.parent.name == "snapshots" else "local")
+    combined, _ = weight_files_digest(model_dir)
+    return {
+        "pipeline.version": __version__,
+        "pipeline.git_commit": project_commit(),
+        "base_model": recipe.model.path,
+        "base_model.revision": revision,
+        "base_model.weights_sha256": combined,
+        "base_model.license": license_id,
+    }
+
+
+def log_dataset_inputs(client: Any, run_id: str | None, datasets: list[dict[str, Any]]) -> None:
+    """Send dataset inputs (payloads from ``dataset_inputs``) to a run."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client.log_inputs(
+        run_id,
+        datasets=[
+            DatasetInput(
+                Dataset(
+                    name=d["name"],
+                    digest=d["digest"],
+                    source_type=d["source_type"],
+                    source=d["source"],
+                    schema=d["schema"],
+                    profile=d["profile"],
+                ),
+                tags=[InputTag(k, v) for k, v in d["tags"].items()],
+            )
+            for d in datasets
+        ],
+    )
+
+
+def register_version(
+    client: Any,
+    run_id: str | None,
+    name: str,
+    artifact_path: str,
+    tags: dict[str, str],
+    description: str = "",
+) -> str:
+    """Register a run's artifact directory as a new version of ``name`` in the Model Registry; returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = client.create_model_version(
+        name,
+        source,
+        run_id=run_id,
+        tags={k: redact_secrets(str(v))[:MAX_PARAM_VALUE] for k, v in tags.items()},
+        description=description,
+        await_creation_for=0,
+    )
+    return str(version.version)
+
+
+class LineageTracker(Tracker):
+    """``Tracker`` with dataset inputs and registry versions, both queued like any call while offline."""
+
+    def log_inputs(self, datasets: list[dict[str, Any]]) -> None:
+        """Dataset inputs from ``dataset_inputs``."""
+        self._op("inputs", {"datasets": datasets})
+
+    def register(self, name: str, artifact_path: str, tags: dict[str, str], description: str = "") -> str | None:
+        """A new registry version of the run's ``artifact_path``; its number, or None when queued or disabled."""
+        payload = {"name": name, "artifact_path": artifact_path, "tags": tags, "description": description}
+        if not self.enabled:
+            return None
+        if not self.offline:
+            try:
+                return register_version(self._client, self.run_id, **payload)
+            except Exception as exc:  # noqa: BLE001 - the job goes on without the server
+                self._go_offline(exc)
+        self._queue("register", payload)
+        return None
+
+
+def apply_lineage_op(client: Any, run_id: str | None, kind: str, payload: dict[str, Any]) -> bool:
+    """The lineage operations for ``apply_op``; returns False for a kind it does not handle."""
+    if kind == "inputs":
+        log_dataset_inputs(client, run_id, payload["datasets"])
+    elif kind == "register":
+        register_version(client, run_id, **payload)
+    else:
+        return False
+    return True
+
+
+def client_for(uri: str) -> Any:
+    """An MlflowClient bound to ``uri`` (tracking and registry on the same store)."""
+    return _client(uri)
+
+
+def annotate_export(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str], files: list[Path]) -> None:
+    """Add an export's verification metrics, tags and report to the (finished) training run."""
+    from mlflow.entities import Metric, RunTag
+
+    client = client_for(uri)
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        tags=[RunTag(k, redact_secrets(str(v))[:MAX_PARAM_VALUE]) for k, v in tags.items()],
+    )
+    for path in files:
+        if Path(path).is_file():
+            client.log_artifact(run_id, str(path), artifact_path="export")
+
+
+def register_export(uri: str, run_id: str, name: str, local_dir: Path, tags: dict[str, str]) -> str:
+    """Upload a merged model directory to the run (artifact ``export/merged``) and register it; returns the version."""
+    client = client_for(uri)
+    client.log_artifacts(run_id, str(local_dir), artifact_path="export/merged")
+    return register_version(client, run_id, name, "export/merged", tags, description="merged weights (pipeline export)")
+
+
+def download_run(uri: str, run_id: str, dest: Path) -> Path:
+    """Download a run's artifacts (adapter, recipe, validation, eval, summary) into ``dest``; returns it."""
+    client = client_for(uri)
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in client.list_artifacts(run_id):
+        if item.path in ("adapter", "recipe.resolved.yaml", "validation", "eval", "summary.json", "plan.json"):
+            client.download_artifacts(run_id, item.path, str(dest))
+    return dest
+
+
+def run_metrics_json(client: Any, run_id: str) -> dict[str, Any] | None:
+    """The run's ``eval/metrics.json`` artifact (systems, per_label, and comparison/cost when present)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, "eval/metrics.json", tmp)
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - a run without evaluation (failed, or still running)
+        return None
+
+
+def list_runs(uri: str, experiment: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    """Runs of one experiment (or all), newest first: systems' main metric and the verdict vs the baseline.
+
+    The verdict and main metric come from the run's ``eval/metrics.json`` (``comparison`` when a baseline was
+    scored); the systems' values from the run's ``eval.<system>.<metric>`` metrics.
+    """
+    client = client_for(uri)
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        ids = [found.experiment_id] if found else []
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return []
+    rows = []
+    for run in client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=limit):
+        results = run_metrics_json(client, run.info.run_id) or {}
+        main = results.get("main_metric") or run.data.tags.get("eval.main_metric") or "micro_f1"
+        systems = {
+            key.split(".")[1]: value
+            for key, value in run.data.metrics.items()
+            if key.startswith("eval.") and key.count(".") == 2 and key.endswith(f".{main}")
+        }
+        comparison = results.get("comparison") or {}
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "run_name": run.info.run_name,
+                "experiment_id": run.info.experiment_id,
+                "status": run.info.status,
+                "start_time": run.info.start_time,
+                "main_metric": main,
+                "systems": systems,
+                "verdict": comparison.get("verdict"),
+                "difference": comparison.get("difference"),
+                "ci95": comparison.get("ci95"),
+                "base_model": run.data.tags.get("base_model"),
+            }
+        )
+    return rows
+
+
+def render_runs(rows: list[dict[str, Any]]) -> str:
+    """The ``runs`` table for the terminal."""
+    if not rows:
+        return "No runs found."
+    from datetime import datetime
+
+    systems = list(dict.fromkeys(s for row in rows for s in row["systems"]))
+    header = ["run id", "name", "status", "started", "metric", *systems, "vs baseline"]
+    table = [header]
+    for row in rows:
+        started = (
+            datetime.fromtimestamp(row["start_time"] / 1000).strftime("%Y-%m-%d %H:%M") if row["start_time"] else "-"
+        )
+        verdict = row["verdict"] or "no baseline"
+        if row["verdict"] and row["difference"] is not None:
+            verdict = f"{row['verdict']} ({row['difference']:+.3f})"
+        values = [f"{row['systems'][s]:.3f}" if s in row["systems"] else "-" for s in systems]
+        table.append(
+            [row["run_id"][:12], row["run_name"] or "-", row["status"], started, row["main_metric"], *values, verdict]
+        )
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table)

@@ -16,9 +16,9 @@ from typing import Any
 from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import __version__, rundir
+from pipeline import __version__, licenses, rundir
 from pipeline.data import check_loss_masks, prompt_format, sft_example, task_for, to_dataset, validate_data
-from pipeline.env import Env, gather
+from pipeline.env import Env, environment_report, gather
 from pipeline.evaluate import LocalModel, evaluate_run
 from pipeline.model import (
     attach_lora,
@@ -33,7 +33,7 @@ from pipeline.model import (
 from pipeline.plan import DoesNotFit, find_model_config, make_plan, render_plan
 from pipeline.privacy import redact_secrets
 from pipeline.recipe import Recipe
-from pipeline.tracking import Tracker, params_for
+from pipeline.tracking import LineageTracker, Tracker, dataset_inputs, lineage_tags, params_for
 
 
 @dataclass
@@ -116,7 +116,7 @@ def train(
     out = rundir.new_run_dir(recipe.name, run_dir)
     rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
     set_seed(recipe.training.seed)
-    tracker = Tracker(recipe, run_name=out.name, run_dir=out)
+    tracker = LineageTracker(recipe, run_name=out.name, run_dir=out)
     if on_start is not None:
         on_start(run_dir=out, mlflow_run_id=tracker.run_id, tracking_uri=tracker.uri)
     status = "FAILED"
@@ -137,9 +137,14 @@ def train(
         data = validate_data(recipe, out, recipe_source)
         task = task_for(recipe, data.contract)
         tracker.log_artifact(out / "validation")
+        tracker.log_inputs(dataset_inputs(data.report, data.contract))
 
         # 2. Tokenizer and prompts: the same rendering serves training and evaluation.
         model_dir = resolve_model_path(recipe.model.path, recipe.model.revision)
+        license_entry, license_name, license_source = licenses.resolve(recipe.model.license, model_dir)
+        print(licenses.render_obligations(license_entry, license_name, license_source))
+        lineage = lineage_tags(recipe, model_dir, license_entry.id if license_entry else license_name)
+        tracker.set_tags(lineage)
         tokenizer = load_tokenizer(model_dir)
         fmt = prompt_format(recipe, tokenizer)
         train_examples = [sft_example(row, task, fmt) for row in data.train.rows]
@@ -150,6 +155,10 @@ def train(
         print(render_plan(plan, config_source))
         rundir.write_json(out / "plan.json", {**plan, "device": device, "prompt_format": fmt, "env": env.to_dict()})
         tracker.log_artifact(out / "plan.json")
+        environment = environment_report()
+        rundir.write_json(out / "environment.json", environment)
+        tracker.log_artifact(out / "environment.json")
+        tracker.set_tags({"env.cuda": str(environment["cuda_version"]), "env.gpu": str(environment["gpu_name"])})
         fit = plan.get("fit") or {}
         if fit.get("fits") is False and not force:
             raise DoesNotFit(
@@ -213,6 +222,8 @@ def train(
             device=device,
         )
         metrics = evaluation.metrics
+        tracker.set_tags({"eval.main_metric": task.main_metric})
+        registered = register_adapter(tracker, recipe, metrics, lineage)
 
         summary = {
             "run_dir": str(out),
@@ -226,6 +237,7 @@ def train(
             "train_seconds": round(train_output.metrics.get("train_runtime", 0.0), 1),
             "total_seconds": round(time.time() - started, 1),
             "data": masks,
+            "registered_model": registered,
         }
         tracker.log_metrics(
             {"train.total_seconds": summary["total_seconds"], "train.final_loss": summary["train_loss"]}
@@ -236,6 +248,22 @@ def train(
         return RunResult(out, tracker.run_id, metrics, plan, summary, trainer.model)
     finally:
         tracker.end(status)
+
+
+def register_adapter(
+    tracker: LineageTracker, recipe: Recipe, metrics: dict[str, dict[str, Any]], lineage: dict[str, str]
+) -> dict[str, str | None] | None:
+    """The run's ``adapter`` artifact as a new Model Registry version, tagged with eval metrics and lineage."""
+    if not (recipe.tracking.enabled and recipe.tracking.register_adapter):
+        return None
+    name = recipe.tracking.registered_model or recipe.name
+    tags = {f"eval.{system}.{k}": str(v) for system, values in metrics.items() for k, v in values.items()}
+    tags.update(lineage)
+    tags.update({"kind": "adapter", "task": recipe.task})
+    version = tracker.register(name, "adapter", tags, description=f"LoRA adapter for {recipe.model.path}")
+    if version:
+        print(f"Registered the adapter as {name} version {version} in the MLflow Model Registry")
+    return {"name": name, "version": version}
 
 
 class ProgressCallback(TrainerCallback):

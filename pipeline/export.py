@@ -1,0 +1,1059 @@
+"""``python -m pipeline export RUN [--merge]``: the adapter in PEFT format, merged weights, a model card.
+
+The merge streams: it reads the base one safetensors shard at a time, and within a shard one tensor at a time,
+adds ``scale * B @ A`` to the weights the adapter targets and writes the tensor straight into the output shard,
+so peak memory is about the largest tensor plus the adapter, not the model (a Llama-3 70B's largest tensor, the
+128,256 x 8,192 embedding, is 2.1 GB in bf16; the whole model is 141 GB). The safetensors files are read and
+written here with plain file I/O rather than memory maps, so pages of a shard already merged never stay
+resident.
+
+Two merge bases:
+
+- ``dequantized``: every linear layer that was 4-bit in training becomes dequant(NF4(W)) (bitsandbytes'
+  ``quantize_4bit``/``dequantize_4bit`` with the recipe's quantization settings) before the update is added:
+  exactly the weights the adapter was trained and evaluated against.
+- ``original``: the update is added to the base's 16-bit weights. Closer to the base, but the adapter never saw
+  those weights, so the result drifts from what was evaluated by the NF4 rounding error.
+
+The output keeps each tensor's dtype from the base (no silent fp32 doubling). Then ``verify`` compares the
+merged model with base-in-4-bit + adapter on eval prompts and the export fails below the recipe's agreement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import rundir
+from pipeline.recipe import QuantizationSection, Recipe
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+LICENSE_FILE_PREFIXES = ("LICENSE", "LICENCE", "USE_POLICY", "NOTICE")
+# Rows of a weight matrix merged at once: 4,096 x 8,192 fp32 = 128 MiB of temporary memory on a 70B.
+ROW_CHUNK = 4096
+
+
+class ExportInputError(Exception):
+    """A file the export needs is missing or corrupt (exit code 2). The message names it and the fix."""
+
+
+class VerificationFailed(Exception):
+    """The merged model does not behave like base-in-4-bit + adapter (exit code 1)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# safetensors, streamed. Format: 8-byte little-endian header length N, N bytes of JSON
+# {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw tensor bytes.
+
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+
+def _torch_dtype(code: str) -> Any:
+    import torch
+
+    return getattr(torch, _DTYPES[code])
+
+
+def _dtype_code(dtype: Any) -> str:
+    name = str(dtype).removeprefix("torch.")
+    return next(code for code, torch_name in _DTYPES.items() if torch_name == name)
+
+
+class ShardReader:
+    """Reads tensors of one safetensors file on demand, checking the header against the file size."""
+
+    def __init__(self, path: str | Path, what: str, fix: str):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ExportInputError(f"{self.path}: {what} not found; {fix}")
+        size = self.path.stat().st_size
+        self._handle = self.path.open("rb")
+        try:
+            if size < 8:
+                raise ValueError(f"{size} bytes, too short for a safetensors header")
+            (length,) = struct.unpack("<Q", self._handle.read(8))
+            if length > size - 8 or length > 100_000_000:
+                raise ValueError(f"header claims {length:,} bytes, the file has {size:,}")
+            header = json.loads(self._handle.read(length))
+            self.metadata = header.pop("__metadata__", {}) or {}
+            self.start = 8 + length
+            self.tensors: dict[str, dict[str, Any]] = header
+            end = max((t["data_offsets"][1] for t in header.values()), default=0)
+            if self.start + end != size:
+                raise ValueError(f"tensors end at byte {self.start + end:,} but the file has {size:,} (truncated?)")
+            for name, info in header.items():
+                if info["dtype"] not in _DTYPES:
+                    raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
+        except (ValueError, KeyError, TypeError, struct.error) as exc:
+            self._handle.close()
+            raise ExportInputError(f"{self.path}: {what} is corrupt or truncated ({exc}); {fix}") from None
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return sorted(self.tensors, key=lambda n: self.tensors[n]["data_offsets"][0])
+
+    def read(self, name: str) -> Any:
+        """One tensor, read into fresh memory (nothing else of the file stays resident)."""
+        import torch
+
+        info = self.tensors[name]
+        begin, end = info["data_offsets"]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        self._handle.seek(self.start + begin)
+        if self._handle.readinto(memoryview(buffer.numpy())) != end - begin:
+            raise ExportInputError(f"{self.path}: tensor {name} is truncated; copy the file again")
+        return buffer.view(_torch_dtype(info["dtype"])).reshape(info["shape"])
+
+    def close(self) -> None:
+        """Close the file."""
+        self._handle.close()
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_shard(
+    path: str | Path,
+    entries: list[tuple[str, str, list[int]]],
+    produce: Callable[[str], Any],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write a safetensors file tensor by tensor, atomically (temporary file, then rename).
+
+    Args:
+        path: Output file.
+        entries: ``(name, dtype code, shape)`` of every tensor, in the order they are written.
+        produce: Returns the tensor for a name; it is written and dropped before the next is produced.
+        metadata: The ``__metadata__`` strings (``format: pt`` is added).
+
+    Returns:
+        Bytes of tensor data written.
+    """
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for name, code, shape in entries:
+        nbytes = math.prod(shape) * torch.empty(0, dtype=_torch_dtype(code)).element_size()
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # pad so tensor data starts 8-byte aligned
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(struct.pack("<Q", len(raw)))
+            handle.write(raw)
+            for name, code, shape in entries:
+                tensor = produce(name)
+                if tensor.dtype != _torch_dtype(code) or list(tensor.shape) != list(shape):
+                    raise ValueError(f"{name}: produced {tensor.dtype} {list(tensor.shape)}, expected {code} {shape}")
+                handle.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                del tensor
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return offset
+
+
+def base_shards(model_dir: Path) -> list[Path]:
+    """The base's safetensors files, in index order."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise ExportInputError(
+                f"{index}: not a valid safetensors index ({exc}); copy the base model again"
+            ) from None
+        return [model_dir / name for name in dict.fromkeys(weight_map.values())]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ExportInputError(
+        f"{model_dir}: no model.safetensors or model.safetensors.index.json. The merge reads safetensors only; "
+        "convert .bin weights first (transformers: model.save_pretrained(dir, safe_serialization=True))."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The adapter
+
+
+@dataclass
+class Adapter:
+    """LoRA factors by target module, whole replacement tensors (modules_to_save), and the scale."""
+
+    config: dict[str, Any]
+    scale: float
+    lora: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # module -> (A [r, in], B [out, r])
+    replaced: dict[str, Any] = field(default_factory=dict)  # parameter name -> tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the adapter holds."""
+        tensors = [t for pair in self.lora.values() for t in pair] + list(self.replaced.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def load_adapter(adapter_dir: str | Path) -> Adapter:
+    """Read a PEFT LoRA adapter directory, with a clear error for anything missing, corrupt or unsupported."""
+    adapter_dir = Path(adapter_dir)
+    fix = f"re-run training, or restore {adapter_dir} from the MLflow run's 'adapter' artifact"
+    config_path = adapter_dir / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise ExportInputError(f"{config_path}: adapter config not found; {fix}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        r, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExportInputError(f"{config_path}: adapter config is corrupt ({exc}); {fix}") from None
+    unsupported = [
+        key for key in ("use_dora", "fan_in_fan_out", "lora_bias", "rank_pattern", "alpha_pattern") if config.get(key)
+    ]
+    if config.get("peft_type", "LORA") != "LORA" or unsupported:
+        raise ExportInputError(
+            f"{config_path}: the streaming merge handles plain LoRA; this adapter uses "
+            f"{', '.join(unsupported) or config.get('peft_type')}. Export the adapter only (without --merge)."
+        )
+    # rsLoRA scales by alpha / sqrt(r) instead of alpha / r (peft's LoraLayer.update_layer).
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    adapter = Adapter(config=config, scale=scale)
+    factors: dict[str, dict[str, Any]] = {}
+    with ShardReader(adapter_dir / ADAPTER_WEIGHTS, "adapter weights", fix) as reader:
+        for key in reader.keys():
+            name = key.removeprefix("base_model.model.")
+            for part in ("lora_A", "lora_B"):
+                marker = f".{part}."
+                if marker in name:
+                    factors.setdefault(name.split(marker)[0], {})[part] = reader.read(key)
+                    break
+            else:
+                adapter.replaced[name] = reader.read(key)
+    for module, pair in factors.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ExportInputError(f"{adapter_dir / ADAPTER_WEIGHTS}: {module} lacks lora_A or lora_B; {fix}")
+        adapter.lora[module] = (pair["lora_A"], pair["lora_B"])
+    return adapter
+
+
+# --------------------------------------------------------------------------------------------------
+# The merge
+
+
+def nf4_roundtrip(weight: Any, q: QuantizationSection) -> Any:
+    """dequant(quant(W)) exactly as the 4-bit base saw it, in float32.
+
+    transformers loads the base in ``compute_dtype`` and bitsandbytes quantizes that (blocks of 64, double
+    quantization of the block scales when ``double_quant``), so the round trip starts from the same dtype.
+    """
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    source = weight.to(getattr(torch, q.compute_dtype))
+    packed, state = bnbf.quantize_4bit(
+        source, blocksize=64, compress_statistics=q.double_quant, quant_type=q.quant_type, quant_storage=torch.uint8
+    )
+    return bnbf.dequantize_4bit(packed, state).float()
+
+
+def lora_delta(a: Any, b: Any, scale: float, rows: slice) -> Any:
+    """``scale * B[rows] @ A`` in float32: the update of those rows of the weight."""
+    return (b[rows].float() @ a.float()) * scale
+
+
+@dataclass
+class Layout:
+    """What the merge needs to know about the base architecture, from its config on the meta device."""
+
+    quantized: set[str]  # weight names that were 4-bit (Linear4bit) in training
+    input_embedding: str | None
+    output_embedding: str | None
+    tied: bool
+
+
+def model_layout(model_dir: Path) -> Layout:
+    """Build the base on the meta device (no memory) to find its linear layers and tied embeddings.
+
+    Which linear layers bitsandbytes quantized is decided by transformers' own ``get_keys_to_not_convert``
+    (the output head and tied weights stay 16-bit).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    skip = set(get_keys_to_not_convert(model))
+    quantized = {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not any(name == s or name.endswith(f".{s}") for s in skip)
+    }
+    names = {id(m): n for n, m in model.named_modules()}
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    return Layout(
+        quantized=quantized,
+        input_embedding=f"{names[id(inp)]}.weight" if inp is not None else None,
+        output_embedding=f"{names[id(out)]}.weight" if out is not None else None,
+        tied=tied,
+    )
+
+
+def stream_merge(
+    model_dir: str | Path,
+    adapter: Adapter,
+    out_dir: str | Path,
+    merge_base: str,
+    quantization: QuantizationSection,
+    delta: Callable[[Any, Any, float, slice], Any] = lora_delta,
+) -> dict[str, Any]:
+    """Merge the adapter into the base one shard, and within it one tensor, at a time.
+
+    Args:
+        model_dir: The base model directory (safetensors).
+        adapter: From ``load_adapter``.
+        out_dir: Receives the merged shards (same names as the base's) and the index.
+        merge_base: 'dequantized' (dequant(NF4(W))) or 'original' (the base's 16-bit weights).
+        quantization: The recipe's quantization section (for the NF4 round trip).
+        delta: The update function; a parameter so tests can inject a deliberately wrong merge.
+
+    Returns:
+        Counts for the export report: shards, tensors merged / replaced / round-tripped, dtypes, bytes, time.
+    """
+    import torch
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layout = model_layout(model_dir)
+    shards = base_shards(model_dir)
+    # A replaced input embedding on a tied base (the demo recipes train embed_tokens): the output head keeps the
+    # base's frozen embedding, so the merged model stores both and is saved untied.
+    untie = layout.tied and any(n in adapter.replaced for n in (layout.input_embedding, layout.output_embedding))
+    pending_lora = set(adapter.lora)
+    pending_replaced = set(adapter.replaced)
+    weight_map: dict[str, str] = {}
+    counts = {"merged": 0, "replaced": 0, "roundtripped": 0, "untied": untie}
+    dtypes: dict[str, int] = {}
+    total = 0
+    started = time.time()
+    for number, shard in enumerate(shards, start=1):
+        fix = f"copy the base model ({model_dir}) again; it must be the one the adapter was trained on"
+        with ShardReader(shard, "base model shard", fix) as reader:
+            entries = [(n, reader.tensors[n]["dtype"], reader.tensors[n]["shape"]) for n in reader.keys()]
+            sources = {n: n for n, _, _ in entries}
+            if untie and layout.input_embedding in sources and layout.output_embedding not in sources:
+                info = reader.tensors[layout.input_embedding]
+                entries.append((layout.output_embedding, info["dtype"], info["shape"]))
+                sources[layout.output_embedding] = layout.input_embedding  # the frozen original
+
+            def produce(name: str, reader: ShardReader = reader, sources: dict[str, str] = sources) -> Any:
+                original = reader.read(sources[name])
+                if name != sources[name]:  # the untied output head: the base's embedding as it was
+                    return original
+                if name in adapter.replaced:
+                    pending_replaced.discard(name)
+                    counts["replaced"] += 1
+                    new = adapter.replaced[name]
+                    if list(new.shape) != list(original.shape):
+                        raise ExportInputError(
+                            f"adapter tensor {name} has shape {list(new.shape)}, the base {list(original.shape)}: "
+                            "the adapter was trained on another base model"
+                        )
+                    return new.to(original.dtype)
+                module = name.removesuffix(".weight")
+                roundtrip = merge_base == "dequantized" and name in layout.quantized
+                source = nf4_roundtrip(original, quantization) if roundtrip else original
+                counts["roundtripped"] += roundtrip
+                if module not in adapter.lora:
+                    return source.to(original.dtype) if roundtrip else original
+                pending_lora.discard(module)
+                counts["merged"] += 1
+                a, b = adapter.lora[module]
+                if (b.shape[0], a.shape[1]) != tuple(original.shape):
+                    raise ExportInputError(
+                        f"adapter {module}: update is {b.shape[0]}x{a.shape[1]}, base weight {list(original.shape)}: "
+                        "the adapter was trained on another base model"
+                    )
+                merged = torch.empty_like(original)
+                for begin in range(0, original.shape[0], ROW_CHUNK):
+                    rows = slice(begin, begin + ROW_CHUNK)
+                    merged[rows] = (source[rows].float() + delta(a, b, adapter.scale, rows)).to(original.dtype)
+                return merged
+
+            total += write_shard(out_dir / shard.name, entries, produce, metadata=reader.metadata or None)
+        for name, code, _ in entries:
+            weight_map[name] = shard.name
+            dtypes[code] = dtypes.get(code, 0) + 1
+        print(f"  merged shard {number}/{len(shards)} {shard.name} ({time.time() - started:.0f}s)", flush=True)
+    missing = sorted(pending_lora) + sorted(pending_replaced)
+    if missing:
+        raise ExportInputError(
+            f"adapter modules not found in the base weights: {', '.join(missing[:5])}. Is model.path the base "
+            "the adapter was trained on?"
+        )
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        rundir.write_json(out_dir / "model.safetensors.index.json", index)
+    return {
+        **counts,
+        "merge_base": merge_base,
+        "shards": len(shards),
+        "tensors": len(weight_map),
+        "dtypes": dtypes,
+        "bytes": total,
+        "adapter_bytes": adapter.nbytes,
+        "seconds": round(time.time() - started, 2),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, in MiB: since the last ``reset_peak_rss`` where Linux allows it.
+
+    Reads VmHWM from /proc/self/status; elsewhere ru_maxrss (KiB on Linux, bytes on macOS), the lifetime peak.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak-RSS mark to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs).
+
+    Imports alone can leave a transient peak above what a merge adds, which would hide the merge's own peak.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def write_model_files(model_dir: Path, tokenizer_dir: Path, out_dir: Path, untie: bool) -> dict[str, Any]:
+    """config.json (untied if needed, no quantization), tokenizer, and a generation config with the right EOS.
+
+    EOS ids are those the evaluation stopped on: the tokenizer's EOS and the base generation config's (Llama 3
+    Instruct ends turns with <|eot_id|>, which only the generation config names).
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config.pop("quantization_config", None)
+    if untie:
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"]["tie_word_embeddings"] = False
+    rundir.write_json(out_dir / "config.json", config)
+    source = tokenizer_dir if (tokenizer_dir / "tokenizer_config.json").is_file() else model_dir
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.save_pretrained(out_dir)
+    try:
+        generation = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        generation = GenerationConfig()
+    eos = generation.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    generation.eos_token_id = sorted(ids)[0] if len(ids) == 1 else sorted(ids)
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(ids)
+    generation.save_pretrained(out_dir)
+    return {"eos_token_id": generation.eos_token_id, "pad_token_id": generation.pad_token_id}
+
+
+# --------------------------------------------------------------------------------------------------
+# Verification: the merged model against base-in-4-bit + adapter (what was evaluated)
+
+
+def _greedy_with_logits(model: Any, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int]) -> Iterator:
+    """Per prompt: the greedy continuation (cut at EOS) and the logits that predicted each of its tokens."""
+    import torch
+
+    device = next(model.parameters()).device
+    for ids in prompts:
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=torch.tensor([ids], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=sorted(eos_ids),
+                pad_token_id=min(eos_ids),
+            )
+        new = out[0, len(ids) :].tolist()
+        stop = next((k for k, t in enumerate(new) if t in eos_ids), None)
+        yield (new if stop is None else new[: stop + 1]), stop is not None
+
+
+def _position_logits(model: Any, sequence: list[int], prompt_len: int) -> Any:
+    """Logits (float32, CPU) at the positions that predict the tokens after the prompt."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([sequence], device=device)).logits[0]
+    return logits[prompt_len - 1 : len(sequence) - 1].float().cpu()
+
+
+def verify(
+    recipe: Recipe,
+    model_dir: Path,
+    adapter_dir: Path,
+    merged_dir: Path,
+    rows: list[dict[str, Any]],
+    examples: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Compare the merged model with base-in-4-bit + adapter on eval prompts.
+
+    The reference (4-bit base + adapter) generates greedily; both models are then run on the same prompt +
+    reference answer, and the logits at every answer position compared: max and mean absolute difference, and
+    the fraction of positions where the most likely next token is the same. Each model also answers on its own
+    and the task metric is scored for both. The models are loaded one after the other, never both at once.
+
+    Returns:
+        The verification section of the export report (``passed`` against export.min_next_token_agreement).
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.data import prompt_input_ids
+    from pipeline.env import gather
+    from pipeline.model import device_for, eos_token_ids, load_base, load_tokenizer
+    from pipeline.tasks import get_task
+
+    task = get_task(recipe.task)
+    device = device_for(recipe, gather())
+    tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_dir)
+    prompts = [prompt_input_ids(tokenizer, ex) for ex in examples]
+    budget = recipe.eval.max_new_tokens
+
+    print(f"Verifying the merge on {len(prompts)} eval prompts: base in 4-bit + adapter (reference) ...", flush=True)
+    reference = PeftModel.from_pretrained(load_base(recipe, model_dir, device), adapter_dir).eval()
+    eos_ids = eos_token_ids(tokenizer, reference)
+    ref_answers, ref_logits, sequences = [], [], []
+    for ids, (answer, stopped) in zip(prompts, _greedy_with_logits(reference, prompts, budget, eos_ids), strict=True):
+        sequence = ids + (answer or [min(eos_ids)])
+        sequences.append(sequence)
+        ref_logits.append(_position_logits(reference, sequence, len(ids)))
+        ref_answers.append({"tokens": answer, "stopped": stopped})
+    del reference
+    _free(device)
+
+    print("  ... and the merged model", flush=True)
+    dtype = getattr(torch, recipe.quantization.compute_dtype)
+    merged = AutoModelForCausalLM.from_pretrained(
+        merged_dir, dtype=dtype, device_map="auto" if device == "cuda" else {"": "cpu"}
+    ).eval()
+    max_diff, abs_sum, positions, agree = 0.0, 0.0, 0, 0
+    merged_answers = []
+    for ids, sequence, expected, (answer, stopped) in zip(
+        prompts, sequences, ref_logits, _greedy_with_logits(merged, prompts, budget, eos_ids), strict=True
+    ):
+        got = _position_logits(merged, sequence, len(ids))
+        diff = (got - expected).abs()
+        max_diff = max(max_diff, float(diff.max()))
+        abs_sum += float(diff.mean()) * diff.shape[0]
+        positions += diff.shape[0]
+        agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
+        merged_answers.append({"tokens": answer, "stopped": stopped})
+    del merged
+    _free(device)
+
+    def score(answers: list[dict[str, Any]]) -> float:
+        golds = [task.gold(row) for row in rows]
+        texts = [
+            tokenizer.decode([t for t in a["tokens"] if t not in eos_ids], skip_special_tokens=True) for a in answers
+        ]
+        return float(task.score(golds, [task.parse(t) for t in texts])[task.main_metric])
+
+    agreement = agree / positions if positions else 0.0
+    threshold = recipe.export.min_next_token_agreement
+    ref_metric, merged_metric = score(ref_answers), score(merged_answers)
+    same_answers = sum(a["tokens"] == b["tokens"] for a, b in zip(ref_answers, merged_answers, strict=True))
+    return {
+        "examples": len(prompts),
+        "positions": positions,
+        "max_abs_logit_diff": max_diff,
+        "mean_abs_logit_diff": abs_sum / positions if positions else 0.0,
+        "next_token_agreement": round(agreement, 6),
+        "identical_answers": same_answers,
+        "task_metric": task.main_metric,
+        "task_metric_reference": round(ref_metric, 6),
+        "task_metric_merged": round(merged_metric, 6),
+        "min_next_token_agreement": threshold,
+        "passed": agreement >= threshold,
+    }
+
+
+def _free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# Model card
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def _eval_section(metrics_json: dict[str, Any]) -> list[str]:
+    """The evaluation table (systems x metrics, main metric first), the baseline verdict, and the cost."""
+    systems = metrics_json.get("systems") or {}
+    if not systems:
+        return ["No evaluation results were found in the run.", ""]
+    main = metrics_json.get("main_metric")
+    names = [
+        m for m in dict.fromkeys([main, *next(iter(systems.values()))]) if m and all(m in v for v in systems.values())
+    ]
+    names = [m for m in names if all(isinstance(v[m], (int, float)) for v in systems.values())][:8]
+    lines = ["| system | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {s} | " + " | ".join(_fmt(float(v[m])) for m in names) + " |" for s, v in systems.items()]
+    lines.append("")
+    comparison = metrics_json.get("comparison")
+    if comparison:
+        lines.append(
+            f"Against the baseline on {comparison.get('metric', main)}: {comparison.get('a', 'finetuned')} minus "
+            f"{comparison.get('b', 'baseline')} = {_fmt(comparison.get('difference'))} (95% CI "
+            f"{_fmt(comparison.get('ci95'))}): **{comparison.get('verdict')}**."
+        )
+        lines.append("")
+    baseline = metrics_json.get("baseline")
+    if baseline and baseline.get("status") != "ok":
+        lines += [f"Baseline: {baseline.get('status')} ({baseline.get('reason', '')}).", ""]
+    cost = metrics_json.get("cost")
+    if cost:
+        lines += ["### Cost", ""]
+        if all(isinstance(v, dict) for v in cost.values()):
+            keys = list(dict.fromkeys(k for v in cost.values() for k in v))
+            lines += ["| system | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+            lines += [f"| {s} | " + " | ".join(_fmt(v.get(k, "-")) for k in keys) + " |" for s, v in cost.items()]
+        else:
+            lines += [f"- {k}: {_fmt(v)}" for k, v in cost.items()]
+        lines.append("")
+    return lines
+
+
+def model_card(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    model_name: str,
+    kind: str,
+    ack: dict[str, Any],
+    lic: Any,
+    mlflow_run_id: str | None,
+    merge_report: dict[str, Any] | None = None,
+    verification: dict[str, Any] | None = None,
+) -> str:
+    """README.md of an export.
+
+    Sections: base, license and obligations, data contract summary (counts only, no rows), training settings,
+    evaluation incl. baseline and cost, merge verification, intended use, limitations, the MLflow run id.
+    """
+    from pipeline import __version__
+
+    validation = _read_json(run_dir / "validation" / "report.json")
+    metrics_json = _read_json(run_dir / "eval" / "metrics.json")
+    summary = _read_json(run_dir / "summary.json")
+    t, lora, q = recipe.training, recipe.lora, recipe.quantization
+    license_tag = lic.id if lic else "other"
+    lines = [
+        "---",
+        f"license: {license_tag}",
+        f"base_model: {recipe.model.path}",
+        f"library_name: {'peft' if kind == 'adapter' else 'transformers'}",
+        f"tags: [pipeline, qlora, {recipe.task}]",
+        "---",
+        "",
+        f"# {model_name}",
+        "",
+    ]
+    if lic and lic.attribution:
+        lines += [f"**{lic.attribution}**", ""]
+    what = "A LoRA adapter (PEFT format)" if kind == "adapter" else "Merged weights (base + LoRA adapter)"
+    lines += [
+        f"{what}, fine-tuned from `{recipe.model.path}` for the `{recipe.task}` task with pipeline {__version__} "
+        f"(4-bit QLoRA). {recipe.description or ''}".rstrip(),
+        "",
+        f"- MLflow run: `{mlflow_run_id or 'not tracked'}`",
+        f"- Base model revision: `{recipe.model.revision or 'local copy'}`",
+        "",
+        "## License",
+        "",
+        f"Base model license: {ack['license_name']} (`{ack['license']}`)"
+        + (f", full text at {ack['license_url']}" if ack.get("license_url") else "")
+        + ". The license files of the base and a NOTICE file are shipped next to the weights.",
+        "",
+    ]
+    if ack["obligations"]:
+        lines += ["Obligations of anyone who uses or shares this model:", ""]
+        lines += [f"- {item}" for item in ack["obligations"]]
+        lines.append("")
+    if lic and lic.usage_policy:
+        lines += [f"Use policy: {lic.usage_policy}", ""]
+    lines += [f"Accepted by the recipe (`model.license_accepted: true`) on {ack['accepted_at']}.", ""]
+    lines += ["## Training data", ""]
+    if validation:
+        contract = validation["contract"]
+        lines += [
+            f"Checked against data contract `{contract['name']}` v{contract['version']} "
+            f"(sha256 `{contract['sha256'][:16]}`). Counts only; no rows are included in this card.",
+            "",
+            "| split | rows in | accepted | quarantined | failed checks | file sha256 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, split in validation["splits"].items():
+            failed = ", ".join(f"{k}: {v}" for k, v in split["failed_checks"].items()) or "none"
+            lines.append(
+                f"| {name} | {split['rows_in']:,} | {split['rows_accepted']:,} | {split['rows_quarantined']:,} | "
+                f"{failed} | `{split['sha256'][:16]}` |"
+            )
+        lines.append("")
+    else:
+        lines += ["The run's validation report was not found.", ""]
+    steps = summary.get("optimizer_steps")
+    storage = f"4-bit {q.quant_type}" + (" + double quant" if q.double_quant else "") if q.load_in_4bit else "16-bit"
+    lines += [
+        "## Training settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base storage | {storage}, compute {q.compute_dtype} |",
+        f"| LoRA | r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout}, targets {_fmt(lora.target_modules)}"
+        + (f", trained in full: {_fmt(lora.modules_to_save)}" if lora.modules_to_save else "")
+        + " |",
+        f"| optimizer | {t.optim}, learning rate {t.learning_rate:g} ({t.lr_scheduler_type}), "
+        f"warmup {t.warmup_ratio:g} |",
+        f"| batch | {t.micro_batch_size} x {t.gradient_accumulation_steps} accumulation per device |",
+        f"| length | max {t.max_length} tokens |",
+        f"| duration | {t.max_steps or t.num_epochs} {'steps' if t.max_steps else 'epochs'}"
+        + (f" ({steps} optimizer steps, final loss {summary.get('train_loss', 0):.4f})" if steps else "")
+        + " |",
+        f"| seed | {t.seed} |",
+        "",
+        "## Evaluation",
+        "",
+        *_eval_section(metrics_json),
+    ]
+    if merge_report:
+        into = "dequantized NF4" if merge_report["merge_base"] == "dequantized" else "original 16-bit"
+        lines += [
+            "## Merge",
+            "",
+            f"Merged into the {into} base weights, {merge_report['shards']} shard(s), dtypes {merge_report['dtypes']}"
+            + (
+                ", embeddings untied (the input embeddings were trained, the output head was not)"
+                if merge_report["untied"]
+                else ""
+            )
+            + ".",
+            "",
+        ]
+    if verification:
+        v = verification
+        lines += [
+            f"Verified against base-in-4-bit + adapter on {v['examples']} eval prompts ({v['positions']} positions): "
+            f"next-token agreement {v['next_token_agreement']:.4f} (required {v['min_next_token_agreement']}), "
+            f"max |logit difference| {v['max_abs_logit_diff']:.4g}, mean {v['mean_abs_logit_diff']:.4g}; "
+            f"{v['task_metric']} {v['task_metric_reference']:.4f} (4-bit + adapter) vs {v['task_metric_merged']:.4f} "
+            "(merged).",
+            "",
+        ]
+    worst = sorted((metrics_json.get("per_label") or {}).get("finetuned", {}).items(), key=lambda kv: kv[1]["f1"])
+    weak = [label for label, s in worst if s.get("support", 0) > 0][:5]
+    lines += [
+        "## Intended use",
+        "",
+        f"Assisting people with `{recipe.task}` on data like the training split (the contract above describes it), "
+        "with a person reviewing each output. Evaluate it on your own held-out data before relying on it.",
+        "",
+        "## Limitations",
+        "",
+        f"- Evaluated on {(validation.get('splits', {}).get('eval') or {}).get('rows_accepted', 'the')} held-out rows "
+        "from the same source as the training data; quality on other sources, formats or time periods is unknown.",
+        "- Only the task it was fine-tuned for was evaluated; it inherits the base model's biases and failure modes.",
+        "- Outputs can be wrong with confidence; they are suggestions, not decisions.",
+    ]
+    if weak:
+        lines.append(f"- Weakest labels on the eval split: {', '.join(weak)}.")
+    if kind == "merged":
+        lines.append("- Merged weights differ slightly from the evaluated 4-bit model; see the verification above.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+def resolve_run(run: str, tracking_uri: str | None) -> tuple[Path, str | None]:
+    """A run directory, or an MLflow run id whose artifacts are fetched: (run directory, MLflow run id)."""
+    path = Path(run)
+    if path.is_dir():
+        if not (path / "recipe.resolved.yaml").is_file():
+            raise ExportInputError(f"{path}: not a run directory (no recipe.resolved.yaml); pass runs/<name>/<id>/")
+        return path, _read_json(path / "summary.json").get("mlflow_run_id")
+    from pipeline.tracking import client_for, download_run
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
+    try:
+        mlflow_run = client_for(uri).get_run(run)
+    except Exception:  # noqa: BLE001 - not a run id on this store either
+        raise ExportInputError(
+            f"{run}: neither a run directory nor an MLflow run id in {uri}; pass runs/<name>/<id>/ or a run id "
+            "(and --tracking-uri or MLFLOW_TRACKING_URI for another store)"
+        ) from None
+    local = Path(mlflow_run.data.tags.get("run_dir", ""))
+    if local.is_dir() and (local / "recipe.resolved.yaml").is_file():
+        return local, run
+    return download_run(uri, run, rundir.RUNS_ROOT / "_mlflow" / run), run
+
+
+def _copy_license_files(model_dir: Path, out: Path) -> list[str]:
+    copied = []
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and path.name.upper().startswith(LICENSE_FILE_PREFIXES):
+            shutil.copy2(path, out / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def export_run(
+    run: str,
+    *,
+    merge: bool = False,
+    out: str | Path | None = None,
+    merge_base: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    register: bool = False,
+    tracking_uri: str | None = None,
+    delta: Callable[[Any, Any, float, slice], Any] | None = None,
+) -> dict[str, Any]:
+    """Export a trained run: the adapter in PEFT format, and with ``merge`` the verified merged model.
+
+    Args:
+        run: Run directory or MLflow run id.
+        merge: Also write merged weights (streamed) and verify them.
+        out: Output directory (default ``<run_dir>/export``).
+        merge_base: 'dequantized' or 'original' (default: the recipe's export.merge_base).
+        overrides: ``--set`` values applied to the run's resolved recipe (e.g. model.license_accepted=true).
+        register: Upload the merged model to the MLflow run and register it as '<registered name>-merged'.
+        tracking_uri: Store for an MLflow run id (default MLFLOW_TRACKING_URI, then sqlite:///mlruns.db).
+        delta: The LoRA update; ``lora_delta`` when None (tests inject a wrong one to see verification catch it).
+
+    Returns:
+        The export report (also written to ``export_report.json``), including ``license_acknowledgment``.
+
+    Raises:
+        ExportInputError: Missing or corrupt adapter/base files (exit 2).
+        licenses.LicenseError: The license is not accepted or the name breaks it (exit 2).
+        VerificationFailed: The merged model disagrees with the evaluated one (exit 1), after the report is written.
+    """
+    from pipeline import licenses
+    from pipeline.model import resolve_model_path
+    from pipeline.privacy import redact_secrets
+    from pipeline.recipe import load_recipe
+    from pipeline.tracking import tracking_uri as recipe_tracking_uri
+
+    run_dir, mlflow_run_id = resolve_run(run, tracking_uri)
+    recipe = load_recipe(run_dir / "recipe.resolved.yaml", overrides)
+    model_dir = resolve_model_path(recipe.model.path, recipe.model.revision)
+    lic, license_name, license_source = licenses.resolve(recipe.model.license, model_dir)
+    print(licenses.render_obligations(lic, license_name, license_source))
+    licenses.require_acceptance(
+        recipe.model.license_accepted, lic, license_name, license_source, str(run_dir / "recipe.resolved.yaml")
+    )
+    model_name = licenses.derived_name(recipe.export.model_name, recipe.name, lic)
+    ack = licenses.acknowledgment(lic, license_name, license_source, model_name)
+    adapter_dir = run_dir / "adapter"
+    adapter = load_adapter(adapter_dir)  # checks the files before anything is written
+    out = Path(out) if out else run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    base_kind = merge_base or recipe.export.merge_base
+    card = dict(recipe=recipe, run_dir=run_dir, model_name=model_name, ack=ack, lic=lic, mlflow_run_id=mlflow_run_id)
+
+    # 1. Adapter only, PEFT format: what vLLM and TGI load next to the base.
+    adapter_out = out / "adapter"
+    adapter_out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(adapter_dir / ADAPTER_WEIGHTS, adapter_out / ADAPTER_WEIGHTS)
+    config = {**adapter.config, "base_model_name_or_path": recipe.model.path, "revision": recipe.model.revision}
+    rundir.write_json(adapter_out / ADAPTER_CONFIG, config)
+    for name in TOKENIZER_FILES:
+        if (adapter_dir / name).is_file():
+            shutil.copy2(adapter_dir / name, adapter_out / name)
+    copied = _copy_license_files(model_dir, adapter_out)
+    rundir.write_text(adapter_out / "NOTICE", licenses.notice_text(lic, license_name, recipe.model.path, copied))
+    rundir.write_text(adapter_out / "README.md", model_card(kind="adapter", **card))
+    report: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "out": str(out),
+        "mlflow_run_id": mlflow_run_id,
+        "model_name": model_name,
+        "adapter_dir": str(adapter_out),
+        "license_acknowledgment": ack,
+    }
+    print(f"Adapter (PEFT format) written to {adapter_out}")
+
+    # 2. Merged weights, streamed shard by shard, then verified against what was evaluated.
+    verification = None
+    if merge:
+        merged_out = out / "merged"
+        print(f"Merging into the {base_kind} base weights of {model_dir}, one shard at a time ...", flush=True)
+        merge_report = stream_merge(
+            model_dir, adapter, merged_out, base_kind, recipe.quantization, delta=delta or lora_delta
+        )
+        merge_report.update(write_model_files(model_dir, adapter_dir, merged_out, merge_report["untied"]))
+        copied = _copy_license_files(model_dir, merged_out)
+        rundir.write_text(merged_out / "NOTICE", licenses.notice_text(lic, license_name, recipe.model.path, copied))
+        del adapter
+        rows, examples = _verification_examples(recipe, out)
+        verification = verify(recipe, model_dir, adapter_dir, merged_out, rows, examples)
+        rundir.write_text(
+            merged_out / "README.md",
+            model_card(kind="merged", merge_report=merge_report, verification=verification, **card),
+        )
+        report.update(merged_dir=str(merged_out), merge=merge_report, verification=verification)
+        print(
+            f"Verification: next-token agreement {verification['next_token_agreement']:.4f} (required "
+            f"{verification['min_next_token_agreement']}), max |logit diff| {verification['max_abs_logit_diff']:.4g}, "
+            f"{verification['task_metric']} {verification['task_metric_reference']:.4f} -> "
+            f"{verification['task_metric_merged']:.4f}"
+        )
+
+    # 3. Report, and the same numbers (and the report) on the training run in MLflow.
+    rundir.write_json(out / "export_report.json", report)
+    if mlflow_run_id and recipe.tracking.enabled:
+        uri = tracking_uri or recipe_tracking_uri(recipe)
+        report["tracking_uri"] = redact_secrets(uri)
+        report["tracking"] = _track_export(uri, mlflow_run_id, recipe, report, out, register and merge)
+        rundir.write_json(out / "export_report.json", report)
+    if verification is not None and not verification["passed"]:
+        raise VerificationFailed(
+            f"the merged model agrees with base-in-4-bit + adapter on {verification['next_token_agreement']:.2%} of "
+            f"next tokens, below export.min_next_token_agreement {verification['min_next_token_agreement']:.2%}. "
+            f"Report: {out / 'export_report.json'}. Try --merge-base dequantized (the weights the adapter was trained "
+            "against), or check that model.path is the base the adapter was trained on."
+        )
+    return report
+
+
+def _verification_examples(recipe: Recipe, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The first ``export.verify_examples`` accepted eval rows, validated like training saw them."""
+    from pipeline.data import prompt_format, sft_example, validate_data
+    from pipeline.model import load_tokenizer, resolve_model_path
+    from pipeline.tasks import get_task
+
+    data = validate_data(recipe, out / "verification")
+    rows = data.eval.rows[: recipe.export.verify_examples]
+    tokenizer = load_tokenizer(resolve_model_path(recipe.model.path, recipe.model.revision))
+    fmt = prompt_format(recipe, tokenizer)
+    task = get_task(recipe.task)
+    return rows, [sft_example(row, task, fmt) for row in rows]
+
+
+def _track_export(
+    uri: str, run_id: str, recipe: Recipe, report: dict[str, Any], out: Path, register: bool
+) -> dict[str, Any]:
+    """Verification metrics and export tags on the training run; optionally register the merged model."""
+    from pipeline.privacy import redact_secrets
+    from pipeline.tracking import annotate_export, register_export
+
+    v = report.get("verification") or {}
+    metrics = {
+        f"export.verify.{k}": v[k]
+        for k in ("next_token_agreement", "max_abs_logit_diff", "mean_abs_logit_diff", "task_metric_merged")
+        if k in v
+    }
+    ack = report["license_acknowledgment"]
+    tags = {
+        "export.model_name": report["model_name"],
+        "export.license_accepted": f"{ack['license']} at {ack['accepted_at']}",
+    }
+    if v:
+        tags.update({"export.merge_base": report["merge"]["merge_base"], "export.verified": str(v["passed"])})
+    result: dict[str, Any] = {"logged": False}
+    try:
+        annotate_export(uri, run_id, metrics, tags, [out / "export_report.json"])
+        result["logged"] = True
+        if register and v:
+            name = f"{recipe.tracking.registered_model or recipe.name}-merged"
+            version_tags = {**tags, **{k: str(val) for k, val in metrics.items()}, "kind": "merged"}
+            result["registered"] = {
+                "name": name,
+                "version": register_export(uri, run_id, name, out / "merged", version_tags),
+            }
+            print(f"Registered the merged model as {name} version {result['registered']['version']}")
+    except Exception as exc:  # noqa: BLE001 - the export on disk is complete; tracking is a copy
+        print(
+            f"warning: could not log the export to MLflow run {run_id} at {redact_secrets(uri)}: "
+            f"{type(exc).__name__}: {redact_secrets(str(exc))[:200]}",
+            file=sys.stderr,
+        )
+        result["error"] = type(exc).__name__
+    return result

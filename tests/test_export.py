@@ -1,0 +1,343 @@
+"""Export: streaming merge (equal to peft's), verification, adapter-only export, model card, license gate."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+ACCEPT = ["--set", "model.license_accepted=true", "--set", "export.verify_examples=3"]
+
+
+def export_cli(*args: str) -> int:
+    """The CLI in-process (the session's libraries and ICD table are already loaded)."""
+    from pipeline.cli import main
+
+    return main(["export", *args])
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    """One verified merge (dequantized base) of the session's trained run, registered in MLflow."""
+    out = tmp_path_factory.mktemp("export")
+    code = export_cli(str(trained_run.run_dir), "--merge", "--out", str(out), "--register", *ACCEPT)
+    assert code == 0
+    return out, json.loads((out / "export_report.json").read_text())
+
+
+def test_merged_export_is_a_loadable_model_in_the_base_dtype(exported, tiny_assets):
+    out, report = exported
+    merged = out / "merged"
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md", "NOTICE"):
+        assert (merged / name).is_file(), name
+    config = json.loads((merged / "config.json").read_text())
+    # The demo trains embed_tokens on a tied base: the head keeps the frozen embedding, so the export is untied.
+    assert config["tie_word_embeddings"] is False and report["merge"]["untied"] is True
+    assert report["merge"]["dtypes"] == {"F32": 21}  # 20 base tensors + the untied head, all in the base's dtype
+    generation = json.loads((merged / "generation_config.json").read_text())
+    base_config = json.loads((tiny_assets["model"] / "config.json").read_text())
+    assert generation["eos_token_id"] == base_config["eos_token_id"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert not (model.lm_head.weight == model.model.embed_tokens.weight).all()
+
+
+def test_verification_passes_for_the_dequantized_merge_and_is_logged(exported, trained_run):
+    out, report = exported
+    v = report["verification"]
+    assert v["passed"] and v["next_token_agreement"] == 1.0 and v["examples"] == 3 and v["positions"] > 3
+    assert v["max_abs_logit_diff"] < 1e-4
+    assert v["task_metric_reference"] == v["task_metric_merged"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=trained_run.summary["tracking_uri"])
+    run = client.get_run(trained_run.mlflow_run_id)
+    assert run.data.metrics["export.verify.next_token_agreement"] == 1.0
+    assert run.data.tags["export.verified"] == "True" and run.data.tags["export.merge_base"] == "dequantized"
+    assert "export/export_report.json" in [a.path for a in client.list_artifacts(run.info.run_id, "export")]
+    (version,) = client.search_model_versions("name='tiny-merged'")
+    assert version.run_id == trained_run.mlflow_run_id and version.tags["kind"] == "merged"
+    assert version.source.endswith("export/merged")
+    assert report["tracking"]["registered"] == {"name": "tiny-merged", "version": str(version.version)}
+
+
+def test_adapter_export_is_peft_format_and_loads_next_to_the_base(exported, tiny_assets):
+    out, report = exported
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = PeftConfig.from_pretrained(out / "adapter")
+    assert config.base_model_name_or_path == str(tiny_assets["model"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_assets["model"]), out / "adapter")
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    card = (out / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in card
+
+
+def test_model_card_has_every_section_and_no_raw_data(exported, tiny_assets, trained_run):
+    out, report = exported
+    card = (out / "merged" / "README.md").read_text()
+    for heading in ("## License", "## Training data", "## Training settings", "## Evaluation", "## Merge"):
+        assert heading in card, heading
+    for heading in ("## Intended use", "## Limitations"):
+        assert heading in card
+    assert trained_run.mlflow_run_id in card and "Apache License 2.0" in card
+    assert "| eval | 24 | 24 | 0 |" in card and "| finetuned |" in card and "next-token agreement 1.0000" in card
+    notes = [json.loads(line)["note"] for line in (tiny_assets["data"] / "train.jsonl").read_text().splitlines()]
+    assert not any(note[:40] in card for note in notes)  # counts and hashes only, never a row
+
+
+def test_license_acknowledgment_is_recorded_for_the_audit(exported):
+    import os
+
+    out, report = exported
+    ack = report["license_acknowledgment"]
+    assert ack["license"] == "apache-2.0" and ack["accepted_by"] == "model.license_accepted: true"
+    assert ack["obligations"] and len(ack["obligations_sha256"]) == 64
+    entries = [json.loads(line) for line in Path(os.environ["PIPELINE_AUDIT_LOG"]).read_text().splitlines()]
+    export_entries = [e for e in entries if e["command"] == "export" and e["exit_code"] == 0]
+    assert export_entries[-1]["license_acknowledged"]["license"] == "apache-2.0"
+    assert "merged/model.safetensors" in export_entries[-1]["outputs"]
+
+
+def test_export_refuses_until_the_license_is_accepted(trained_run, tmp_path, capsys):
+    code = export_cli(str(trained_run.run_dir), "--out", str(tmp_path / "x"))
+    err = capsys.readouterr()
+    assert code == 2
+    assert "model.license_accepted" in err.err and "--set model.license_accepted=true" in err.err
+    assert "Give recipients a copy of the Apache License 2.0" in err.out  # the obligations are printed first
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_accepts_an_mlflow_run_id(trained_run, tmp_path, capsys):
+    uri = trained_run.summary["tracking_uri"]
+    code = export_cli(trained_run.mlflow_run_id, "--tracking-uri", uri, "--out", str(tmp_path / "x"))
+    assert code == 2  # resolved to the run's directory, then stopped at the license gate
+    assert str(trained_run.run_dir / "recipe.resolved.yaml") in capsys.readouterr().err
+    assert export_cli("not-a-run", "--tracking-uri", uri) == 2
+    assert "neither a run directory nor an MLflow run id" in capsys.readouterr().err
+
+
+def test_verification_catches_a_deliberately_wrong_merge(trained_run, tmp_path, monkeypatch, capsys):
+    from pipeline import export
+
+    right = export.lora_delta
+    monkeypatch.setattr(export, "lora_delta", lambda a, b, scale, rows: -right(a, b, scale, rows))  # sign flipped
+    code = export_cli(str(trained_run.run_dir), "--merge", "--out", str(tmp_path), *ACCEPT)
+    assert code == 1
+    assert "export verification failed" in capsys.readouterr().err
+    v = json.loads((tmp_path / "export_report.json").read_text())["verification"]
+    assert not v["passed"] and v["next_token_agreement"] < 0.98 and v["max_abs_logit_diff"] > 1e-3
+
+
+@pytest.fixture()
+def run_copy(trained_run, tmp_path):
+    """A run directory holding only what export reads, safe to damage."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_run.run_dir / "recipe.resolved.yaml", run)
+    shutil.copytree(trained_run.run_dir / "adapter", run / "adapter")
+    return run
+
+
+def test_corrupt_or_missing_adapter_names_the_file(run_copy, capsys):
+    weights = run_copy / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated copy
+    assert export_cli(str(run_copy), *ACCEPT) == 2
+    err = capsys.readouterr().err
+    assert str(weights) in err and "corrupt or truncated" in err and "re-run training" in err
+    (run_copy / "adapter" / "adapter_config.json").unlink()
+    assert export_cli(str(run_copy), *ACCEPT) == 2
+    assert "adapter_config.json: adapter config not found" in capsys.readouterr().err
+
+
+def test_corrupt_base_shard_names_the_file(trained_run, tiny_assets, tmp_path):
+    from pipeline.export import ExportInputError, load_adapter, stream_merge
+    from pipeline.recipe import QuantizationSection
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_assets["model"], base)
+    shard = base / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with pytest.raises(ExportInputError, match="model.safetensors: base model shard is corrupt or truncated"):
+        stream_merge(
+            base, load_adapter(trained_run.run_dir / "adapter"), tmp_path / "out", "original", QuantizationSection()
+        )
+
+
+def _peft_merged(model_dir: Path, adapter_dir: Path, dtype):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def _read_all(out_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(out_dir.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def test_streaming_merge_equals_peft_merge_with_trained_embeddings(trained_run, tiny_assets, tmp_path):
+    import torch
+
+    from pipeline.export import load_adapter, stream_merge
+    from pipeline.recipe import QuantizationSection
+
+    stream_merge(
+        tiny_assets["model"], load_adapter(trained_run.run_dir / "adapter"), tmp_path, "original", QuantizationSection()
+    )
+    ours = _read_all(tmp_path)
+    reference = _peft_merged(tiny_assets["model"], trained_run.run_dir / "adapter", "float32")
+    params = dict(reference.named_parameters())
+    assert set(ours) == set(params)  # incl. lm_head, stored separately from the trained embed_tokens
+    for name, tensor in params.items():
+        torch.testing.assert_close(ours[name], tensor.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def untied_llama(vocab: int, hidden: int, intermediate: int, layers: int, heads: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        tie_word_embeddings=False,
+    )
+
+
+def test_streaming_merge_equals_peft_merge_bf16_multi_shard(tmp_path):
+    """A bf16 base in several shards with a random (non-zero) adapter: shards, dtype and values match peft."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.export import load_adapter, stream_merge
+    from pipeline.recipe import QuantizationSection
+
+    torch.manual_seed(0)
+    config = untied_llama(vocab=256, hidden=64, intermediate=128, layers=3, heads=2)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(
+        tmp_path / "base", max_shard_size="60KB"
+    )
+    shards = sorted((tmp_path / "base").glob("*.safetensors"))
+    assert len(shards) >= 3
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32), lora)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    report = stream_merge(
+        tmp_path / "base", load_adapter(tmp_path / "adapter"), tmp_path / "out", "original", QuantizationSection()
+    )
+    assert report["shards"] == len(shards) and report["dtypes"] == {"BF16": report["tensors"]} and report["merged"] == 9
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == [p.name for p in shards]
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    ours = _read_all(tmp_path / "out")
+    reference = dict(_peft_merged(tmp_path / "base", tmp_path / "adapter", "bfloat16").named_parameters())
+    for name, tensor in reference.items():
+        assert ours[name].dtype == torch.bfloat16
+        # Both round once to bf16 (bit-identical in benchmarks/merge.md); allow one bf16 ulp (2^-8 relative).
+        torch.testing.assert_close(ours[name].float(), tensor.detach().float(), rtol=2**-7, atol=1e-3, msg=name)
+
+
+def test_dequantized_merge_base_is_exactly_what_the_4bit_model_computes_with(trained_run, tiny_assets):
+    """nf4_roundtrip(W) equals the dequantized Linear4bit weight transformers + bitsandbytes built in training."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.export import model_layout, nf4_roundtrip
+    from pipeline.model import load_base
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(trained_run.run_dir / "recipe.resolved.yaml")
+    model = load_base(recipe, tiny_assets["model"], "cpu")
+    original = load_file(tiny_assets["model"] / "model.safetensors")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert {f"{n}.weight" for n in layers} == model_layout(tiny_assets["model"]).quantized
+    for name, module in layers.items():
+        seen = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        assert torch.equal(nf4_roundtrip(original[f"{name}.weight"], recipe.quantization), seen), name
+
+
+RSS_SCRIPT = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from pipeline.export import load_adapter, model_layout, peak_rss_mb, reset_peak_rss, stream_merge
+from pipeline.recipe import QuantizationSection
+base, adapter, out = map(Path, sys.argv[1:4])
+model_layout(base)  # imports and the meta model, before the baseline
+loaded = load_adapter(adapter)
+assert reset_peak_rss(), "needs Linux /proc/self/clear_refs"  # import transients would hide the merge's peak
+before = peak_rss_mb()
+report = stream_merge(base, loaded, out, "original", QuantizationSection())
+print(json.dumps({{"before": before, "after": peak_rss_mb(), "shards": report["shards"], "adapter": loaded.nbytes}}))
+"""
+
+
+def test_peak_memory_of_the_merge_is_bounded_by_a_shard_not_the_model(tmp_path):
+    """Merge a 96 MB, 8-shard model in a fresh process: peak RSS grows by less than one shard."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    config = untied_llama(vocab=4096, hidden=512, intermediate=1024, layers=8, heads=8)
+    base = tmp_path / "base"
+    base.mkdir()
+    config.save_pretrained(base)
+    h, i, layers = 512, 1024, 8
+    weight_map, adapter = {}, {}
+    shapes = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h)}
+    mlp = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    for layer in range(layers):  # one shard per layer: 2.6M params x 4 bytes = 10.5 MB
+        tensors = {f"model.layers.{layer}.input_layernorm.weight": torch.ones(h)}
+        tensors[f"model.layers.{layer}.post_attention_layernorm.weight"] = torch.ones(h)
+        for group, items in (("self_attn", shapes), ("mlp", mlp)):
+            for name, shape in items.items():
+                module = f"model.layers.{layer}.{group}.{name}"
+                tensors[f"{module}.weight"] = torch.randn(shape) * 0.02
+                adapter[f"base_model.model.{module}.lora_A.weight"] = torch.randn(8, shape[1])
+                adapter[f"base_model.model.{module}.lora_B.weight"] = torch.randn(shape[0], 8)
+        shard = f"model-{layer + 1:05d}-of-00009.safetensors"
+        save_file(tensors, base / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+    last = "model-00009-of-00009.safetensors"  # embeddings and head: 2 x 4096 x 512 x 4 bytes = 16.8 MB
+    extra = {
+        "model.embed_tokens.weight": torch.randn(4096, h),
+        "lm_head.weight": torch.randn(4096, h),
+        "model.norm.weight": torch.ones(h),
+    }
+    save_file(extra, base / last, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(extra, last))
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "adapter").mkdir()
+    save_file(adapter, tmp_path / "adapter" / "adapter_model.safetensors")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"r": 8, "lora_alpha": 16, "peft_type": "LORA"})
+    )
+    total_mb = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 2**20
+    largest_shard_mb = max(p.stat().st_size for p in base.glob("*.safetensors")) / 2**20
+
+    script = RSS_SCRIPT.format(root=str(ROOT))
+    command = [sys.executable, "-c", script, str(base), str(tmp_path / "adapter"), str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    grew = measured["after"] - measured["before"]
+    assert measured["shards"] == 9 and total_mb > 90
+    # Streaming holds one tensor (+ its fp32 update) at a time: far below the model, below the largest shard.
+    assert grew < largest_shard_mb, (grew, largest_shard_mb, total_mb)

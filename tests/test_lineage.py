@@ -1,0 +1,211 @@
+"""MLflow lineage: dataset inputs, lineage tags, environment, registry, `runs`; local SQLite and a real server."""
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def client(trained_run):
+    from mlflow.tracking import MlflowClient
+
+    uri = trained_run.summary["tracking_uri"]
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_each_split_is_a_dataset_input_with_its_contract(trained_run, tiny_assets, client):
+    inputs = client.get_run(trained_run.mlflow_run_id).inputs.dataset_inputs
+    by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i for i in inputs}
+    assert set(by_context) == {"train", "eval"}
+    for split in ("train", "eval"):
+        dataset, tags = by_context[split].dataset, {t.key: t.value for t in by_context[split].tags}
+        path = tiny_assets["data"] / f"{split}.jsonl"
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert dataset.digest == sha[:32] and json.loads(dataset.source)["uri"] == str(path.resolve())
+        profile = json.loads(dataset.profile)
+        assert profile["rows_in"] == profile["rows_accepted"] + profile["rows_quarantined"] > 0
+        assert profile["sha256"] == sha
+        columns = {c["name"]: c["type"] for c in json.loads(dataset.schema)["mlflow_colspec"]}
+        assert columns["note"] == "string" and columns["codes"]["type"] == "array"
+        assert tags["contract.name"] == "medical_coding" and tags["contract.report"] == "validation/report.json"
+
+
+def test_lineage_tags_and_environment(trained_run, tiny_assets, client):
+    from pipeline import __version__
+
+    run = client.get_run(trained_run.mlflow_run_id)
+    tags = run.data.tags
+    assert tags["pipeline.version"] == __version__
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert tags["pipeline.git_commit"].removesuffix("+dirty") == head
+    weights = hashlib.sha256((tiny_assets["model"] / "model.safetensors").read_bytes()).hexdigest()
+    assert tags["base_model.weights_sha256"] == hashlib.sha256(f"model.safetensors:{weights}".encode()).hexdigest()
+    assert tags["base_model"] == str(tiny_assets["model"]) and tags["base_model.revision"] == "local"
+    assert tags["base_model.license"] == "apache-2.0" and tags["eval.main_metric"] == "micro_f1"
+    assert tags["env.cuda"]  # "None" on a CPU-only torch build, the CUDA version otherwise
+    environment = json.loads((trained_run.run_dir / "environment.json").read_text())
+    assert any(p.lower().startswith("torch==") for p in environment["packages"])
+    assert {"python", "cuda_version", "gpus", "platform"} <= set(environment)
+    assert "environment.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def test_adapter_is_a_registered_model_version_with_metrics_and_lineage(trained_run, client):
+    (version,) = client.search_model_versions("name='tiny'")
+    assert version.run_id == trained_run.mlflow_run_id and version.source.endswith("/adapter")
+    assert float(version.tags["eval.finetuned.micro_f1"]) == trained_run.metrics["finetuned"]["micro_f1"]
+    assert version.tags["base_model.weights_sha256"] and version.tags["kind"] == "adapter"
+    assert trained_run.summary["registered_model"] == {"name": "tiny", "version": str(version.version)}
+    files = os.listdir(client.download_artifacts(trained_run.mlflow_run_id, "adapter"))
+    assert "adapter_model.safetensors" in files
+
+
+def _runs_cli(*args: str, uri: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "runs", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+    )
+
+
+def _fake_evaluated_run(uri: str, tmp_path, comparison: dict | None) -> str:
+    """A run as train + evaluate leave it: eval.<system>.<metric> metrics and eval/metrics.json."""
+    from pipeline.recipe import load_recipe
+    from pipeline.tracking import LineageTracker
+
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"tracking.uri={uri}", "tracking.experiment=cmp"])
+    tracker = LineageTracker(recipe, run_name="with-baseline", run_dir=tmp_path)
+    systems = {"base": {"micro_f1": 0.05}, "finetuned": {"micro_f1": 0.8}, "baseline": {"micro_f1": 0.7}}
+    for system, values in systems.items():
+        tracker.log_metrics({f"eval.{system}.{k}": v for k, v in values.items()})
+    metrics = {"main_metric": "micro_f1", "systems": systems, "per_label": {}}
+    if comparison:
+        metrics["comparison"] = comparison
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    tracker.log_artifact(tmp_path / "eval")
+    tracker.end()
+    return tracker.run_id
+
+
+def test_runs_lists_each_system_main_metric_and_the_verdict(trained_run, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'cmp.db'}"
+    comparison = {"metric": "micro_f1", "a": "finetuned", "b": "baseline", "difference": 0.1, "ci95": [0.02, 0.18]}
+    run_id = _fake_evaluated_run(uri, tmp_path, {**comparison, "verdict": "better"})
+    result = _runs_cli(uri=uri)
+    assert result.returncode == 0, result.stderr[-2000:]
+    header, line = result.stdout.strip().splitlines()
+    assert header.split()[-5:] == ["base", "finetuned", "baseline", "vs", "baseline"]
+    assert run_id[:12] in line and "0.050" in line and "0.800" in line and "0.700" in line
+    assert line.endswith("better (+0.100)")
+
+    # The session's trained run has no baseline: said so, not left blank or crashed.
+    trained = _runs_cli(uri=trained_run.summary["tracking_uri"])
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    row = next(x for x in trained.stdout.splitlines() if x.startswith(trained_run.mlflow_run_id[:12]))
+    assert f"{trained_run.metrics['finetuned']['micro_f1']:.3f}" in row and row.endswith("no baseline")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on a free loopback port, with proxied artifacts; stopped after the module."""
+    root = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    log = (root / "server.log").open("w")
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--workers", "1"]
+    command += ["--artifacts-destination", str(root / "artifacts")]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.read().decode().strip() == "OK":
+                        break
+            except OSError:
+                assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
+                time.sleep(1)
+        else:
+            pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_remote_server_gets_params_within_limits_inputs_tags_and_a_registered_version(
+    mlflow_server, trained_run, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.contracts import load_contract
+    from pipeline.recipe import load_recipe
+    from pipeline.tracking import MAX_PARAM_VALUE, LineageTracker, dataset_inputs, params_for
+
+    recipe = load_recipe(
+        trained_run.run_dir / "recipe.resolved.yaml",
+        [f"tracking.uri={mlflow_server}", "tracking.experiment=remote", "description=" + "y" * 9000],
+    )
+    tracker = LineageTracker(recipe, run_name="remote-run", run_dir=tmp_path)
+    assert not tracker.offline and tracker.uri == mlflow_server
+    many = {f"extra.{'k' * 300}{i}": "v" * 7000 for i in range(150)}  # long keys and values, over 100 per batch
+    tracker.log_params({**params_for(recipe), **many})
+    report = json.loads((trained_run.run_dir / "validation" / "report.json").read_text())
+    tracker.log_inputs(dataset_inputs(report, load_contract(recipe.data.contract)))
+    tracker.set_tags({"base_model": recipe.model.path, "eval.main_metric": "micro_f1"})
+    tracker.log_metrics({"eval.finetuned.micro_f1": 0.5, "eval.base.micro_f1": 0.25})
+    tracker.log_artifact(trained_run.run_dir / "adapter")
+    version = tracker.register("remote-tiny", "adapter", {"eval.finetuned.micro_f1": "0.5"})
+    tracker.end()
+    assert not tracker.offline and version == "1"
+
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    run = client.get_run(tracker.run_id)
+    assert len(run.data.params) == len(params_for(recipe)) + 150
+    assert all(len(v) <= MAX_PARAM_VALUE and len(k) <= 250 for k, v in run.data.params.items())
+    assert run.data.params["description"].endswith("[truncated]")
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"train:train.jsonl", "eval:eval.jsonl"}
+    (registered,) = client.search_model_versions("name='remote-tiny'")
+    assert registered.run_id == tracker.run_id and registered.tags["eval.finetuned.micro_f1"] == "0.5"
+    local = client.download_artifacts(tracker.run_id, "adapter", str(tmp_path / "download"))
+    assert "adapter_model.safetensors" in os.listdir(local)
+
+    listed = _runs_cli(uri=mlflow_server)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert any(line.startswith(tracker.run_id[:12]) and "0.500" in line for line in listed.stdout.splitlines())
+
+
+def test_runs_reads_the_store_and_experiment_of_a_recipe(mlflow_server, tmp_path, tiny_recipe_data):
+    from conftest import write_recipe
+
+    recipe = write_recipe(
+        tmp_path / "r.yaml", {**tiny_recipe_data, "tracking": {"uri": mlflow_server, "experiment": "remote"}}
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "runs", str(recipe)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "remote-run" in result.stdout
