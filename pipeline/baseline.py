@@ -182,23 +182,22 @@ def run_baseline(
     allowed, reason = egress_decision(settings, allowed_hosts)
     if not allowed:
         return skipped(reason)
-    api_key = os.environ.get(key_env(settings), "")
-    if not api_key:
-        return skipped(f"the environment variable {key_env(settings)} (baseline.api_key_env) is not set or empty")
-
     shots = few_shot_rows(train_rows, settings.few_shot, seed)
-    caller = _Caller(settings, api_key, Path(cache_dir))
     params = request_params(settings)
     jobs = []
     outputs: list[dict[str, Any] | None] = [None] * len(rows)
     for index, row in enumerate(rows):
         messages = build_messages(task, row, shots)
         key = request_key(settings.provider, settings.model, messages, params)
-        cached = caller.cached(key)
+        cached = cached_answer(Path(cache_dir), key)
         if cached is not None:
             outputs[index] = cached
         else:
             jobs.append((index, key, messages))
+    api_key = os.environ.get(key_env(settings), "")
+    if jobs and not api_key:  # a fully cached re-run needs no key
+        return skipped(f"the environment variable {key_env(settings)} (baseline.api_key_env) is not set or empty")
+    caller = _Caller(settings, api_key, Path(cache_dir))
     print(
         f"Baseline {settings.provider}/{settings.model} at {summary['host']}: {len(rows) - len(jobs)} answers "
         f"cached, {len(jobs)} to request ({settings.max_concurrency} at a time)",
@@ -207,7 +206,8 @@ def run_baseline(
     started = time.perf_counter()
     sent: list[dict[str, Any]] = []
     if jobs:
-        with ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="baseline") as pool:
+        pool = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="baseline")
+        try:
             futures = {pool.submit(caller.ask, key, messages): (index, key) for index, key, messages in jobs}
             done = 0
             for future in as_completed(futures):
@@ -230,6 +230,9 @@ def run_baseline(
                         f"{time.perf_counter() - started:.1f}s)",
                         flush=True,
                     )
+        finally:
+            # On Ctrl-C, drop the queued requests instead of sending them; answers already in are cached.
+            pool.shutdown(wait=False, cancel_futures=True)
     if sent and shots:
         sent += [
             {
@@ -282,6 +285,18 @@ def _append_sent_log(path: Path, sent: list[dict[str, Any]]) -> int:
     return len({(s["split"], s["row_sha256"]) for s in existing})
 
 
+def cached_answer(cache_dir: Path, key: str) -> dict[str, Any] | None:
+    """The cached answer for a request hash, or None (an unreadable cache file counts as absent)."""
+    path = cache_dir / f"{key}.json"
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return {**entry["answer"], "attempts": 0, "cached": True}
+
+
 class _Caller:
     """One SDK client, the cache, and the retry/failure accounting shared by the worker threads."""
 
@@ -299,22 +314,19 @@ class _Caller:
         else:
             import anthropic as sdk
         self.sdk = sdk
-        # max_retries=0: the SDK must not retry behind our back, every attempt is counted here.
-        self.client = sdk.OpenAI if settings.provider == "openai" else sdk.Anthropic
-        self.client = self.client(
-            api_key=api_key, base_url=base_url(settings), max_retries=0, timeout=settings.timeout_s
-        )
+        self._client: Any = None
 
-    def cached(self, key: str) -> dict[str, Any] | None:
-        """A cached answer for a request hash, or None (an unreadable cache file counts as absent)."""
-        path = self.cache_dir / f"{key}.json"
-        if not path.is_file():
-            return None
-        try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            return None
-        return {**entry["answer"], "attempts": 0, "cached": True}
+    @property
+    def client(self) -> Any:
+        """The SDK client, made on the first request (a fully cached re-run needs neither client nor key)."""
+        with self._lock:
+            if self._client is None:
+                make = self.sdk.OpenAI if self.settings.provider == "openai" else self.sdk.Anthropic
+                # max_retries=0: the SDK must not retry behind our back, every attempt is counted here.
+                self._client = make(
+                    api_key=self._key, base_url=base_url(self.settings), max_retries=0, timeout=self.settings.timeout_s
+                )
+            return self._client
 
     def ask(self, key: str, messages: list[dict[str, str]]) -> dict[str, Any]:
         """One example: attempts with backoff until an answer, a final failure, or the budget runs out."""

@@ -151,6 +151,10 @@ def test_cache_means_a_second_run_sends_zero_requests(provider, serve, tmp_path)
     assert len(server.requests) == 5  # nothing new was sent
     assert second.summary["requests_sent"] == 0 and second.summary["answers_from_cache"] == 5
     assert [o["text"] for o in second.outputs] == [o["text"] for o in first.outputs]
+    # A fully cached re-run needs no key at all.
+    os.environ.pop(KEY_ENV)
+    assert run(settings(server), rows, tmp_path).summary["answers_from_cache"] == 5
+    os.environ[KEY_ENV] = KEY
     # A different parameter is a different request: nothing is served from a stale cache.
     run(settings(server, max_tokens=17), rows[:1], tmp_path)
     assert len(server.requests) == 6
