@@ -25,6 +25,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,47 +183,39 @@ def run_baseline(
     allowed, reason = egress_decision(settings, allowed_hosts)
     if not allowed:
         return skipped(reason)
-    api_key = os.environ.get(key_env(settings), "")
-    if not api_key:
-        return skipped(f"the environment variable {key_env(settings)} (baseline.api_key_env) is not set or empty")
-
     shots = few_shot_rows(train_rows, settings.few_shot, seed)
-    caller = _Caller(settings, api_key, Path(cache_dir))
     params = request_params(settings)
     jobs = []
     outputs: list[dict[str, Any] | None] = [None] * len(rows)
     for index, row in enumerate(rows):
         messages = build_messages(task, row, shots)
         key = request_key(settings.provider, settings.model, messages, params)
-        cached = caller.cached(key)
+        cached = cached_answer(Path(cache_dir), key)
         if cached is not None:
             outputs[index] = cached
         else:
             jobs.append((index, key, messages))
+    api_key = os.environ.get(key_env(settings), "")
+    if jobs and not api_key:  # a fully cached re-run needs no key
+        return skipped(f"the environment variable {key_env(settings)} (baseline.api_key_env) is not set or empty")
+    log = _SentLog(Path(eval_dir) / SENT_LOG, shots)
+    caller = _Caller(settings, api_key, Path(cache_dir))
     print(
         f"Baseline {settings.provider}/{settings.model} at {summary['host']}: {len(rows) - len(jobs)} answers "
         f"cached, {len(jobs)} to request ({settings.max_concurrency} at a time)",
         flush=True,
     )
     started = time.perf_counter()
-    sent: list[dict[str, Any]] = []
     if jobs:
-        with ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="baseline") as pool:
-            futures = {pool.submit(caller.ask, key, messages): (index, key) for index, key, messages in jobs}
+        pool = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="baseline")
+        try:
+            futures = {
+                pool.submit(caller.ask, key, messages, lambda i=index, k=key: log.eval_row(rows[i], k)): index
+                for index, key, messages in jobs
+            }
             done = 0
             for future in as_completed(futures):
-                index, key = futures[future]
-                outputs[index] = out = future.result()
-                if out["attempts"] > 0:
-                    sent.append(
-                        {
-                            "split": "eval",
-                            "id": rows[index].get("id"),
-                            "row": rows[index].get("_row"),
-                            "row_sha256": row_hash(rows[index]),
-                            "request_sha256": key,
-                        }
-                    )
+                outputs[futures[future]] = future.result()
                 done += 1
                 if done == len(jobs) or done % max(1, len(jobs) // 10) == 0:
                     print(
@@ -230,18 +223,9 @@ def run_baseline(
                         f"{time.perf_counter() - started:.1f}s)",
                         flush=True,
                     )
-    if sent and shots:
-        sent += [
-            {
-                "split": "train",
-                "id": s.get("id"),
-                "row": s.get("_row"),
-                "row_sha256": row_hash(s),
-                "request_sha256": None,
-            }
-            for s in shots
-        ]
-    total_sent = _append_sent_log(Path(eval_dir) / SENT_LOG, sent)
+        finally:
+            # On Ctrl-C, drop the queued requests instead of sending them; answers already in are cached.
+            pool.shutdown(wait=False, cancel_futures=True)
     final = [o for o in outputs if o is not None]
     failures: dict[str, int] = {}
     for out in final:
@@ -252,9 +236,9 @@ def run_baseline(
         {
             "status": "ok",
             "reason": "",
-            "rows_sent": sum(s["split"] == "eval" for s in sent),
-            "few_shot_rows_sent": sum(s["split"] == "train" for s in sent),
-            "rows_sent_all_runs": total_sent,
+            "rows_sent": log.eval_rows,
+            "few_shot_rows_sent": log.train_rows,
+            "rows_sent_all_runs": log.distinct_rows(),
             "sent_log": f"eval/{SENT_LOG}",
             "requests_sent": caller.requests,
             "answers_from_cache": sum(bool(o.get("cached")) for o in final),
@@ -270,16 +254,55 @@ def run_baseline(
     return BaselineResult("ok", "", final, summary)
 
 
-def _append_sent_log(path: Path, sent: list[dict[str, Any]]) -> int:
-    """Add this run's sent rows (with a timestamp) to the log; returns how many distinct rows were ever sent."""
-    existing = []
-    if path.is_file():
-        existing = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if sent:
+class _SentLog:
+    """``eval/baseline_sent.jsonl``: one line per row, written before its first request leaves.
+
+    Lines are appended and flushed one by one, so a row sent before an interruption is on record too. The
+    few-shot train rows are recorded once, before the first request of the run that carries them.
+    """
+
+    def __init__(self, path: Path, shots: list[dict[str, Any]]):
+        self.path, self.shots = path, shots
+        self.eval_rows = self.train_rows = 0
+        self._lock = threading.Lock()
+
+    def eval_row(self, row: dict[str, Any], request_key: str) -> None:
+        """Record an eval row about to be sent (called by the worker before its first attempt)."""
+        with self._lock:
+            if self.eval_rows == 0:
+                self._write([("train", shot, None) for shot in self.shots])
+                self.train_rows = len(self.shots)
+            self._write([("eval", row, request_key)])
+            self.eval_rows += 1
+
+    def _write(self, entries: list[tuple[str, dict[str, Any], str | None]]) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        existing += [{**s, "sent_at": stamp} for s in sent]
-        rundir.write_jsonl(path, existing)
-    return len({(s["split"], s["row_sha256"]) for s in existing})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            for split, row, key in entries:
+                record = {"split": split, "id": row.get("id"), "row": row.get("_row"), "row_sha256": row_hash(row)}
+                handle.write(json.dumps({**record, "request_sha256": key, "sent_at": stamp}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def distinct_rows(self) -> int:
+        """Distinct rows (split, hash) sent to the baseline from this run directory, over every evaluation."""
+        if not self.path.is_file():
+            return 0
+        lines = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return len({(e["split"], e["row_sha256"]) for e in lines})
+
+
+def cached_answer(cache_dir: Path, key: str) -> dict[str, Any] | None:
+    """The cached answer for a request hash, or None (an unreadable cache file counts as absent)."""
+    path = cache_dir / f"{key}.json"
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return {**entry["answer"], "attempts": 0, "cached": True}
 
 
 class _Caller:
@@ -299,31 +322,33 @@ class _Caller:
         else:
             import anthropic as sdk
         self.sdk = sdk
-        # max_retries=0: the SDK must not retry behind our back, every attempt is counted here.
-        self.client = sdk.OpenAI if settings.provider == "openai" else sdk.Anthropic
-        self.client = self.client(
-            api_key=api_key, base_url=base_url(settings), max_retries=0, timeout=settings.timeout_s
-        )
+        self._client: Any = None
 
-    def cached(self, key: str) -> dict[str, Any] | None:
-        """A cached answer for a request hash, or None (an unreadable cache file counts as absent)."""
-        path = self.cache_dir / f"{key}.json"
-        if not path.is_file():
-            return None
-        try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            return None
-        return {**entry["answer"], "attempts": 0, "cached": True}
+    @property
+    def client(self) -> Any:
+        """The SDK client, made on the first request (a fully cached re-run needs neither client nor key)."""
+        with self._lock:
+            if self._client is None:
+                make = self.sdk.OpenAI if self.settings.provider == "openai" else self.sdk.Anthropic
+                # max_retries=0: the SDK must not retry behind our back, every attempt is counted here.
+                self._client = make(
+                    api_key=self._key, base_url=base_url(self.settings), max_retries=0, timeout=self.settings.timeout_s
+                )
+            return self._client
 
-    def ask(self, key: str, messages: list[dict[str, str]]) -> dict[str, Any]:
-        """One example: attempts with backoff until an answer, a final failure, or the budget runs out."""
+    def ask(self, key: str, messages: list[dict[str, str]], before_first: Callable[[], None]) -> dict[str, Any]:
+        """One example: attempts with backoff until an answer, a final failure, or the budget runs out.
+
+        ``before_first`` runs once, just before the first request carrying the example leaves (the sent log).
+        """
         attempts = 0
         while True:
             with self._lock:
                 stop = self._stop_reason
             if stop is not None:
                 return self._fail(f"not_sent: {stop}", attempts)
+            if attempts == 0:
+                before_first()
             attempts += 1
             with self._lock:
                 self.requests += 1

@@ -366,11 +366,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"error: {args.recipe}: --systems baseline needs a baseline section in the recipe", file=sys.stderr)
         return EXIT_USAGE
     from pipeline.evaluate import RunNotFound, evaluate_existing
-    from pipeline.model import ModelNotFound
+    from pipeline.model import DeviceUnavailable, ModelNotFound
 
     try:
         result, run_dir, run_id = evaluate_existing(recipe, run, systems=systems, recipe_source=args.recipe)
-    except (RunNotFound, ModelNotFound) as exc:
+    except (RunNotFound, ModelNotFound, DeviceUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     from pipeline.tracking import tracking_uri

@@ -151,6 +151,10 @@ def test_cache_means_a_second_run_sends_zero_requests(provider, serve, tmp_path)
     assert len(server.requests) == 5  # nothing new was sent
     assert second.summary["requests_sent"] == 0 and second.summary["answers_from_cache"] == 5
     assert [o["text"] for o in second.outputs] == [o["text"] for o in first.outputs]
+    # A fully cached re-run needs no key at all.
+    os.environ.pop(KEY_ENV)
+    assert run(settings(server), rows, tmp_path).summary["answers_from_cache"] == 5
+    os.environ[KEY_ENV] = KEY
     # A different parameter is a different request: nothing is served from a stale cache.
     run(settings(server, max_tokens=17), rows[:1], tmp_path)
     assert len(server.requests) == 6
@@ -189,10 +193,15 @@ run_baseline(settings, get_task("medical_coding"), json.loads(sys.argv[2]), trai
         time.sleep(0.05)
     proc.kill()  # SIGKILL mid-run: no cleanup code runs
     proc.wait()
+    time.sleep(0.5)  # let a request that was already on the wire reach the server's log
     cached = len(list((tmp_path / "cache").glob("*.json")))
     before = {r["prompt"] for r in server.requests}
     assert 4 <= cached < 12, cached
     sent_before = len(server.requests)
+    # Every row that left before the kill is on record (logged before its request, not after the run).
+    logged = (tmp_path / "e" / "baseline_sent.jsonl").read_text().splitlines()
+    # (the row being sent at the kill may be logged without its request having left: one at most)
+    assert cached <= len(logged) and sent_before <= len(logged) <= sent_before + 1
 
     result = run(settings(server), rows, tmp_path)
     resumed = [r["prompt"] for r in server.requests[sent_before:]]
