@@ -416,6 +416,8 @@ def estimate_memory(
         inside["gradient buckets (DDP)"] = trainable * pb
 
     tokens = t.micro_batch_size * t.max_length
+    if fp32_norms is None:
+        fp32_norms = q.load_in_4bit
     layer, layer_input, dropout = layer_activation_bytes(dims, counts, recipe, fp32_norms)
     if t.gradient_checkpointing:
         stash = layer_input * layers * tokens  # each layer's input
@@ -424,7 +426,7 @@ def estimate_memory(
         stash = (layer + dropout) * layers * tokens
         recompute = layer * tokens
     if loss == "fused":
-        hidden_bytes = 4 if q.load_in_4bit else rest  # the final norm's weight is fp32 after k-bit preparation
+        hidden_bytes = 4 if fp32_norms else rest  # the final norm's output is fp32 when its weight is
         tile = min(tokens, FUSED_TILE[0]) * min(vocab, FUSED_TILE[1]) * rest
         loss_peak = tokens * (FUSED_HIDDEN_COPIES * hidden_bytes * h + FUSED_STATS_BYTES) + tile
     else:
