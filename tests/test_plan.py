@@ -463,3 +463,35 @@ def test_activation_terms_match_the_tensors_autograd_saves(case):
     else:
         cpu_mask_extra = 1 * (5 * 256 + 256 + 896)  # one more byte per adapted input feature
         assert per_layer == layer + dropout + cpu_mask_extra
+
+
+def test_meta_device_counts_an_architecture_the_analytic_count_does_not_know():
+    """Qwen3 (per-head q/k norms) is outside the analytic family: the meta count must equal a real model's."""
+    from peft import get_peft_model
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.model import lora_config
+    from pipeline.plan import transformers_config
+
+    config = {
+        "model_type": "qwen3",
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "vocab_size": 512,
+        "tie_word_embeddings": False,
+    }
+    recipe = load_recipe(QUICK, ["lora.r=8", "lora.modules_to_save=[]"])
+    assert "`plan --exact` counts any architecture" in make_plan(recipe, 1, config)["parameters_unknown"]
+    counts = make_plan(recipe, 1, config, exact=True)["parameters"]
+    assert counts["method"] == "meta-device"
+    real = AutoModelForCausalLM.from_config(transformers_config(config))  # real (CPU) weights, no quantization
+    assert counts["total"] == sum(p.numel() for p in real.parameters())
+    linear = sum(m.weight.numel() for n, m in real.named_modules() if type(m) is nn.Linear and n != "lm_head")
+    assert counts["quantized"] == linear
+    peft_model = get_peft_model(real, lora_config(recipe.lora))
+    assert counts["trainable"] == counts["lora"] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
