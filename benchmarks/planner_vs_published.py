@@ -48,27 +48,35 @@ def config_for(name: str | dict) -> dict:
     return config
 
 
-def needed(config: dict, overrides: list[str], loss: str, processes: int = 1, sharded: bool = False) -> float:
+def needed(
+    config: dict, overrides: list[str], loss: str, processes: int = 1, sharded: bool = False, fp32_norms: bool = True
+) -> float:
     """The planner's peak GiB per GPU for the medical-coding recipe with these overrides."""
     recipe = load_recipe(RECIPE, overrides)
     counts = count_parameters(config, recipe)
-    return estimate_memory(config, recipe, counts, processes=processes, sharded=sharded, loss=loss)["needed_gib"]
+    memory = estimate_memory(
+        config, recipe, counts, processes=processes, sharded=sharded, loss=loss, fp32_norms=fp32_norms
+    )
+    return memory["needed_gib"]
 
 
-def max_context(config: dict, overrides: list[str], loss: str, gib: float) -> int:
+def max_context(config: dict, overrides: list[str], loss: str, gib: float, fp32_norms: bool = True) -> int:
     """Longest max_length (micro-batch 1) whose estimate fits ``gib``, to the nearest 64 tokens."""
     low, high = 64, 262_144
     while high - low > 64:
         mid = (low + high) // 2 // 64 * 64
-        if needed(config, [*overrides, f"training.max_length={mid}"], loss) <= gib:
+        if needed(config, [*overrides, f"training.max_length={mid}"], loss, fp32_norms=fp32_norms) <= gib:
             low = mid
         else:
             high = mid
     return low
 
 
+# fp32_norms: whether the measured stack ran peft's k-bit preparation, which leaves the norms in fp32 (and so
+# the residual stream): the QLoRA reference code does; peft skips the upcast for GPTQ models, and FSDP-QLoRA
+# skips the preparation (TRL's "sharded QLoRA" check), keeping every layer in bf16.
 ROWS = [
-    # (label, config, overrides, published GiB or None, note, processes, sharded)
+    # (label, config, overrides, published GiB, note, processes, sharded, fp32_norms)
     (
         "QLoRA paper: LLaMA-65B, r=64 all linear, seq 512, bs 1, paged AdamW 32-bit, bf16 adapters",
         LLAMA1_65B,
@@ -77,6 +85,7 @@ ROWS = [
         "45.0 GB in the paper's memory figure (secondary transcription; headline: fits a 48 GB GPU)",
         1,
         False,
+        True,
     ),
     (
         "Qwen-72B Q-LoRA (GPTQ int4 base), r=64, seq 2048, bs 1, A100-80G",
@@ -85,6 +94,7 @@ ROWS = [
         64.1 * GB_TO_GIB,
         "64.1 GB measured (QwenLM/Qwen README); GPTQ base, not NF4: indicative only",
         1,
+        False,
         False,
     ),
     (
@@ -95,6 +105,7 @@ ROWS = [
         "68.0 GB measured; slope 3.9 GB per 2,048 tokens",
         1,
         False,
+        False,
     ),
     (
         "peft docs: Llama-2-70B FSDP-QLoRA, 2 GPUs, seq 2048 packed, bs 2, r=8",
@@ -104,6 +115,7 @@ ROWS = [
         "35.6 GB per GPU without CPU offload (huggingface/peft docs/source/accelerate/fsdp.md)",
         2,
         True,
+        False,
     ),
     (
         "philschmid: Llama-3-70B FSDP-QLoRA, 2 GPUs, seq 3072, bs 1, r=16",
@@ -113,6 +125,7 @@ ROWS = [
         '"FSDP + Q-Lora needs ~2x40GB GPUs" (an envelope, not a measurement)',
         2,
         True,
+        False,
     ),
 ]
 
@@ -125,10 +138,10 @@ def main() -> None:
     header = "| Published setup | Published (GiB) | Planner, full-logits loss (GiB) | error | Planner, TRL fused head |"
     print(header + " Note |")
     print("|---|---|---|---|---|---|")
-    for label, name, overrides, published, note, processes, sharded in ROWS:
+    for label, name, overrides, published, note, processes, sharded, fp32_norms in ROWS:
         config = config_for(name)
-        full = needed(config, overrides, "full_logits", processes, sharded)
-        fused = needed(config, overrides, "fused", processes, sharded)
+        full = needed(config, overrides, "full_logits", processes, sharded, fp32_norms)
+        fused = needed(config, overrides, "fused", processes, sharded, fp32_norms)
         error = f"{(full - published) / published:+.0%}" if published else "-"
         print(f"| {label} | {published:.1f} | {full:.1f} | {error} | {fused:.1f} | {note} |")
     llama70 = config_for("meta-llama/Llama-3.3-70B-Instruct")

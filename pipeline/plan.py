@@ -98,7 +98,9 @@ def count_parameters(config: dict[str, Any], recipe: Recipe) -> dict[str, int]:
         ``total`` (base), ``quantized`` (decoder linear weights stored in 4 bits, 0 for a 16-bit base),
         ``kept_16bit`` (everything else in the base), ``vectors`` (the 1-D part of kept_16bit: norms and
         biases), ``trainable`` (LoRA + modules_to_save), ``lora``, ``largest_linear`` (weights of the
-        biggest linear layer) and ``adapted_inputs`` (sum of in_features over adapted layers, all layers).
+        biggest linear layer), and for the activation estimate, summed over all layers: ``adapted_inputs``
+        (in_features of adapted layers), ``adapted_output_inputs`` (the same for the attention output
+        projection, whose input is already bf16) and ``adapted_modules`` (how many layers are adapted).
 
     Raises:
         ValueError: For an architecture outside the Llama family.
@@ -146,6 +148,8 @@ def count_parameters(config: dict[str, Any], recipe: Recipe) -> dict[str, int]:
         "trainable": lora + full,
         "largest_linear": max(i * o for i, o in shapes.values()),
         "adapted_inputs": layers * sum(shapes[n][0] for n in adapted),
+        "adapted_output_inputs": layers * shapes["o_proj"][0] if "o_proj" in adapted else 0,
+        "adapted_modules": layers * len(adapted),
     }
 
 
@@ -227,11 +231,8 @@ def count_parameters_meta(config: dict[str, Any], recipe: Recipe) -> dict[str, i
         peft_model = get_peft_model(model, lora_config(recipe.lora))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
-    adapted_inputs = sum(
-        m.in_features
-        for n, m in peft_model.named_modules()
-        if n.endswith("lora_A.default") and hasattr(m, "in_features")
-    )
+    lora_a = {n: m.in_features for n, m in peft_model.named_modules() if n.endswith("lora_A.default")}
+    output_projection = ("o_proj.", "out_proj.")  # the attention output projection: its input is bf16
     return {
         "total": total,
         "quantized": quantized,
@@ -240,7 +241,9 @@ def count_parameters_meta(config: dict[str, Any], recipe: Recipe) -> dict[str, i
         "lora": lora,
         "trainable": trainable,
         "largest_linear": largest,
-        "adapted_inputs": adapted_inputs,
+        "adapted_inputs": sum(lora_a.values()),
+        "adapted_output_inputs": sum(v for n, v in lora_a.items() if any(p in n for p in output_projection)),
+        "adapted_modules": len(lora_a),
     }
 
 
@@ -260,13 +263,20 @@ DEQUANT_SLACK = 1.1  # the largest linear dequantized to 16 bits for its matmul,
 # torch's AdamW: two states in the parameter's dtype (the "2 x" is applied to the parameter bytes below).
 OPTIMIZER_STATE_BYTES = {"paged_adamw_8bit": 2 + 8 / 256, "adamw_8bit": 2 + 8 / 256, "paged_adamw_32bit": 8}
 PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")  # states in CUDA unified memory, outside PyTorch
-# Saved activations of one decoder layer, bytes per token (stock transformers Llama layer, bf16 autocast,
-# norms in fp32 after k-bit preparation, SDPA/flash attention): fp32 inputs of the two RMSNorms (2 x 4h),
-# their bf16 outputs (2 x 2h), q and attention output (2 x 2 q_dim), k and v (2 x 2 kv_dim), SwiGLU's gate, up,
-# silu(gate) and product (4 x 2 I): 12 h + 4 q_dim + 4 kv_dim + 8 I. Llama-3-70B: 44.5 h.
-# Backward of that layer needs about as much again for its gradients (the reference's 89 h per token).
+# Saved activations of one decoder layer, bytes per token (docs/planner.md section 3, measured on the CPU by
+# tests/test_plan.py with saved-tensor hooks). k-bit preparation leaves the RMSNorm weights in fp32, so each
+# norm's output is fp32, bitsandbytes returns a 4-bit layer's output in its input's dtype, and everything
+# downstream of a norm runs in fp32 except what autocast casts to bf16 for a matmul: the residual stream after
+# the first MLP is fp32 (a checkpointed layer keeps a 4h input), the norms keep their fp32 inputs (2 x 4h),
+# attention keeps bf16 q, k, v and its output (4 q_dim + 4 kv_dim), SwiGLU keeps gate, silu(gate) and up in
+# fp32 (3 x 4 I), and each adapted layer with an fp32 input keeps its own bf16 copy for lora_A (2 bytes per
+# input feature: q, k, v, gate, up, down; not o_proj, whose input is the bf16 attention output), plus lora_B's
+# r-wide bf16 input, two rsqrt and one logsumexp per head in fp32. Llama-3-70B, all-linear: 71.5 h per token.
+# A 16-bit base has no fp32 norms: the all-bf16 layer keeps 12 h + 4 q_dim + 4 kv_dim + 8 I (44.5 h) and a
+# checkpointed layer a 2h input (the research note's figures).
+# Backward of that layer needs about as much again for its gradients (the research note's factor).
 LAYER_BACKWARD_FACTOR = 2
-LORA_DROPOUT_BYTES = 3  # per adapted input feature: the dropped-out bf16 copy (2) and its mask (1)
+DROPOUT_MASK_BYTES = 1  # torch.native_dropout's bool mask on CUDA, per adapted input feature (the CPU keeps 2)
 EAGER_ATTENTION_BYTES = 8  # per head per key per token: bf16 scores (2) + fp32 softmax (4) + bf16 probabilities (2)
 FULL_LOGIT_BYTES = 22  # per vocab entry per token at the loss when the full logits exist (reference section 2.4)
 # TRL's fused LM head (trl>=1.x, what `pipeline train` runs) never materializes the logits: it scores tiles of
@@ -290,6 +300,40 @@ def architecture(config: dict[str, Any]) -> dict[str, int]:
         "q_dim": heads * d,
         "kv_dim": (config.get("num_key_value_heads") or heads) * d,
     }
+
+
+def layer_activation_bytes(
+    dims: dict[str, int], counts: dict[str, int], recipe: Recipe, fp32_norms: bool | None = None
+) -> tuple[float, float, float]:
+    """Per token: one layer's saved activations, a checkpointed layer's input, and lora_dropout's extra.
+
+    See the comment above ``LAYER_BACKWARD_FACTOR`` for where each term comes from.
+    """
+    h, q_dim, kv_dim, inter, layers = (
+        dims["hidden"],
+        dims["q_dim"],
+        dims["kv_dim"],
+        dims["intermediate"],
+        dims["layers"],
+    )
+    if fp32_norms is None:
+        fp32_norms = recipe.quantization.load_in_4bit
+    attention = 4 * q_dim + 4 * kv_dim
+    if fp32_norms:
+        lora_copies = 2 * (counts["adapted_inputs"] - counts["adapted_output_inputs"])
+        lora_b_inputs = 2 * recipe.lora.r * counts["adapted_modules"]
+        layer = 8 * h + attention + 12 * inter + (lora_copies + lora_b_inputs) / layers + 2 * 4 + 4 * dims["heads"]
+        layer_input = 4 * h
+    else:
+        layer = 12 * h + attention + 8 * inter
+        layer_input = 2 * h
+    if recipe.model.attn_implementation == "eager":
+        layer += dims["heads"] * recipe.training.max_length * EAGER_ATTENTION_BYTES
+    dropout = 0.0
+    if recipe.lora.dropout > 0:
+        # a mask per adapted input feature; o_proj's bf16 input gets a new dropped-out copy for lora_A
+        dropout = (DROPOUT_MASK_BYTES * counts["adapted_inputs"] + 2 * counts["adapted_output_inputs"]) / layers
+    return layer, layer_input, dropout
 
 
 def adapter_bytes(recipe: Recipe) -> int:
@@ -316,6 +360,7 @@ def estimate_memory(
     sharded: bool = False,
     loss: str = "fused",
     param_bytes: int | None = None,
+    fp32_norms: bool | None = None,
 ) -> dict[str, Any]:
     """Peak GPU memory of one training process, by component (GiB).
 
@@ -330,6 +375,8 @@ def estimate_memory(
         loss: ``"fused"`` (TRL's chunked LM head, what ``pipeline train`` runs) or ``"full_logits"``
             (transformers' own loss, the reference note's "stock path").
         param_bytes: Bytes per trainable parameter; ``adapter_bytes(recipe)`` when not given.
+        fp32_norms: Norm weights in fp32 (what k-bit preparation leaves): fp32 residual stream and norm
+            outputs. Default: true for a 4-bit base; false reproduces the research note's all-bf16 layer.
 
     Returns:
         ``components_gib`` (every term), ``allocated_gib`` (what ``torch.cuda.max_memory_allocated`` should
@@ -369,18 +416,17 @@ def estimate_memory(
         inside["gradient buckets (DDP)"] = trainable * pb
 
     tokens = t.micro_batch_size * t.max_length
-    layer = 12 * h + 4 * dims["q_dim"] + 4 * dims["kv_dim"] + 8 * dims["intermediate"]
-    if recipe.model.attn_implementation == "eager":
-        layer += dims["heads"] * t.max_length * EAGER_ATTENTION_BYTES
-    dropout = LORA_DROPOUT_BYTES * counts["adapted_inputs"] / layers if recipe.lora.dropout > 0 else 0
+    if fp32_norms is None:
+        fp32_norms = q.load_in_4bit
+    layer, layer_input, dropout = layer_activation_bytes(dims, counts, recipe, fp32_norms)
     if t.gradient_checkpointing:
-        stash = 2 * h * layers * tokens  # each layer's bf16 input
+        stash = layer_input * layers * tokens  # each layer's input
         recompute = (LAYER_BACKWARD_FACTOR * layer + dropout) * tokens
     else:
         stash = (layer + dropout) * layers * tokens
         recompute = layer * tokens
     if loss == "fused":
-        hidden_bytes = 4 if q.load_in_4bit else rest  # the final norm's weight is fp32 after k-bit preparation
+        hidden_bytes = 4 if fp32_norms else rest  # the final norm's output is fp32 when its weight is
         tile = min(tokens, FUSED_TILE[0]) * min(vocab, FUSED_TILE[1]) * rest
         loss_peak = tokens * (FUSED_HIDDEN_COPIES * hidden_bytes * h + FUSED_STATS_BYTES) + tile
     else:

@@ -100,7 +100,7 @@ def probe(
     import torch
 
     from pipeline.env import package_version
-    from pipeline.model import attach_lora, build_random_base, count_4bit_linear
+    from pipeline.model import count_4bit_linear
     from pipeline.plan import find_model_config, make_plan
     from pipeline.recipe import load_recipe
 
@@ -150,23 +150,8 @@ def probe(
             free, total = torch.cuda.mem_get_info(device)
             result["device_used_at_start_gib"] = round((total - free) / gib, 3)
             torch.cuda.reset_peak_memory_stats(device)
-        base = build_random_base(config, recipe, device, seed=t.seed)
-        result["linear4bit_layers"] = count_4bit_linear(base)
-        if t.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = attach_lora(base, recipe)
-        # What TRL's SFTTrainer does next (trl/trainer/sft_trainer.py): input gradients for checkpointing with
-        # peft, the adapter of a quantized model in bf16, and its fused LM head.
-        if t.gradient_checkpointing:
-            model.enable_input_require_grads()
-        if recipe.quantization.load_in_4bit and recipe.quantization.compute_dtype != "float32":
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.to(torch.bfloat16)
-        if loss == "fused":
-            from trl.trainer.utils import add_fused_lm_head
-
-            add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+        model = training_model(config, recipe, device, loss)
+        result["linear4bit_layers"] = count_4bit_linear(model)
         result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         result["static_bytes"] = static_bytes(model, plan["memory"]["components_bytes"])
         result["build_s"] = round(time.perf_counter() - started, 2)
@@ -236,6 +221,36 @@ def probe(
                 "reserved_gib": round(torch.cuda.max_memory_reserved(device) / gib, 3),
             }
     return result
+
+
+def training_model(config: dict[str, Any], recipe: Any, device: str, loss: str = "fused") -> Any:
+    """The random 4-bit base prepared exactly as ``pipeline train`` prepares a real one.
+
+    ``build_random_base`` (4-bit layers filled on the device), gradient checkpointing (non-reentrant),
+    ``attach_lora`` (k-bit preparation, the recipe's LoRA); then what TRL's SFTTrainer does
+    (trl/trainer/sft_trainer.py): input gradients for checkpointing with peft, the adapter of a quantized model
+    in bf16, and its fused LM head (``loss="fused"``).
+    """
+    import torch
+
+    from pipeline.model import attach_lora, build_random_base
+
+    t = recipe.training
+    base = build_random_base(config, recipe, device, seed=t.seed)
+    if t.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = attach_lora(base, recipe)
+    if t.gradient_checkpointing:
+        model.enable_input_require_grads()
+    if recipe.quantization.load_in_4bit and recipe.quantization.compute_dtype != "float32":
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+    if loss == "fused":
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+    return model
 
 
 def static_bytes(model: Any, planned: dict[str, int]) -> dict[str, dict[str, int]]:
