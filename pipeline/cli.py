@@ -484,17 +484,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except VerificationFailed as exc:
         print(f"error: export verification failed: {exc}", file=sys.stderr)
+        _export_context(exc.report)
         return EXIT_FAILED
-    _CONTEXT.update(
-        run_dir=Path(report["out"]),  # the audit entry hashes the exported files
-        mlflow_run_id=report["mlflow_run_id"],
-        license_acknowledged=report["license_acknowledgment"],
-    )
+    _export_context(report)
     where = report.get("merged_dir") or report["adapter_dir"]
     print(
         f"Export: {where}  report: {Path(report['out']) / 'export_report.json'}  MLflow run: {report['mlflow_run_id']}"
     )
     return EXIT_OK
+
+
+def _export_context(report: dict) -> None:
+    """The export's audit entry: its files are hashed, and the license acknowledgment is recorded."""
+    _CONTEXT.update(
+        run_dir=Path(report["out"]),
+        mlflow_run_id=report["mlflow_run_id"],
+        license_acknowledged=report["license_acknowledgment"],
+    )
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

@@ -60,7 +60,11 @@ class ExportInputError(Exception):
 
 
 class VerificationFailed(Exception):
-    """The merged model does not behave like base-in-4-bit + adapter (exit code 1)."""
+    """The merged model does not behave like base-in-4-bit + adapter (exit code 1); ``report`` is the export's."""
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,6 +434,7 @@ def stream_merge(
         for name, code, _ in entries:
             weight_map[name] = shard.name
             dtypes[code] = dtypes.get(code, 0) + 1
+        _release_freed_memory()
         print(f"  merged shard {number}/{len(shards)} {shard.name} ({time.time() - started:.0f}s)", flush=True)
     missing = sorted(pending_lora) + sorted(pending_replaced)
     if missing:
@@ -451,6 +456,21 @@ def stream_merge(
         "seconds": round(time.time() - started, 2),
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap memory back to the OS between shards (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc serves allocations below its dynamic mmap threshold (up to 32 MB) from the heap and keeps them after
+    they are freed, so on a model with mid-sized tensors RSS would creep upward shard after shard.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_rss_mb() -> float:
@@ -998,7 +1018,8 @@ def export_run(
             f"the merged model agrees with base-in-4-bit + adapter on {verification['next_token_agreement']:.2%} of "
             f"next tokens, below export.min_next_token_agreement {verification['min_next_token_agreement']:.2%}. "
             f"Report: {out / 'export_report.json'}. Try --merge-base dequantized (the weights the adapter was trained "
-            "against), or check that model.path is the base the adapter was trained on."
+            "against), or check that model.path is the base the adapter was trained on.",
+            report,
         )
     return report
 

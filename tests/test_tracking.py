@@ -139,6 +139,7 @@ def test_unreachable_tracking_server_does_not_stop_training_and_sync_uploads_lat
     result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("is unreachable") == 1  # told once, clearly
+    assert "Base model license: Apache License 2.0" in result.stdout  # train prints the license obligations
     pending = tmp_path / "run" / "tracking" / "pending.jsonl"
     ops = [json.loads(line)["op"] for line in pending.read_text().splitlines()]
     assert ops[0] == "start" and "params" in ops and "metrics" in ops and ops[-1] == "end"
