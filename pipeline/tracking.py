@@ -63,7 +63,10 @@ class Tracker:
     they are in the run directory anyway) and ``python -m pipeline sync RUN_DIR`` replays it later.
     """
 
-    def __init__(self, recipe: Recipe, run_name: str, run_dir: str | Path | None = None):
+    def __init__(
+        self, recipe: Recipe, run_name: str, run_dir: str | Path | None = None, resume_run_id: str | None = None
+    ):
+        """Start the run, or reopen ``resume_run_id`` (``train --resume``) when the store has it."""
         self.enabled = recipe.tracking.enabled
         self.run_id: str | None = None
         self.uri = tracking_uri(recipe)
@@ -76,7 +79,9 @@ class Tracker:
         try:
             _probe(self.uri)
             self._client = _client(self.uri)
-            self.run_id = start_run(self._client, self.uri, self._experiment, run_name)
+            self.run_id = reopen_run(self._client, resume_run_id) if resume_run_id else None
+            if self.run_id is None:
+                self.run_id = start_run(self._client, self.uri, self._experiment, run_name)
         except Exception as exc:  # noqa: BLE001 - any store failure must not stop training
             self._go_offline(exc)
 
@@ -161,6 +166,21 @@ def start_run(client: Any, uri: str, experiment: str, run_name: str) -> str:
     else:
         experiment_id = found.experiment_id
     return client.create_run(experiment_id, run_name=run_name).info.run_id
+
+
+def reopen_run(client: Any, run_id: str) -> str | None:
+    """Mark an existing run RUNNING again (a resumed training run); None when this store does not have it.
+
+    A run killed with ``kill -9`` never closed itself, so MLflow still shows it RUNNING (or FAILED after a
+    clean interruption); resuming continues the same run: its metrics go on from the checkpoint's step and it
+    ends FINISHED or FAILED like any other run.
+    """
+    try:
+        client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - a different store, or the run was deleted: start a new one
+        return None
+    client.update_run(run_id, status="RUNNING")
+    return run_id
 
 
 def apply_op(client: Any, run_id: str | None, kind: str, payload: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ def test_help_is_fast_and_imports_no_heavy_library():
         "pipeline.tasks",
         "pipeline.data",
         "pipeline.privacy",
+        "pipeline.checkpoints",
     ],
 )
 def test_light_modules_import_no_heavy_library(module):
