@@ -319,11 +319,15 @@ def _train(
         if trainer.is_fsdp_enabled:
             # Checkpoints are sharded (one file per rank, fast); the adapter is gathered whole, in PEFT's format.
             trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        trainer.save_model(str(out / "adapter"))  # rank 0 writes (the trainer checks); under FSDP every rank helps
+        # Written beside the run and renamed into place when complete: a crash never leaves an adapter/ that
+        # looks finished but is not. Rank 0 writes (the trainer checks); under FSDP every rank helps gather.
+        partial = out / ".adapter.partial"
+        trainer.save_model(str(partial))
         if not main:
             status = "FINISHED"
             return RunResult(out, None, {}, plan, {}, trainer.model)
-        tokenizer.save_pretrained(out / "adapter")
+        tokenizer.save_pretrained(partial)
+        rundir.replace_dir(partial, out / "adapter")
         history = [entry for entry in trainer.state.log_history if "loss" in entry]
         rundir.write_json(out / "train_log.json", trainer.state.log_history)
         save_loss_plot(out / "loss.png", history)

@@ -147,3 +147,28 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_adapter(trained_run, tin
     with sqlite3.connect(db) as con:
         statuses = con.execute("select run_uuid, status from runs").fetchall()
     assert statuses == [(killed_run_id, "FINISHED")]
+
+
+def test_resume_defaults_to_the_newest_run_of_the_recipe(tmp_path):
+    for name in ("20260101-100000-aaaa", "20260102-090000-bbbb", "20260101-230000-cccc"):
+        (tmp_path / "tiny" / name).mkdir(parents=True)
+    assert checkpoints.resolve_run(tmp_path, "tiny", None).name == "20260102-090000-bbbb"
+    assert checkpoints.resolve_run(tmp_path, "tiny", str(tmp_path / "tiny" / "20260101-100000-aaaa")).name.endswith(
+        "aaaa"
+    )
+    with pytest.raises(checkpoints.ResumeError, match="no run of recipe 'other'"):
+        checkpoints.resolve_run(tmp_path, "other", None)
+
+
+def test_replace_dir_publishes_only_complete_directories(tmp_path):
+    from pipeline.rundir import replace_dir
+
+    old = tmp_path / "adapter"
+    old.mkdir()
+    (old / "adapter_model.safetensors").write_text("old")
+    partial = tmp_path / ".adapter.partial"
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_text("new")
+    replace_dir(partial, old)
+    assert (old / "adapter_model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
