@@ -137,6 +137,22 @@ def check_attn_implementation(recipe: Recipe, device: str) -> None:
         )
 
 
+def check_optimizer(recipe: Recipe, device: str) -> None:
+    """Fail before loading anything when ``training.optim`` is a paged optimizer and there is no GPU.
+
+    Paged optimizers keep their states in CUDA unified memory, which the driver pages to host RAM under
+    pressure; without CUDA there is nothing to page.
+
+    Raises:
+        DeviceUnavailable: Naming the key and the CPU alternative.
+    """
+    if recipe.training.optim.startswith("paged_") and device != "cuda":
+        raise DeviceUnavailable(
+            f"training.optim is '{recipe.training.optim}', a paged optimizer, which needs a CUDA GPU (its states "
+            f"live in CUDA unified memory) and this run is on {device}; use --set training.optim=adamw_torch"
+        )
+
+
 def load_tokenizer(model_dir: Path) -> Any:
     """The base's tokenizer, with a pad token (EOS when the base defines none) for batched training and generation."""
     from transformers import AutoTokenizer

@@ -27,6 +27,7 @@ from pipeline.evaluate import evaluate_local, render_table
 from pipeline.model import (
     attach_lora,
     check_attn_implementation,
+    check_optimizer,
     count_4bit_linear,
     device_for,
     eos_token_ids,
@@ -175,6 +176,7 @@ def train(
     env = gather()
     device = device_for(recipe, env)
     check_attn_implementation(recipe, device)
+    check_optimizer(recipe, device)
     main = is_main_process()
     resume_from = None
     if resume:

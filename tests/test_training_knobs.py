@@ -84,3 +84,12 @@ def test_packed_training_run(tiny_recipe_data, tmp_path):
     assert masks["examples"] == result.plan["train_rows"]  # every accepted row checked before packing
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert result.summary["optimizer_steps"] == 2 and log
+
+
+def test_paged_optimizer_needs_a_gpu(tiny_recipe_path):
+    from pipeline.model import DeviceUnavailable, check_optimizer
+
+    with pytest.raises(DeviceUnavailable, match=r"training.optim is 'paged_adamw_8bit', a paged optimizer"):
+        check_optimizer(load_recipe(tiny_recipe_path, ["training.optim=paged_adamw_8bit"]), "cpu")
+    check_optimizer(load_recipe(tiny_recipe_path, ["training.optim=paged_adamw_8bit"]), "cuda")
+    check_optimizer(load_recipe(tiny_recipe_path), "cpu")
