@@ -197,7 +197,12 @@ def train(
     else:
         out = rundir.new_run_dir(recipe.name, run_dir)
     # Ranks other than 0 write nothing into the run directory: their validation reports go to a scratch dir.
-    scratch = contextlib.nullcontext(out) if main else tempfile.TemporaryDirectory(prefix="pipeline-rank-")
+    # So does a resumed run's validation: the run's own report stays the record of the data it started on,
+    # which the resumed validation is compared with.
+    if main and resume_from is None:
+        scratch = contextlib.nullcontext(out)
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="pipeline-validation-")
     with scratch as reports_dir:
         return _train(
             recipe, recipe_source, env, device, out, Path(reports_dir), main, resume_from, started, on_start, force

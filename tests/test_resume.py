@@ -172,3 +172,21 @@ def test_replace_dir_publishes_only_complete_directories(tmp_path):
     replace_dir(partial, old)
     assert (old / "adapter_model.safetensors").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_resume_refuses_a_changed_train_split_and_keeps_the_original_report(tiny_recipe_data, tmp_path):
+    from pipeline.recipe import load_recipe
+    from pipeline.train import train
+
+    path = write_recipe(tmp_path / "r.yaml", {**tiny_recipe_data, "tracking": {"enabled": False}})
+    recipe = load_recipe(path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.resolved.yaml").write_text(recipe.to_yaml())
+    checkpoints.seal(_fake_checkpoint(run / "checkpoints" / "checkpoint-3", 3), 3)
+    report = {"splits": {"train": {"sha256": "0" * 64}, "eval": {"sha256": "1" * 64}}}
+    (run / "validation").mkdir()
+    (run / "validation" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(checkpoints.ResumeError, match="the train split .* changed since the run started"):
+        train(recipe, recipe_source=path, run_dir=run, resume=True)
+    assert json.loads((run / "validation" / "report.json").read_text()) == report
