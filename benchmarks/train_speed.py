@@ -108,7 +108,10 @@ def run_plain(examples: Path, model_dir: Path, out_dir: Path, mode: str = "train
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"plain TRL run failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if "loss" in result:
+        result["loss"] = {int(step): value for step, value in result["loss"].items()}  # JSON keys are strings
+    return result
 
 
 def _curve(log_history: list[dict]) -> dict:
