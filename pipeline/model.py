@@ -127,8 +127,16 @@ def check_revision(model_dir: Path, revision: str) -> None:
             )
 
 
-def bnb_config(q: QuantizationSection) -> Any:
-    """The recipe's quantization as transformers' ``BitsAndBytesConfig`` (None for a 16-bit base)."""
+def bnb_config(q: QuantizationSection, fsdp: bool = False) -> Any:
+    """The recipe's quantization as transformers' ``BitsAndBytesConfig`` (None for a 16-bit base).
+
+    Args:
+        q: The recipe's quantization section.
+        fsdp: FSDP-QLoRA (``hardware.distributed: fsdp``). FSDP shards only floating-point tensors and flattens
+            a layer's weights into one tensor of a single dtype, so the packed 4-bit weights are stored in the
+            compute dtype (two NF4 values per byte either way: a bf16 storage element holds four) instead of
+            uint8. This is bitsandbytes' documented FSDP-QLoRA setting (``bnb_4bit_quant_storage``).
+    """
     if not q.load_in_4bit:
         return None
     import torch
@@ -139,6 +147,7 @@ def bnb_config(q: QuantizationSection) -> Any:
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, q.compute_dtype) if fsdp else torch.uint8,
     )
 
 
@@ -170,6 +179,49 @@ def device_for(recipe: Recipe, env: Env) -> str:
     return wanted
 
 
+def check_attn_implementation(recipe: Recipe, device: str) -> None:
+    """Fail before loading anything when ``model.attn_implementation`` cannot run here.
+
+    flash_attention_2 needs the ``flash-attn`` package, a CUDA GPU and 16-bit compute (its kernels exist for
+    fp16/bf16 only); sdpa (PyTorch's own kernels, flash or memory-efficient on a GPU) and eager run anywhere.
+
+    Raises:
+        DeviceUnavailable: Naming the key, the reason and the fix.
+    """
+    import importlib.util
+
+    if recipe.model.attn_implementation != "flash_attention_2":
+        return
+    problems = []
+    if importlib.util.find_spec("flash_attn") is None:
+        problems.append("the flash-attn package is not installed (pip install flash-attn on the GPU machine)")
+    if device != "cuda":
+        problems.append(f"it needs a CUDA GPU and this run is on {device}")
+    if recipe.quantization.compute_dtype == "float32":
+        problems.append("it has kernels for float16/bfloat16 only and quantization.compute_dtype is float32")
+    if problems:
+        raise DeviceUnavailable(
+            "model.attn_implementation is 'flash_attention_2' but " + "; ".join(problems) + ". Use sdpa "
+            "(PyTorch's fused attention, the default; --set model.attn_implementation=sdpa)."
+        )
+
+
+def check_optimizer(recipe: Recipe, device: str) -> None:
+    """Fail before loading anything when ``training.optim`` is a paged optimizer and there is no GPU.
+
+    Paged optimizers keep their states in CUDA unified memory, which the driver pages to host RAM under
+    pressure; without CUDA there is nothing to page.
+
+    Raises:
+        DeviceUnavailable: Naming the key and the CPU alternative.
+    """
+    if recipe.training.optim.startswith("paged_") and device != "cuda":
+        raise DeviceUnavailable(
+            f"training.optim is '{recipe.training.optim}', a paged optimizer, which needs a CUDA GPU (its states "
+            f"live in CUDA unified memory) and this run is on {device}; use --set training.optim=adamw_torch"
+        )
+
+
 def load_tokenizer(model_dir: Path) -> Any:
     """The base's tokenizer, with a pad token (EOS when the base defines none) for batched training and generation."""
     from transformers import AutoTokenizer
@@ -191,10 +243,15 @@ def load_base(recipe: Recipe, model_dir: Path, device: str) -> Any:
 
     dtype = getattr(torch, recipe.quantization.compute_dtype)
     local_rank = _local_rank()
+    fsdp = uses_fsdp(recipe)
     device_map = {"": f"cuda:{local_rank}"} if device == "cuda" else {"": "cpu"}
+    if fsdp:
+        # FSDP places the shards itself; with cpu_ram_efficient_loading rank 0 reads the weights and the other
+        # ranks receive them by broadcast, so no process may pin the whole model to its GPU first.
+        device_map = None
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
-        quantization_config=bnb_config(recipe.quantization),
+        quantization_config=bnb_config(recipe.quantization, fsdp=fsdp),
         dtype=dtype,
         device_map=device_map,
         attn_implementation=recipe.model.attn_implementation,
@@ -215,7 +272,10 @@ def attach_lora(model: Any, recipe: Recipe) -> Any:
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if recipe.quantization.load_in_4bit:
+    if recipe.quantization.load_in_4bit and not uses_fsdp(recipe):
+        # (Skipped under FSDP: its fp32 casts of the norms would leave a decoder layer with two dtypes, and FSDP
+        # flattens a layer's frozen weights into one tensor of a single dtype. The base stays frozen either way:
+        # get_peft_model freezes everything but the adapter.)
         kept = {name: p.dtype for name, p in model.named_parameters() if p.dtype in (torch.bfloat16, torch.float16)}
         model = prepare_model_for_kbit_training(
             model,
@@ -271,6 +331,13 @@ def eos_token_ids(tokenizer: Any, model: Any) -> set[int]:
     elif configured:
         ids.update(configured)
     return ids
+
+
+def uses_fsdp(recipe: Recipe) -> bool:
+    """True when this process trains under FSDP-QLoRA: the recipe asks for it and several processes run."""
+    import os
+
+    return recipe.hardware.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _local_rank() -> int:

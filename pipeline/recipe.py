@@ -175,7 +175,24 @@ class TrainingSection(_Section):
     seed: int = Field(default=42, description="Seed for data order, adapter initialization and dropout.")
     logging_steps: int = Field(default=10, gt=0, description="Log loss, learning rate and grad norm every N steps.")
     save_steps: int = Field(default=200, gt=0, description="Write a checkpoint every N optimizer steps.")
-    save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept on disk (oldest deleted first).")
+    save_total_limit: int = Field(
+        default=2,
+        ge=2,
+        description="Checkpoints kept on disk (oldest deleted first). At least 2, so that a checkpoint cut short by "
+        "a crash always leaves a complete one to resume from.",
+    )
+    # Sequence handling and loss (TRL's SFTConfig names).
+    packing: bool = Field(
+        default=False,
+        description="Pack several examples into each max_length row (TRL's best-fit-decreasing packing). Examples "
+        "keep their boundaries (position ids restart, so attention never crosses them); no padding tokens, "
+        "fewer but fuller rows per step. An example longer than max_length is truncated, as without packing.",
+    )
+    completion_only_loss: bool = Field(
+        default=True,
+        description="Compute the loss on the completion (the answer) only, not on the prompt. False also trains "
+        "the model to reproduce the prompts (notes), which rarely helps a task and costs nothing extra.",
+    )
 
 
 class HardwareSection(_Section):
@@ -187,7 +204,19 @@ class HardwareSection(_Section):
     gpu_memory_gb: float | None = Field(
         default=None, gt=0, description="Memory of one target GPU in GB, for the plan's fit check."
     )
-    num_gpus: int = Field(default=1, gt=0, description="GPUs the effective batch is spread over.")
+    num_gpus: int = Field(
+        default=1,
+        gt=0,
+        description="GPUs the effective batch is spread over. `train` starts one process per GPU (torchrun) when "
+        "this is above 1; `train --num-processes N` overrides it.",
+    )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="How several processes share the work. 'ddp': each GPU holds the whole 4-bit model and the "
+        "gradients are averaged (the model must fit one GPU). 'fsdp': FSDP-QLoRA, the 4-bit weights are sharded "
+        "across the GPUs (stored in the compute dtype so FSDP can flatten them) for a model that does not fit "
+        "one GPU. Ignored with one process.",
+    )
 
 
 class EvalSection(_Section):

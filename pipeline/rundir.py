@@ -69,3 +69,27 @@ def write_json(path: str | Path, data: Any) -> Path:
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     """Atomic JSON Lines, one row per line."""
     return write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+
+
+def replace_dir(partial: str | Path, target: str | Path) -> Path:
+    """Move a directory that was written completely into place, replacing ``target`` if it exists.
+
+    Every file is flushed to disk first, so the rename (atomic within a file system) never publishes a
+    directory whose contents are still in the page cache. An older ``target`` (from an attempt that crashed
+    after its rename) is moved aside and deleted only once the new one is in place.
+    """
+    import shutil
+
+    partial, target = Path(partial), Path(target)
+    for path in partial.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{secrets.token_hex(2)}")
+        os.replace(target, old)
+    os.replace(partial, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target

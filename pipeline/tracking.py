@@ -79,7 +79,15 @@ class Tracker:
     they are in the run directory anyway) and ``python -m pipeline sync RUN_DIR`` replays it later.
     """
 
-    def __init__(self, recipe: Recipe, run_name: str, run_dir: str | Path | None = None, run_id: str | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_name: str,
+        run_dir: str | Path | None = None,
+        run_id: str | None = None,
+        resume_run_id: str | None = None,
+    ):
+        """Start the run; add to ``run_id`` (``evaluate --run``); or reopen ``resume_run_id`` (``train --resume``)."""
         self.enabled = recipe.tracking.enabled
         self.run_id: str | None = None
         self.uri = tracking_uri(recipe)
@@ -96,6 +104,8 @@ class Tracker:
             if run_id is not None:  # add to an existing run (``evaluate --run``)
                 self.run_id = self._client.get_run(run_id).info.run_id
             else:
+                self.run_id = reopen_run(self._client, resume_run_id) if resume_run_id else None
+            if self.run_id is None:
                 self.run_id = start_run(self._client, self.uri, self._experiment, run_name)
         except Exception as exc:  # noqa: BLE001 - any store failure must not stop training
             self._go_offline(exc)
@@ -185,6 +195,21 @@ def start_run(client: Any, uri: str, experiment: str, run_name: str) -> str:
     else:
         experiment_id = found.experiment_id
     return client.create_run(experiment_id, run_name=run_name).info.run_id
+
+
+def reopen_run(client: Any, run_id: str) -> str | None:
+    """Mark an existing run RUNNING again (a resumed training run); None when this store does not have it.
+
+    A run killed with ``kill -9`` never closed itself, so MLflow still shows it RUNNING (or FAILED after a
+    clean interruption); resuming continues the same run: its metrics go on from the checkpoint's step and it
+    ends FINISHED or FAILED like any other run.
+    """
+    try:
+        client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - a different store, or the run was deleted: start a new one
+        return None
+    client.update_run(run_id, status="RUNNING")
+    return run_id
 
 
 def apply_op(client: Any, run_id: str | None, kind: str, payload: dict[str, Any]) -> None:

@@ -7,6 +7,10 @@ recipe into a library.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,12 +20,14 @@ from typing import Any
 from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import __version__, licenses, rundir
+from pipeline import __version__, checkpoints, licenses, rundir
 from pipeline.data import check_loss_masks, prompt_format, sft_example, task_for, to_dataset, validate_data
 from pipeline.env import Env, environment_report, gather
 from pipeline.evaluate import LocalModel, evaluate_run
 from pipeline.model import (
     attach_lora,
+    check_attn_implementation,
+    check_optimizer,
     count_4bit_linear,
     device_for,
     eos_token_ids,
@@ -29,6 +35,7 @@ from pipeline.model import (
     load_tokenizer,
     resolve_model_path,
     restore_adapter_dtype,
+    uses_fsdp,
 )
 from pipeline.plan import DoesNotFit, find_model_config, make_plan, render_plan
 from pipeline.privacy import redact_secrets
@@ -48,13 +55,52 @@ class RunResult:
     model: Any  # the trained PEFT model, for notebooks and tests
 
 
+def resolve_precision(recipe: Recipe, device: str, env: Env) -> str:
+    """``training.precision``, 'auto' decided from the machine: bf16 where the GPU has it, else fp16; fp32 on CPU."""
+    precision = recipe.training.precision
+    if precision == "auto":
+        precision = "fp32" if device == "cpu" else ("bf16" if env.bf16 else "fp16")
+    return precision
+
+
+def fsdp_settings(recipe: Recipe, env: Env) -> tuple[bool, dict[str, Any] | None]:
+    """FSDP-QLoRA trainer settings (``fsdp``, ``fsdp_config``), or ``(False, None)`` for DDP or one process.
+
+    FSDP1 (``version: 1``) on purpose: it is the FSDP-QLoRA path bitsandbytes documents and tests (flattened
+    bf16-stored 4-bit weights); FSDP2's per-parameter sharding loses ``Params4bit``'s quantization state
+    (bitsandbytes issue #1945, open). Each key is FSDP1's name:
+
+    - wrap each decoder layer (``TRANSFORMER_BASED_WRAP``; the layer class comes from the model's
+      ``_no_split_modules``, e.g. ``LlamaDecoderLayer``), so one layer is gathered at a time;
+    - ``use_orig_params``: the frozen 4-bit weights and the trainable LoRA weights share a layer's flat
+      parameter, which FSDP1 allows only with the original parameters kept visible;
+    - ``cpu_ram_efficient_loading`` + ``sync_module_states``: rank 0 reads the weights and broadcasts them,
+      instead of every process holding a full copy in host RAM (8 x 140 GB for a 70B otherwise);
+    - ``activation_checkpointing``: FSDP's own checkpointing replaces the trainer's (which would all-gather
+      each layer a second time in backward).
+    """
+    if not (recipe.hardware.distributed == "fsdp" and env.world_size > 1):
+        return False, None
+    return True, {
+        "version": 1,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "reshard_after_forward": "full_shard",
+        "use_orig_params": True,
+        "cpu_ram_efficient_loading": True,
+        "sync_module_states": True,
+        "activation_checkpointing": recipe.training.gradient_checkpointing,
+        "state_dict_type": "SHARDED_STATE_DICT",  # each rank writes its own shard: no 140 GB gather on rank 0
+    }
+
+
 def sft_config(recipe: Recipe, run_dir: Path, device: str, env: Env) -> Any:
     """The recipe's training section as TRL's ``SFTConfig``, field by field."""
     t = recipe.training
-    precision = t.precision
-    if precision == "auto":
-        precision = "fp32" if device == "cpu" else ("bf16" if env.bf16 else "fp16")
+    precision = resolve_precision(recipe, device, env)
     distributed = env.world_size > 1
+    fsdp, fsdp_config = fsdp_settings(recipe, env)
+    # Under FSDP the trainer's checkpointing is replaced by FSDP's own (fsdp_config["activation_checkpointing"]).
+    checkpointing = t.gradient_checkpointing and not fsdp
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.micro_batch_size,
@@ -68,8 +114,9 @@ def sft_config(recipe: Recipe, run_dir: Path, device: str, env: Env) -> Any:
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # Non-reentrant checkpointing: works with frozen inputs (no enable_input_require_grads hack) and under DDP.
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
@@ -82,10 +129,13 @@ def sft_config(recipe: Recipe, run_dir: Path, device: str, env: Env) -> Any:
         report_to="none",  # pipeline logs to MLflow itself: one run, our param names
         disable_tqdm=True,  # progress is printed by ProgressCallback, readable in logs
         max_length=t.max_length,
-        completion_only_loss=True,
-        packing=False,
+        completion_only_loss=t.completion_only_loss,
+        packing=t.packing,
+        packing_strategy="bfd",  # best fit decreasing: whole examples, boundaries kept through position ids
         ddp_backend=("nccl" if device == "cuda" else "gloo") if distributed else None,
         ddp_find_unused_parameters=False if distributed else None,
+        fsdp=fsdp,
+        fsdp_config=fsdp_config,
     )
 
 
@@ -96,8 +146,12 @@ def train(
     run_dir: str | Path | None = None,
     on_start: Callable[..., Any] | None = None,
     force: bool = False,
+    resume: bool = False,
 ) -> RunResult:
     """Run the whole job for a recipe and return where its outputs are.
+
+    Under several processes (``torchrun``, see ``cli``) every rank trains; only rank 0 writes the run directory,
+    talks to MLflow, saves the adapter and evaluates.
 
     Args:
         recipe: A validated recipe.
@@ -106,17 +160,80 @@ def train(
         force: Train even when the plan says the recipe does not fit the GPU.
         on_start: Called once the run directory and MLflow run exist, with ``run_dir``, ``mlflow_run_id``
             and ``tracking_uri`` (the CLI uses it for the audit entry, even when the run fails later).
+        resume: Continue ``run_dir`` from its newest complete checkpoint: adapter, optimizer, scheduler, RNG
+            states and data position are restored, the same MLflow run is reopened, and the run then finishes
+            (adapter, evaluation, summary) as an uninterrupted one would.
 
     Returns:
         The run directory, MLflow run id, metrics per system, the plan and the trained model.
+
+    Raises:
+        checkpoints.ResumeError: ``resume`` with nothing valid to resume, a finished run, or a changed recipe
+            or train split.
     """
     started = time.time()
     env = gather()
     device = device_for(recipe, env)
-    out = rundir.new_run_dir(recipe.name, run_dir)
-    rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
+    check_attn_implementation(recipe, device)
+    check_optimizer(recipe, device)
+    main = is_main_process()
+    resume_from = None
+    if resume:
+        if run_dir is None:
+            raise checkpoints.ResumeError("resume needs the run directory to continue")
+        out = Path(run_dir)
+        checkpoints.check_resumable(out, recipe.to_yaml())
+        found = checkpoints.latest_valid(out / "checkpoints", set_aside=main)
+        for message in found.skipped:
+            print(f"warning: {message}", flush=True)
+        if found.checkpoint is None:
+            raise checkpoints.ResumeError(
+                f"--resume {out}: no complete checkpoint in {out / 'checkpoints'} (the run stopped before its first "
+                f"checkpoint at step {recipe.training.save_steps}); start it again with `train` instead"
+            )
+        resume_from = found.checkpoint
+        print(f"Resuming {out} from {resume_from} (step {checkpoints.checkpoint_step(resume_from)})", flush=True)
+    else:
+        out = rundir.new_run_dir(recipe.name, run_dir)
+    # Ranks other than 0 write nothing into the run directory: their validation reports go to a scratch dir.
+    # So does a resumed run's validation: the run's own report stays the record of the data it started on,
+    # which the resumed validation is compared with.
+    if main and resume_from is None:
+        scratch = contextlib.nullcontext(out)
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="pipeline-validation-")
+    with scratch as reports_dir:
+        return _train(
+            recipe, recipe_source, env, device, out, Path(reports_dir), main, resume_from, started, on_start, force
+        )
+
+
+def _train(
+    recipe: Recipe,
+    recipe_source: str | Path,
+    env: Env,
+    device: str,
+    out: Path,
+    reports_dir: Path,
+    main: bool,
+    resume_from: Path | None,
+    started: float,
+    on_start: Callable[..., Any] | None,
+    force: bool,
+) -> RunResult:
+    """The body of ``train``: numbered stages, top to bottom."""
+    earlier_data = _split_hashes(out) if resume_from is not None else {}
+    if main:
+        rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
     set_seed(recipe.training.seed)
-    tracker = LineageTracker(recipe, run_name=out.name, run_dir=out)
+    if not main:  # one MLflow run per job: only rank 0 tracks
+        recipe_tracked = recipe.model_copy(update={"tracking": recipe.tracking.model_copy(update={"enabled": False})})
+    else:
+        recipe_tracked = recipe
+    reopen = _mlflow_run_id(out) if resume_from else None
+    tracker = LineageTracker(recipe_tracked, run_name=out.name, run_dir=out, resume_run_id=reopen)
+    if main and tracker.run_id:
+        rundir.write_json(out / "tracking" / "run.json", {"mlflow_run_id": tracker.run_id})
     if on_start is not None:
         on_start(run_dir=out, mlflow_run_id=tracker.run_id, tracking_uri=tracker.uri)
     status = "FAILED"
@@ -131,10 +248,18 @@ def train(
                 "run_dir": str(out),
             }
         )
+        if resume_from is not None:
+            tracker.set_tags({"resumed_from_checkpoint": str(resume_from)})
         tracker.log_artifact(out / "recipe.resolved.yaml")
 
         # 1. Data: the contract runs before any weights load; bad rows go to quarantine, not to training.
-        data = validate_data(recipe, out, recipe_source)
+        data = validate_data(recipe, reports_dir, recipe_source)
+        if earlier_data and earlier_data.get("train") != data.report["splits"]["train"]["sha256"]:
+            raise checkpoints.ResumeError(
+                f"--resume {out}: the train split {recipe.data.train} changed since the run started (SHA-256 "
+                "differs from validation/report.json), so the checkpoint's data position means nothing; "
+                "start a new run"
+            )
         task = task_for(recipe, data.contract)
         tracker.log_artifact(out / "validation")
         tracker.log_inputs(dataset_inputs(data.report, data.contract))
@@ -151,12 +276,14 @@ def train(
 
         # 3. Derived numbers, said out loud and saved before the expensive part.
         model_config, config_source = find_model_config(str(model_dir))
-        plan = make_plan(recipe, data.train.rows_accepted, model_config, world_size=env.world_size)
+        plan = make_plan(recipe, data.train.rows_accepted, model_config, world_size=env.world_size, model_dir=model_dir)
         print(render_plan(plan, config_source))
-        rundir.write_json(out / "plan.json", {**plan, "device": device, "prompt_format": fmt, "env": env.to_dict()})
+        if main:
+            rundir.write_json(out / "plan.json", {**plan, "device": device, "prompt_format": fmt, "env": env.to_dict()})
         tracker.log_artifact(out / "plan.json")
         environment = environment_report()
-        rundir.write_json(out / "environment.json", environment)
+        if main:
+            rundir.write_json(out / "environment.json", environment)
         tracker.log_artifact(out / "environment.json")
         tracker.set_tags({"env.cuda": str(environment["cuda_version"]), "env.gpu": str(environment["gpu_name"])})
         fit = plan.get("fit") or {}
@@ -176,33 +303,46 @@ def train(
             f"Base loaded from {model_dir}: {num_4bit} linear layers in 4-bit "
             f"({recipe.quantization.quant_type if recipe.quantization.load_in_4bit else 'off'}), "
             f"{trainable:,} trainable parameters, device {device}"
+            + (f", {env.world_size} processes ({'FSDP' if uses_fsdp(recipe) else 'DDP'})" if env.world_size > 1 else "")
         )
 
         # 5. TRL's trainer, then a check of what it will actually train on, before the first step.
         eos_ids = eos_token_ids(tokenizer, model)
+        progress = ProgressCallback(tracker)
         trainer = SFTTrainer(
             model=model,
             args=sft_config(recipe, out, device, env),
             train_dataset=to_dataset(train_examples),
             processing_class=tokenizer,
-            callbacks=[ProgressCallback(tracker)],
+            callbacks=[progress, SealCheckpoints()],
         )
         trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback prints lines
         restore_adapter_dtype(trainer.model, recipe)
-        masks = check_loss_masks(
-            trainer.train_dataset, [r["_row"] for r in data.train.rows], eos_ids, recipe.training.max_length
-        )
+        rows = [r["_row"] for r in data.train.rows]
+        masks = check_loss_masks(_unpacked(trainer, train_examples), rows, eos_ids, recipe.training.max_length)
         print(
             f"Training data: {masks['examples']:,} examples, {masks['completion_tokens']:,} completion tokens "
             f"in the loss, longest example {masks['longest_example_tokens']} tokens "
-            f"(max_length {recipe.training.max_length})"
+            f"(max_length {recipe.training.max_length}"
+            + (f", packed into {len(trainer.train_dataset):,} rows" if recipe.training.packing else "")
+            + ")"
         )
 
-        # 6. Train and save the adapter.
-        train_output = trainer.train()
+        # 6. Train (from the checkpoint when resuming) and save the adapter.
+        train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         num_4bit_after = count_4bit_linear(trainer.model)
-        trainer.save_model(str(out / "adapter"))
-        tokenizer.save_pretrained(out / "adapter")
+        if trainer.is_fsdp_enabled:
+            # Checkpoints are sharded (one file per rank, fast); the adapter is gathered whole, in PEFT's format.
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        # Written beside the run and renamed into place when complete: a crash never leaves an adapter/ that
+        # looks finished but is not. Rank 0 writes (the trainer checks); under FSDP every rank helps gather.
+        partial = out / ".adapter.partial"
+        trainer.save_model(str(partial))
+        if not main:
+            status = "FINISHED"
+            return RunResult(out, None, {}, plan, {}, trainer.model)
+        tokenizer.save_pretrained(partial)
+        rundir.replace_dir(partial, out / "adapter")
         history = [entry for entry in trainer.state.log_history if "loss" in entry]
         rundir.write_json(out / "train_log.json", trainer.state.log_history)
         save_loss_plot(out / "loss.png", history)
@@ -230,10 +370,13 @@ def train(
             "mlflow_run_id": tracker.run_id,
             "tracking_uri": redact_secrets(tracker.uri) if tracker.enabled else None,
             "device": device,
+            "processes": env.world_size,
             "quantized_linear_layers": num_4bit_after,
             "trainable_parameters": trainable,
             "train_loss": train_output.training_loss,
             "optimizer_steps": trainer.state.global_step,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "steps_this_run": trainer.state.global_step - progress.first_step,  # fewer when resumed
             "train_seconds": round(train_output.metrics.get("train_runtime", 0.0), 1),
             "total_seconds": round(time.time() - started, 1),
             "data": masks,
@@ -266,6 +409,51 @@ def register_adapter(
     return {"name": name, "version": version}
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or the only process: the one that writes outputs and talks to MLflow."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _split_hashes(out: Path) -> dict[str, str]:
+    """SHA-256 of each split when the run was first validated (empty when the report is missing)."""
+    report = out / "validation" / "report.json"
+    if not report.is_file():
+        return {}
+    return {name: split["sha256"] for name, split in json.loads(report.read_text(encoding="utf-8"))["splits"].items()}
+
+
+def _mlflow_run_id(out: Path) -> str | None:
+    """The MLflow run a run directory was tracked in, so a resumed run continues it."""
+    path = out / "tracking" / "run.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("mlflow_run_id") if path.is_file() else None
+
+
+def _unpacked(trainer: Any, train_examples: list[dict[str, Any]]) -> Any:
+    """The training set as TRL tokenized and truncated it, one row per example, for the loss-mask check.
+
+    With packing the trainer's dataset holds packed rows (examples concatenated, row numbers dropped), so the
+    same preparation is run once more without packing; it is the data packing starts from.
+    """
+    if not trainer.args.packing:
+        return trainer.train_dataset
+    return trainer._prepare_dataset(  # TRL's own preparation (tokenize, mask, truncate), minus the packing step
+        to_dataset(train_examples), trainer.processing_class, trainer.args, False, None, "train"
+    )
+
+
+class SealCheckpoints(TrainerCallback):
+    """Seals each checkpoint once the trainer has written it (see ``pipeline.checkpoints``).
+
+    ``on_save`` runs after ``Trainer._save_checkpoint`` returned, i.e. after every file of the checkpoint was
+    written; a crash before this leaves an unsealed checkpoint that resume skips.
+    """
+
+    def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        """Called by the trainer after each checkpoint."""
+        if state.is_world_process_zero:
+            checkpoints.seal(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+
+
 class ProgressCallback(TrainerCallback):
     """Forwards the trainer's logs to MLflow (``train.loss`` etc. by step) and prints readable progress."""
 
@@ -274,6 +462,12 @@ class ProgressCallback(TrainerCallback):
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
         self.started = time.time()
+        self.first_step = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        """Rates count from here: a resumed run starts at its checkpoint's step."""
+        self.started = time.time()
+        self.first_step = state.global_step
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
         """Called by the trainer every ``logging_steps``."""
@@ -282,7 +476,7 @@ class ProgressCallback(TrainerCallback):
         self.tracker.log_metrics({self.NAMES[k]: v for k, v in logs.items() if k in self.NAMES}, step=state.global_step)
         if "loss" in logs:
             elapsed = time.time() - self.started
-            rate = state.global_step / elapsed if elapsed else 0.0
+            rate = (state.global_step - self.first_step) / elapsed if elapsed else 0.0
             eta = (state.max_steps - state.global_step) / rate if rate else 0.0
             print(
                 f"  step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "

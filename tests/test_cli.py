@@ -35,6 +35,7 @@ def test_help_is_fast_and_imports_no_heavy_library():
         "pipeline.data",
         "pipeline.privacy",
         "pipeline.licenses",
+        "pipeline.checkpoints",
     ],
 )
 def test_light_modules_import_no_heavy_library(module):
