@@ -313,7 +313,12 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+_EXACT_TYPES = {"string": str, "list": list, "boolean": bool, "integer": int}
+
+
 def _type_ok(value: Any, kind: str) -> bool:
+    if type(value) is _EXACT_TYPES.get(kind):  # the common case, without the isinstance chain
+        return True
     if kind in ("integer", "number") and isinstance(value, bool):
         return False  # JSON true is not a number
     if kind == "number" and isinstance(value, float) and not math.isfinite(value):
@@ -364,7 +369,10 @@ def _check_value(name: str, value: Any, rule: FieldRule) -> list[Reason]:
                 reasons.append(Reason("unique_items", name, f"repeated items: {', '.join(repeated)}"))
         assert rule.items is not None  # guaranteed by FieldRule._consistent
         for index, item in enumerate(value):
-            reasons.extend(_check_value(f"{name}[{index}]", item, rule.items))
+            # Items are checked under an empty name and renamed only when they fail: most items pass, and
+            # formatting "codes[0]" for each one was a tenth of the row-check time.
+            for r in _check_value("", item, rule.items):
+                reasons.append(Reason(r.check, f"{name}[{index}]{r.field}", r.message))
     return reasons
 
 
