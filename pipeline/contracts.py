@@ -895,9 +895,12 @@ class ContractRun:
         return "+".join(self.rules.text_fields) or None
 
     def _text(self, row: dict[str, Any]) -> str | None:
-        if not self.rules.text_fields:
+        fields = self.rules.text_fields
+        if not fields:
             return None
-        return normalize(" ".join(str(row.get(f) or "") for f in self.rules.text_fields))
+        if len(fields) == 1:
+            return normalize(str(row.get(fields[0]) or ""))
+        return normalize(" ".join(str(row.get(f) or "") for f in fields))
 
     def _row_id(self, row: Any) -> str | int | None:
         value = row.get(self.contract.id_field) if isinstance(row, dict) and self.contract.id_field else None
@@ -908,7 +911,8 @@ class ContractRun:
         if field_name is None:
             return ()
         value = row.get(field_name)
-        labels = tuple(str(v) for v in value) if isinstance(value, list) else (str(value),)
+        raw = tuple(value) if isinstance(value, list) else (value,)
+        labels = tuple(v if type(v) is str else json.dumps(v, sort_keys=True) for v in raw)
         # One shared tuple per distinct label set: a million rows carry a few thousand combinations.
         return self._label_sets.setdefault(labels, labels)
 
