@@ -41,7 +41,11 @@ def test_redacted_phi_never_appears_in_run_outputs_or_mlflow(tmp_path, tiny_asse
     assert (tmp_path / "mlartifacts").is_dir()
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name not in ("train.jsonl", "eval.jsonl")]
     assert any(p.name == "predictions.jsonl" for p in written) and any(p.suffix == ".db" for p in written)
-    assert any(p.match("mlartifacts/*/*/artifacts/validation/report.md") for p in written)
+    logged = {
+        p.relative_to(tmp_path).as_posix().split("/artifacts/", 1)[-1] for p in written if "mlartifacts" in p.parts
+    }
+    for name in ("report.json", "quarantine.jsonl", "report.md", "token_lengths.png", "label_frequency.png"):
+        assert f"validation/{name}" in logged, name
     for path in written:
         data = path.read_bytes()
         for name, value in PLANTED.items():
