@@ -775,7 +775,7 @@ class ContractRun:
 
     # -- one split -------------------------------------------------------------------------------
     def split(self, name: str, path: str | Path) -> SplitResult:
-        """Check one split file (call with train before eval)."""
+        """Check one split file (call with train before eval; the eval result is final after ``finish``)."""
         path = Path(path)
         result = SplitResult(
             name=name, path=str(path), sha256=sha256_file(path), format=file_format(path, self.contract)
@@ -826,8 +826,8 @@ class ContractRun:
                     if self.rules.leakage == "quarantine":
                         message = f"same text as train row {train_seen[digest]} after normalization"
                         why.append(Reason("leakage", self._text_field, message))
-                first = seen.setdefault(digest, record.row) if self.rules.exact_duplicates != "off" else record.row
-                if first != record.row:
+                first = seen.setdefault(digest, record.row)  # kept even when off: eval leakage looks train up
+                if first != record.row and self.rules.exact_duplicates != "off":
                     pair = {"row": record.row, "duplicate_of": first}
                     result.note("exact_duplicate", self.rules.exact_duplicates, record.row, pair)
                     if self.rules.exact_duplicates == "quarantine":

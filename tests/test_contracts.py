@@ -351,3 +351,14 @@ def test_vocabulary_file_and_missing_vocabulary(tmp_path):
     (tmp_path / "c.yaml").write_text("name: x\nfields:\n  ward: {type: string, vocabulary_file: nope.txt}\n")
     with pytest.raises(RecipeError, match=r"fields\.ward\.vocabulary_file: cannot read .*nope\.txt"):
         load_contract(tmp_path / "c.yaml")
+
+
+def test_exact_leakage_is_caught_with_duplicate_checks_off(tmp_path):
+    rules = CONTRACT.dataset.model_copy(update={"exact_duplicates": "off", "near_duplicates": "off"})
+    contract = CONTRACT.model_copy(update={"dataset": rules})
+    train_rows = [note_row(i) for i in range(5)] + [note_row(2)]  # a copy, not flagged: the check is off
+    splits, _ = run_contract(
+        contract, write_rows(tmp_path / "t.jsonl", train_rows), write_rows(tmp_path / "e.jsonl", [note_row(3)])
+    )
+    assert splits[0].rows_quarantined == 0
+    assert reasons_of(splits[1]) == {1: {("leakage", "note")}}
