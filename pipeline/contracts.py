@@ -1087,7 +1087,11 @@ def over_threshold(contract: DataContract, splits: list[SplitResult]) -> list[st
             problems.append(f"{split.path}: the {split.name} file is empty (no rows)")
             continue
         if split.rows_accepted == 0:
-            problems.append(f"{split.path}: no row of the {split.name} split passed the contract")
+            failed = ", ".join(f"{check} x{n}" for check, n in split.check_counts.most_common(3))
+            problems.append(
+                f"{split.path}: no row of the {split.name} split passed the contract ({failed}); "
+                "see validation/quarantine.jsonl"
+            )
             continue
         fraction = split.rows_quarantined / split.rows_in
         if fraction > contract.max_quarantine_fraction:
