@@ -65,6 +65,12 @@ def make_data(out: Path, train: int, evaluation: int, seed: int = 0) -> dict[str
     return paths
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process: throughput per CPU-second does not depend on the machine's load."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -94,7 +100,7 @@ def measure(mode: str, train: Path, evaluation: Path, sample: int) -> dict:
             contract = contract.model_copy(update={"tokens": load_contract_tokens()})
             counter = tiny_token_counter()
         run = ContractRun(contract, measure_tokens=counter, max_length=256, keep_rows=False)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         splits = [run.split("train", train), run.split("eval", evaluation)]
         dataset = run.finish()
         seconds = time.perf_counter() - started
@@ -107,6 +113,7 @@ def measure(mode: str, train: Path, evaluation: Path, sample: int) -> dict:
             "rows": rows,
             "seconds": round(seconds, 2),
             "rows_per_s": round(rows / seconds),
+            "rows_per_cpu_s": round(rows / (cpu_seconds() - cpu)),
             "peak_rss_mb": round(peak_rss_mb()),
             "found": found,
             "uncovered": dataset.get("label_coverage", {}).get("uncovered_labels"),
@@ -135,14 +142,15 @@ def measure(mode: str, train: Path, evaluation: Path, sample: int) -> dict:
         path.write_text("".join(lines), encoding="utf-8")
         rules = base.dataset.model_copy(update={"text_fields": [], "label_field": None})
         run = ContractRun(base.model_copy(update={"dataset": rules}), keep_rows=False)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         result = run.split("train", path)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
         return {
             "mode": mode,
             "rows": result.rows_in,
             "seconds": round(seconds, 2),
             "rows_per_s": round(result.rows_in / seconds),
+            "rows_per_cpu_s": round(result.rows_in / cpu),
             "accepted": result.rows_accepted,
             "peak_rss_mb": round(peak_rss_mb()),
         }
@@ -176,6 +184,7 @@ def tiny_token_counter():  # noqa: ANN201 - contracts.TokenCounter
 
 
 def read_sample(path: Path, n: int) -> list[str]:
+    """The first n lines of a split."""
     out = []
     with path.open(encoding="utf-8") as handle:
         for line in handle:
@@ -192,7 +201,7 @@ def pandera_measure(lines: list[str]) -> dict:
 
     from pipeline import icd10cm
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     frame = pd.DataFrame([json.loads(line) for line in lines])
     code = r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$"
     import re
@@ -220,12 +229,13 @@ def pandera_measure(lines: list[str]) -> dict:
         failures = 0
     except pa.errors.SchemaErrors as exc:
         failures = len(exc.failure_cases)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     return {
         "mode": "pandera",
         "rows": len(frame),
         "seconds": round(seconds, 2),
         "rows_per_s": round(len(frame) / seconds),
+        "rows_per_cpu_s": round(len(frame) / cpu),
         "failure_cases": failures,
         "peak_rss_mb": round(peak_rss_mb()),
     }
@@ -272,6 +282,7 @@ def near_dup_measure(mode: str, notes: list[str]) -> dict:
 
 
 def child(mode: str, paths: dict[str, Path], sample: int) -> dict:
+    """Run one measurement in a fresh process (its own peak RSS) and return its JSON line."""
     command = [
         sys.executable,
         __file__,
@@ -292,6 +303,7 @@ def child(mode: str, paths: dict[str, Path], sample: int) -> dict:
 
 
 def main() -> None:
+    """Generate the data, then run each measurement in its own process and print one JSON line each."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows in total (90%% train, 10%% eval)")
     parser.add_argument("--sample", type=int, default=100_000, help="rows for pandera / datasketch / PII")

@@ -351,3 +351,30 @@ def test_vocabulary_file_and_missing_vocabulary(tmp_path):
     (tmp_path / "c.yaml").write_text("name: x\nfields:\n  ward: {type: string, vocabulary_file: nope.txt}\n")
     with pytest.raises(RecipeError, match=r"fields\.ward\.vocabulary_file: cannot read .*nope\.txt"):
         load_contract(tmp_path / "c.yaml")
+
+
+def test_exact_leakage_is_caught_with_duplicate_checks_off(tmp_path):
+    rules = CONTRACT.dataset.model_copy(update={"exact_duplicates": "off", "near_duplicates": "off"})
+    contract = CONTRACT.model_copy(update={"dataset": rules})
+    train_rows = [note_row(i) for i in range(5)] + [note_row(2)]  # a copy, not flagged: the check is off
+    splits, _ = run_contract(
+        contract, write_rows(tmp_path / "t.jsonl", train_rows), write_rows(tmp_path / "e.jsonl", [note_row(3)])
+    )
+    assert splits[0].rows_quarantined == 0
+    assert reasons_of(splits[1]) == {1: {("leakage", "note")}}
+
+
+def test_train_stops_on_truncated_completions_before_loading_the_model(tiny_recipe_data, tmp_path):
+    from conftest import write_recipe
+    from test_recipe import run_cli
+
+    training = {**tiny_recipe_data["training"], "max_length": 40}
+    path = write_recipe(
+        tmp_path / "short.yaml", {**tiny_recipe_data, "training": training, "tracking": {"enabled": False}}
+    )
+    result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no row of the train split passed the contract (max_tokens x160)" in result.stderr
+    assert not (tmp_path / "run" / "plan.json").exists()  # stopped at step 1, before the plan and the weights
+    (line, *_) = (tmp_path / "run" / "validation" / "quarantine.jsonl").read_text().splitlines()
+    assert "above max_tokens 40: truncation would cut" in line

@@ -211,3 +211,75 @@ def test_cli_bad_inputs_exit_1_or_2_without_a_traceback(tmp_path):
             )
             assert result.returncode in (1, 2), (name, command, result.stderr)
             assert "Traceback" not in result.stderr and str(path) in result.stderr
+
+
+# Contract v2: the same guarantee with dataset checks across splits, the PII policy, CSV input and duplicates.
+FUZZ_V2 = settings(FUZZ, max_examples=25)  # each example runs two splits through every dataset check
+csv_cells = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["I10", "E11.9;I10", '["E11.9"]', "E11", "[", "", "Pt with essential hypertension, stable."]),
+)
+
+
+@FUZZ_V2
+@given(
+    train_lines=st.lists(rows, max_size=15),
+    eval_lines=st.lists(rows, max_size=8),
+    copies=st.lists(st.integers(0, 14), max_size=4),
+)
+def test_train_and_eval_with_dataset_checks_reconcile(tmp_path_factory, train_lines, eval_lines, copies):
+    from pipeline.contracts import ContractRun
+
+    base = tmp_path_factory.mktemp("v2")
+    good = [
+        json.dumps({"id": f"g{i}", "note": f"Pt {i} with essential hypertension, SSN 536-22-8726.", "codes": ["I10"]})
+        for i in range(3)
+    ]
+    # copies of train lines planted into eval: leakage candidates
+    eval_lines = eval_lines + [train_lines[i] for i in copies if i < len(train_lines)] + good[:1]
+    train_lines = train_lines + good
+
+    def write(name, lines):
+        path = base / name
+        path.write_bytes(
+            "".join(line.replace("\n", " ").replace("\r", " ") + "\n" for line in lines).encode(
+                "utf-8", "surrogatepass"
+            )
+        )
+        return path
+
+    contract = load_contract(ROOT / "data_contracts" / "medical_coding.yaml")
+    run = ContractRun(contract)
+    splits = [run.split("train", write("t.jsonl", train_lines)), run.split("eval", write("e.jsonl", eval_lines))]
+    run.finish()
+    for split, lines in zip(splits, (train_lines, eval_lines), strict=True):
+        assert (
+            split.rows_in
+            == len(lines)
+            == split.rows_accepted + split.rows_quarantined
+            == len(split.rows) + split.rows_quarantined
+        )
+        assert sorted([q["row"] for q in split.quarantined] + [r["_row"] for r in split.rows]) == list(
+            range(1, len(lines) + 1)
+        )
+        assert all("536-22-8726" not in json.dumps(r) for r in split.rows)  # redacted before it is returned
+        assert all("536-22-8726" not in json.dumps(q) for q in split.quarantined)
+
+
+@FUZZ_V2
+@given(records=st.lists(st.lists(csv_cells, min_size=0, max_size=4), max_size=12))
+def test_any_csv_file_is_split_into_accepted_and_quarantined_rows(tmp_path_factory, records):
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["id", "note", "codes"])
+    for record in records:
+        writer.writerow(record)
+    path = tmp_path_factory.mktemp("csv") / "split.csv"
+    path.write_bytes(buffer.getvalue().encode("utf-8", "surrogatepass"))
+    result = validate_split("train", path, load_contract(ROOT / "data_contracts" / "medical_coding.yaml"))
+    assert result.rows_in == len(records) == result.rows_accepted + result.rows_quarantined
+    for quarantined in result.quarantined:
+        assert quarantined["reasons"] and all(r["message"] for r in quarantined["reasons"])

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import write_recipe
+import yaml
+from conftest import ROOT, write_recipe
 from safetensors.torch import load_file
 from test_recipe import run_cli
 
@@ -89,10 +90,17 @@ def test_eval_scores_both_systems_and_writes_predictions(trained_run):
 
 
 def test_completion_cut_by_max_length_stops_before_the_first_step(tiny_assets, tiny_recipe_data, tmp_path):
+    # The shipped contract's token check would stop this run earlier (tests/test_contracts.py); without it,
+    # the loss-mask check on what TRL prepared is the second line of defence.
+    contract = yaml.safe_load((ROOT / "data_contracts" / "medical_coding.yaml").read_text())
+    contract.pop("tokens")
+    contract_path = tmp_path / "no_tokens.yaml"
+    contract_path.write_text(yaml.safe_dump(contract))
     path = write_recipe(
         tmp_path / "short.yaml",
         {
             **tiny_recipe_data,
+            "data": {**tiny_recipe_data["data"], "contract": str(contract_path)},
             "training": {**tiny_recipe_data["training"], "max_length": 40},
             "tracking": {"enabled": False},
         },
