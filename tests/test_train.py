@@ -89,9 +89,28 @@ def test_eval_scores_both_systems_and_writes_predictions(trained_run):
     assert "| finetuned |" in report and "| base |" in report
 
 
+def test_completion_cut_by_max_length_is_quarantined_by_the_contract(tiny_recipe_data, tmp_path):
+    path = write_recipe(
+        tmp_path / "short.yaml",
+        {
+            **tiny_recipe_data,
+            "training": {**tiny_recipe_data["training"], "max_length": 40},
+            "tracking": {"enabled": False},
+        },
+    )
+    result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    # The contract's token check (with the recipe's tokenizer) catches it: every row is quarantined with the
+    # reason, and the run stops before the model loads.
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "data contract failed" in result.stderr and "Traceback" not in result.stderr
+    quarantine = [json.loads(line) for line in (tmp_path / "run" / "validation" / "quarantine.jsonl").open()]
+    assert {r["check"] for q in quarantine for r in q["reasons"]} == {"max_tokens"}
+    assert any("above max_tokens 40" in r["message"] for q in quarantine for r in q["reasons"])
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
 def test_completion_cut_by_max_length_stops_before_the_first_step(tiny_assets, tiny_recipe_data, tmp_path):
-    # The shipped contract's token check would stop this run earlier (tests/test_contracts.py); without it,
-    # the loss-mask check on what TRL prepared is the second line of defence.
+    # Without the contract's token check, the loss-mask check on what TRL prepared is the second line of defence.
     contract = yaml.safe_load((ROOT / "data_contracts" / "medical_coding.yaml").read_text())
     contract.pop("tokens")
     contract_path = tmp_path / "no_tokens.yaml"
@@ -106,15 +125,9 @@ def test_completion_cut_by_max_length_stops_before_the_first_step(tiny_assets, t
         },
     )
     result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
-    # The contract's token check (with the recipe's tokenizer) catches it first: every row is quarantined
-    # with the reason, and the run stops before the model loads. data.check_loss_masks is the second line
-    # of defence for contracts without token checks (test_check_loss_masks_names_the_rows).
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "data contract failed" in result.stderr and "Traceback" not in result.stderr
-    quarantine = [json.loads(line) for line in (tmp_path / "run" / "validation" / "quarantine.jsonl").open()]
-    reasons = {r["check"] for q in quarantine for r in q["reasons"]}
-    assert "max_tokens" in reasons
-    assert any("above max_tokens 40" in r["message"] for q in quarantine for r in q["reasons"])
+    assert "training data check failed before the first step" in result.stderr
+    assert "Raise training.max_length (now 40)" in result.stderr
     assert not (tmp_path / "run" / "adapter").exists()
 
 
