@@ -128,11 +128,22 @@ def _answer_gold(notes_to_codes: dict[str, list[str]]):
 
 @pytest.fixture
 def run_copy(trained_run, tiny_assets, tmp_path):
-    """A copy of the trained run and of its MLflow database, so this test's additions stay here."""
+    """A copy of the trained run, its MLflow database and artifacts, so this test's additions stay here.
+
+    The database records absolute artifact locations: they are pointed at the copied artifacts, or an
+    evaluation of the copy would write into the shared run's artifacts (which other tests read).
+    """
+    import sqlite3
+
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run.run_dir, run_dir)
     db = tmp_path / "mlruns.db"
     shutil.copy(tiny_assets["root"] / "mlruns.db", db)
+    shutil.copytree(tiny_assets["root"] / "mlartifacts", tmp_path / "mlartifacts")
+    old, new = str(tiny_assets["root"] / "mlartifacts"), str(tmp_path / "mlartifacts")
+    with sqlite3.connect(db) as connection:
+        connection.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+        connection.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
     return run_dir, db
 
 
