@@ -498,6 +498,9 @@ def _value_passes(rule: FieldRule, memo: bool = False) -> Callable[[Any], bool]:
         assert rule.items is not None  # guaranteed by FieldRule._consistent
         item_passes = _value_passes(rule.items, memo=True)
         fewest, most, unique = rule.min_items, rule.max_items, rule.unique_items
+        # Plain strings already seen to pass the item rule: a list made only of them passes with one C-level
+        # set operation. Only exact str go in, and no other JSON value equals a str, so membership is exact.
+        good: set[str] = set()
 
         def list_passes(value: Any) -> bool:
             if type(value) is not list:
@@ -507,7 +510,16 @@ def _value_passes(rule: FieldRule, memo: bool = False) -> Callable[[Any], bool]:
                 return False
             if unique and not _all_distinct(value):
                 return not _check_value("", value, rule)  # unhashable items: the full check compares their JSON
-            return all(map(item_passes, value))
+            try:
+                if good.issuperset(value):
+                    return True
+            except TypeError:  # unhashable items
+                return all(map(item_passes, value))
+            if not all(map(item_passes, value)):
+                return False
+            if len(good) < 100_000:
+                good.update(v for v in value if type(v) is str)
+            return True
 
         return list_passes
     return lambda value: not _check_value("", value, rule)
@@ -951,7 +963,7 @@ class ContractRun:
         # Bound once per batch, not looked up per row (attribute lookups were a tenth of this loop).
         leakage, exact = self.rules.leakage, self.rules.exact_duplicates
         text_of, row_id, labels_of, keep_rows = self._text, self._row_id, self._labels, self.keep_rows
-        near = self.near
+        near, id_field = self.near, self.contract.id_field
         add_row, add_id, add_labels = accepted.rows.append, accepted.ids.append, accepted.labels.append
         for record, row, why in zip(records, rows, reasons, strict=True):
             normalized = text_of(row)
@@ -976,7 +988,8 @@ class ContractRun:
                 continue
             tokens = row.pop("_tokens", None)
             add_row(number)
-            add_id(row_id(row))
+            value = row.get(id_field) if id_field else None
+            add_id(value if type(value) is str or type(value) is int else row_id(row))  # exact types: the common case
             add_labels(labels_of(row))
             if tokens is not None:
                 accepted.tokens.append(tokens)
