@@ -1063,6 +1063,10 @@ class ContractRun:
             return ()
         value = row.get(field_name)
         raw = tuple(value) if isinstance(value, list) else (value,)
+        # Keys are all-str tuples and no other JSON value equals a str: a hit is exactly the converted tuple.
+        shared = self._label_sets.get(raw)
+        if shared is not None:
+            return shared
         labels = tuple(v if type(v) is str else json.dumps(v, sort_keys=True) for v in raw)
         # One shared tuple per distinct label set: a million rows carry a few thousand combinations.
         return self._label_sets.setdefault(labels, labels)
