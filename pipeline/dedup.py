@@ -22,6 +22,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
 
 import numpy as np
 
@@ -31,7 +32,14 @@ _WORD = re.compile(r"\w+")
 def normalize(text: str) -> str:
     """Lower case, punctuation removed, whitespace collapsed: ``" Pt has  HTN. "`` -> ``"pt has htn"``."""
     # Punctuation becomes a word break and runs of whitespace one space: the words joined by single spaces.
+    if text.isascii():
+        # Same result, ~3x faster: in ASCII, \w is [A-Za-z0-9_]; one bytes.translate lower-cases the letters and
+        # turns every other character into a space, and bytes.split() (ASCII whitespace) finds the same words.
+        return b" ".join(text.encode("ascii").translate(_ASCII_WORDS).split()).decode("ascii")
     return " ".join(_WORD.findall(text.lower()))
+
+
+_ASCII_WORDS = bytes(ord(chr(c).lower()) if re.fullmatch(r"\w", chr(c)) else 32 for c in range(256))
 
 
 def text_hash(normalized: str) -> int:
@@ -79,9 +87,11 @@ class MinHasher:
         if not normalized_texts:
             return np.zeros((0, self.num_perm), dtype=np.uint32)
         word = self._word_hash
-        per_text = [[word(w) for w in t.split()] or [0] for t in normalized_texts]
-        lengths = np.fromiter((len(s) for s in per_text), dtype=np.int64, count=len(per_text))
-        words = np.fromiter((h for s in per_text for h in s), dtype=np.uint64, count=int(lengths.sum()))
+        # A text without words is one word that hashes to 0 (crc32 of b"" is 0). map/chain keep the per-word loop
+        # in C: flattening with a generator expression cost as much as the hashing.
+        per_text = [t.split() or [""] for t in normalized_texts]
+        lengths = np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text))
+        words = np.fromiter(map(word, chain.from_iterable(per_text)), dtype=np.uint64, count=int(lengths.sum()))
         offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
         n = self.shingle
         counts = np.maximum(lengths - n + 1, 1)  # shingles per text

@@ -378,3 +378,40 @@ def test_train_stops_on_truncated_completions_before_loading_the_model(tiny_reci
     assert not (tmp_path / "run" / "plan.json").exists()  # stopped at step 1, before the plan and the weights
     (line, *_) = (tmp_path / "run" / "validation" / "quarantine.jsonl").read_text().splitlines()
     assert "above max_tokens 40: truncation would cut" in line
+
+
+# Values where a fast path could disagree with the reference: str subclasses, bools as ints, unhashable or
+# repeated items, a category code, integers beyond 64 bits (which orjson would read as floats).
+FAST_PATH_ROWS = [
+    GOOD,
+    {**GOOD, "codes": ["I10", "E11.9"]},
+    {**GOOD, "codes": [1, 1]},
+    {**GOOD, "codes": [[1], [1]]},
+    {**GOOD, "codes": [{"a": 1}, {"a": 2}]},
+    {**GOOD, "codes": [True]},
+    {**GOOD, "codes": ["I10"] * 26},
+    {**GOOD, "id": 12345678901234567890123},
+    {**GOOD, "id": None, "extra": 1},
+    {**GOOD, "note": "naïve café façade note, long enough"},
+    {"note": GOOD["note"]},
+    [GOOD],
+]
+
+
+@pytest.mark.parametrize("row", FAST_PATH_ROWS)
+@pytest.mark.parametrize("extra", ["ignore", "reject"])
+def test_compiled_row_check_passes_exactly_the_rows_check_row_passes(row, extra):
+    from pipeline.contracts import row_passes
+
+    contract = CONTRACT.model_copy(update={"extra_fields": extra})
+    assert row_passes(contract)(row) == (check_row(row, contract) == [])
+
+
+def test_fast_json_path_keeps_integers_beyond_64_bits_exact():
+    from pipeline.contracts import _parse_line
+
+    big = 123456789012345678901234567890
+    value, reasons = _parse_line(json.dumps({**GOOD, "id": big, "n": -9223372036854775809}).encode() + b"\n")
+    assert reasons == [] and value["id"] == big and type(value["n"]) is int
+    assert _parse_line(b'{"x": 1e400}')[0] == {"x": float("inf")}  # what the json module gives
+    assert _parse_line(b"\xef\xbb\xbf" + json.dumps(GOOD).encode())[0] == GOOD  # BOM: the json-module path
