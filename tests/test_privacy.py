@@ -117,14 +117,25 @@ def test_recipe_params_never_carry_a_url_password(tmp_path):
 
 
 def test_ui_refuses_to_bind_beyond_loopback():
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "ui", "--host", "0.0.0.0"],
+    import signal
+
+    # Its own process group: if the refusal were ever broken, the MLflow server it would start (with worker
+    # processes) is killed as a whole instead of outliving the test on 0.0.0.0.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "ui", "--host", "0.0.0.0", "--port", "0"],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
+        start_new_session=True,
     )
-    assert result.returncode == 2 and "binds loopback addresses only" in result.stderr
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("pipeline ui --host 0.0.0.0 started a server instead of refusing")
+    assert process.returncode == 2 and "binds loopback addresses only" in stderr
 
 
 # --------------------------------------------------------------------------------------------------
