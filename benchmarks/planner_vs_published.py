@@ -7,7 +7,7 @@ Pure arithmetic (no torch, no GPU, under a second). Each row sets the planner up
 the architecture (shipped config, or the published facts of an older base given here), LoRA rank and
 targets, sequence length, micro-batch, optimizer, GPUs, and the loss path of the stack that was measured
 (transformers' full-logits loss for runs from 2023-2024; TRL's fused LM head is what `pipeline train` runs
-today, shown alongside). Published numbers are quoted from /work/shared/reference/memory-speed-cost.md, which
+today, shown alongside). Published numbers are quoted from ../shared/reference/memory-speed-cost.md, which
 gives each source; "GB" there is the vendors' unit, converted to GiB (x 0.931) for the error column.
 """
 

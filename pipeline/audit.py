@@ -24,18 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pipeline.rundir import sha256_file  # noqa: F401 - re-exported: the audit hashes inputs and outputs
+
 DEFAULT_LOG = Path("runs") / "audit.jsonl"
 GENESIS = "0" * 64
 SKIP_DIRS = {"checkpoints"}  # large and transient; the adapter they lead to is hashed
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hash_outputs(run_dir: Path | None) -> dict[str, str]:

@@ -80,11 +80,7 @@ def verify(checkpoint: str | Path) -> str | None:
         size = path.stat().st_size
         if size != expected["bytes"]:
             return f"{name} has {size:,} bytes, {expected['bytes']:,} when it was written"
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != expected["sha256"]:
+        if rundir.sha256_file(path) != expected["sha256"]:
             return f"{name} does not match its SHA-256 from when it was written (the file changed or is corrupt)"
     return None
 

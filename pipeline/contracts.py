@@ -31,6 +31,7 @@ from pipeline import icd10cm
 from pipeline.dedup import LshIndex, MinHasher, normalize, pairs_within, text_hash
 from pipeline.privacy import PII_ENTITIES, redact
 from pipeline.recipe import RecipeError, format_validation_errors
+from pipeline.rundir import sha256_file
 
 FieldType = Literal["string", "integer", "number", "boolean", "list", "object"]
 
@@ -724,15 +725,6 @@ try:
     import orjson as _orjson
 except ImportError:  # optional speed-up: the json module alone gives the same results, slower
     _orjson = None
-
-
-def sha256_file(path: str | Path) -> str:
-    """Content hash of a split, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ def evaluate_run(
         rows = rows[: recipe.eval.max_examples]
     examples = [sft_example(row, task, fmt) for row in rows]  # type: ignore[arg-type]
     adapter = run_dir / "adapter" / "adapter_model.safetensors"
-    adapter_sha = _sha256_file(adapter) if adapter.is_file() else None
+    adapter_sha = rundir.sha256_file(adapter) if adapter.is_file() else None
 
     outputs: dict[str, list[dict[str, Any]]] = {}
     loaded: LocalModel | None = local if isinstance(local, LocalModel) else None
@@ -774,14 +774,6 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     if len(sorted_values) == 1:
         return sorted_values[0]
     return statistics.quantiles(sorted_values, n=100, method="inclusive")[int(q) - 1]
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

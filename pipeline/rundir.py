@@ -11,6 +11,7 @@ Layout (see docs/architecture.md)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -53,6 +54,15 @@ def write_text(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (splits, outputs, adapters, checkpoints, weights)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _umask() -> int:

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from pipeline.privacy import redact_secrets
 from pipeline.recipe import Recipe, flatten
+from pipeline.rundir import sha256_file
 
 # MLflow's own limits (mlflow.utils.validation): 100 params per batch call, 6,000 characters per value,
 # 250 per key. Values are cut with a marker rather than rejected.
@@ -408,11 +409,7 @@ def weight_files_digest(model_dir: str | Path) -> tuple[str, dict[str, str]]:
         if path.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", target.name):
             digests[path.name] = target.name
             continue
-        digest = hashlib.sha256()
-        with target.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        digests[path.name] = digest.hexdigest()
+        digests[path.name] = sha256_file(target)
     combined = hashlib.sha256("\n".join(f"{k}:{v}" for k, v in digests.items()).encode()).hexdigest()
     return combined, digests
 
