@@ -255,8 +255,14 @@ class DoesNotFit(Exception):
 # Peak GPU memory of one training process. docs/planner.md derives every constant; the short version:
 
 GIB = 2**30
-CUDA_CONTEXT_GIB = 0.75  # CUDA context + cuBLAS workspaces, outside PyTorch's allocator (0.3-2 GiB reported)
-FRAGMENTATION = 1.08  # reserved / allocated under PyTorch's caching allocator
+# CUDA context + cuBLAS workspaces, outside PyTorch's allocator. Measured on an H200 (torch 2.11, CUDA 13.0,
+# benchmarks/gpu_probe.md): 0.51 GiB in use before the first tensor, 0.86 GiB during training steps
+# (device memory in use - reserved - the paged optimizer states).
+CUDA_CONTEXT_GIB = 0.86
+# reserved / allocated under PyTorch's caching allocator. The GPU probe measured 1.027-1.029 with fixed-shape
+# batches; real batches vary in length from step to step, which fragments the cache more, so the planner keeps
+# 8% as headroom rather than fitting the probe's figure (docs/planner.md section 6).
+FRAGMENTATION = 1.08
 DEQUANT_SLACK = 1.1  # the largest linear dequantized to 16 bits for its matmul, +10% for bitsandbytes' buffers
 # Optimizer state bytes per trainable parameter. bitsandbytes' 8-bit AdamW: two uint8 states + one fp32 absmax
 # per 256-value block per state (2 + 2 x 4/256). Its 32-bit AdamW: two fp32 states whatever the parameter dtype.
@@ -274,8 +280,12 @@ PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")  # states in CUDA u
 # r-wide bf16 input, two rsqrt and one logsumexp per head in fp32. Llama-3-70B, all-linear: 71.5 h per token.
 # A 16-bit base has no fp32 norms: the all-bf16 layer keeps 12 h + 4 q_dim + 4 kv_dim + 8 I (44.5 h) and a
 # checkpointed layer a 2h input (the research note's figures).
-# Backward of that layer needs about as much again for its gradients (the research note's factor).
-LAYER_BACKWARD_FACTOR = 2
+# The peak while one checkpointed layer is recomputed and back-propagated: its saved activations x this factor
+# (the gradients of the layer's tensors coexist with part of them). The research note assumed 2; the GPU probe
+# on an H200 (Llama-3.3-70B shapes, 2,048 and 4,096 tokens, benchmarks/gpu_probe.md) measured a slope of
+# 6.70 GiB per 2,048 tokens of peak allocated memory, of which 5.00 GiB is the checkpointed layer inputs
+# (exact): (1.70 - dropout 0.18) / 1.119 GiB of saved activations per layer = 1.36. Rounded up to 1.4.
+LAYER_BACKWARD_FACTOR = 1.4
 DROPOUT_MASK_BYTES = 1  # torch.native_dropout's bool mask on CUDA, per adapted input feature (the CPU keeps 2)
 EAGER_ATTENTION_BYTES = 8  # per head per key per token: bf16 scores (2) + fp32 softmax (4) + bf16 probabilities (2)
 FULL_LOGIT_BYTES = 22  # per vocab entry per token at the loss when the full logits exist (reference section 2.4)
@@ -361,6 +371,7 @@ def estimate_memory(
     loss: str = "fused",
     param_bytes: int | None = None,
     fp32_norms: bool | None = None,
+    backward_factor: float = LAYER_BACKWARD_FACTOR,
 ) -> dict[str, Any]:
     """Peak GPU memory of one training process, by component (GiB).
 
@@ -377,6 +388,8 @@ def estimate_memory(
         param_bytes: Bytes per trainable parameter; ``adapter_bytes(recipe)`` when not given.
         fp32_norms: Norm weights in fp32 (what k-bit preparation leaves): fp32 residual stream and norm
             outputs. Default: true for a 4-bit base; false reproduces the research note's all-bf16 layer.
+        backward_factor: Peak of one recomputed layer's backward over its saved activations
+            (``LAYER_BACKWARD_FACTOR``, measured; the research note's cells use 2).
 
     Returns:
         ``components_gib`` (every term), ``allocated_gib`` (what ``torch.cuda.max_memory_allocated`` should
@@ -421,7 +434,7 @@ def estimate_memory(
     layer, layer_input, dropout = layer_activation_bytes(dims, counts, recipe, fp32_norms)
     if t.gradient_checkpointing:
         stash = layer_input * layers * tokens  # each layer's input
-        recompute = (LAYER_BACKWARD_FACTOR * layer + dropout) * tokens
+        recompute = (backward_factor * layer + dropout) * tokens
     else:
         stash = (layer + dropout) * layers * tokens
         recompute = layer * tokens
@@ -442,9 +455,14 @@ def estimate_memory(
     reserved = allocated * FRAGMENTATION
     training = reserved + sum(outside.values())
     # Loading: prepare_model_for_kbit_training holds every 16-bit parameter in fp32 at once before
-    # attach_lora casts the matrices back (Llama-3-70B: 2.1B x 4 bytes = 7.8 GiB next to the 4-bit weights).
+    # attach_lora casts the matrices back (Llama-3-70B: 2.1B x 4 bytes = 7.8 GiB next to the 4-bit weights),
+    # and while it casts the largest one (the embedding or the head, vocab x h) its 16-bit original still
+    # exists: + 1.96 GiB on Llama-3-70B. The GPU probe measured 42.75 GiB allocated at that moment against
+    # 42.68 from this sum.
     load_peak = (
-        inside["NF4 weights (4 bits)"] + inside["quantization constants"] + counts["kept_16bit"] * 4 / shard
+        inside["NF4 weights (4 bits)"]
+        + inside["quantization constants"]
+        + (counts["kept_16bit"] * 4 + (vocab * h * rest if q.load_in_4bit else 0)) / shard
     ) * FRAGMENTATION + CUDA_CONTEXT_GIB * GIB
     components = {k: round(v / GIB, 2) for k, v in {**inside, **outside}.items() if v}
     components["allocator fragmentation (8%)"] = round((reserved - allocated) / GIB, 2)

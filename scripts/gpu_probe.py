@@ -1,7 +1,7 @@
 """Measure a few real QLoRA steps at a recipe's exact shapes, with random 4-bit weights, against the planner.
 
 Run as:
-    # the 70B recipe on one H100/H200, 2,048 then 4,096 tokens (a fresh process each, ~2-4 min each):
+    # the 70B recipe on one H100/H200, 2,048 then 4,096 tokens (a fresh process each, under a minute each on an H200):
     for n in 2048 4096; do
         python scripts/gpu_probe.py recipes/medical_coding.yaml --set training.max_length=$n \
             --out benchmarks/results/gpu_probe-70b-$n.json
@@ -29,12 +29,18 @@ backward (PaLM, appendix B). Gradient checkpointing recomputes the forward (8 N 
 FLOPs), which MFU does not credit. Peak bf16 dense FLOP/s: H100/H200 SXM 989e12, H100 PCIe 756e12, A100
 312e12, L40S 362e12; --peak-tflops for anything else.
 
-On the GPU image (torch, transformers, peft and accelerate installed), bitsandbytes, trl and datasets travel as
-wheels built or downloaded on a connected machine and installed offline before the run:
-    pip download bitsandbytes trl datasets -d wheels/          # on a machine with network access
-    pip install --no-index --find-links wheels/ bitsandbytes trl datasets   # on the GPU machine
-The whole probe of a 70B at 4,096 tokens fits in a 10-minute slot: building the random 4-bit model takes
-well under a minute on an H100 (80 x 7 matrices quantized on the device), each step a few seconds.
+On a GPU image with torch, transformers, peft and accelerate but no network, what it lacks travels as wheels
+downloaded on a connected machine and is installed offline before the run. That is bitsandbytes, trl and
+datasets (with dill and multiprocess), and pydantic (with pydantic-core, annotated-types and
+typing-inspection), which the recipe loader needs. Also transformers and regex when the image's are older
+than pyproject.toml asks, and pyarrow when the image's is older than datasets needs:
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+        -d wheels/ bitsandbytes trl datasets dill multiprocess pydantic pydantic-core annotated-types \
+        typing-inspection                                     # on a machine with network access
+    pip install --no-index --no-deps --target /tmp/site wheels/*.whl && export PYTHONPATH=/tmp/site
+Measured on an H200 (benchmarks/gpu_probe.md): the whole probe of the 70B takes 43 s at 2,048 tokens and
+46 s at 4,096, each in a fresh process. Building the random 4-bit model takes about 20 s (80 x 7 matrices
+quantized on the device) and each step 2.6 s or 4.8 s.
 Exit codes: 0 measured; 1 the run failed (e.g. out of memory: recorded in the JSON); 2 bad arguments.
 """
 

@@ -5,6 +5,7 @@ import pytest
 from conftest import ROOT
 
 from pipeline.plan import (
+    CUDA_CONTEXT_GIB,
     NF4_DQ_BITS,
     count_parameters,
     count_parameters_meta,
@@ -101,11 +102,16 @@ def test_memory_estimate_reproduces_the_reference_70b_cells(overrides, loss, all
     config, _ = find_model_config(recipe.model.path)
     counts = count_parameters(config, recipe)
     # The note's layer is all bf16 (fp32_norms=False): 44.5 h saved per token, a 2h checkpointed input.
-    memory = estimate_memory(config, recipe, counts, loss=loss, param_bytes=4, fp32_norms=False)
+    # Its layer backward is 2x the layer's saved activations (ours is the measured 1.4, LAYER_BACKWARD_FACTOR).
+    memory = estimate_memory(config, recipe, counts, loss=loss, param_bytes=4, fp32_norms=False, backward_factor=2)
     # The reference counts the CUDA context and the (paged) optimizer states inside "allocated"; we keep them
     # apart because PyTorch's allocator never sees them, and apply fragmentation to the allocator's part only.
-    assert memory["allocated_gib"] + memory["outside_allocator_gib"] == pytest.approx(allocated, abs=0.1)
-    assert memory["needed_gib"] == pytest.approx(needed, abs=0.3)
+    # The note assumed a 0.75 GiB CUDA context; ours is the H200 measurement (CUDA_CONTEXT_GIB).
+    context_delta = CUDA_CONTEXT_GIB - 0.75
+    assert memory["allocated_gib"] + memory["outside_allocator_gib"] - context_delta == pytest.approx(
+        allocated, abs=0.1
+    )
+    assert memory["needed_gib"] - context_delta == pytest.approx(needed, abs=0.3)
 
 
 def test_memory_arithmetic_by_hand_for_the_70b_recipe():
@@ -125,24 +131,30 @@ def test_memory_arithmetic_by_hand_for_the_70b_recipe():
         "dequantized weight in flight": 28_672 * 8_192 * 2 * 1.1,  # gate/up/down in bf16 + 10%: 0.48 GiB
         # fp32 norms (k-bit preparation) make the residual stream fp32: 4 bytes x h per layer: 5.0 GiB
         "activations kept for backward": 4 * h * layers * tokens,
-        # one layer recomputed: 2 x (8h fp32 norm inputs + 4 q_dim + 4 kv_dim + 12 I fp32 SwiGLU + bf16 lora_A
-        # input copies 2 x (77,824 - 8,192 for o_proj) + lora_B inputs 2 x 16 x 7 + rsqrt 8 + logsumexp 4 x 64)
-        # + dropout (bool mask per adapted input 77,824 + o_proj's dropped-out bf16 copy 2 x 8,192): 2.42 GiB
+        # one layer recomputed: 1.4 (measured on an H200) x (8h fp32 norm inputs + 4 q_dim + 4 kv_dim + 12 I
+        # fp32 SwiGLU + bf16 lora_A input copies 2 x (77,824 - 8,192 for o_proj) + lora_B inputs 2 x 16 x 7
+        # + rsqrt 8 + logsumexp 4 x 64) + dropout (bool mask per adapted input 77,824 + o_proj's dropped-out
+        # bf16 copy 2 x 8,192): 1.75 GiB
         "peak of loss or layer recompute": (
-            2 * (8 * h + 4 * h + 4 * 1024 + 12 * 28_672 + 2 * (77_824 - 8_192) + 2 * 16 * 7 + 8 + 4 * 64)
+            1.4 * (8 * h + 4 * h + 4 * 1024 + 12 * 28_672 + 2 * (77_824 - 8_192) + 2 * 16 * 7 + 8 + 4 * 64)
             + (77_824 + 2 * 8_192)
         )
         * tokens,
-        "CUDA context": 0.75 * gib,
+        "CUDA context": 0.86 * gib,  # measured on an H200 during training steps
     }
     for name, value in expected.items():
         assert c[name] == pytest.approx(value / gib, abs=0.006), name
     inside = sum(v for k, v in expected.items() if "paged" not in k and k != "CUDA context") + vectors * 4
-    needed = inside * 1.08 + expected["optimizer states (paged, unified memory)"] + 0.75 * gib
+    needed = inside * 1.08 + expected["optimizer states (paged, unified memory)"] + 0.86 * gib
     assert plan["memory"]["allocated_gib"] == pytest.approx(inside / gib, abs=0.01)
-    assert plan["memory"]["needed_gib"] == pytest.approx(needed / gib, abs=0.01) == pytest.approx(50.25, abs=0.01)
+    assert plan["memory"]["needed_gib"] == pytest.approx(needed / gib, abs=0.01) == pytest.approx(49.64, abs=0.01)
+    # Loading: 4-bit weights and constants + every 16-bit parameter in fp32 + the bf16 original of the
+    # matrix being cast (the embedding, 128,256 x 8,192 x 2 B): 42.68 GiB allocated (the probe measured 42.75).
+    load_allocated = quantized * 0.5 + expected["quantization constants"] + kept * 4 + 128_256 * h * 2
+    assert load_allocated / gib == pytest.approx(42.68, abs=0.01)
+    assert plan["memory"]["load_peak_gib"] == pytest.approx((load_allocated * 1.08 + 0.86 * gib) / gib, abs=0.01)
     # TRL's fused LM head: 3 fp32 copies of the final hidden state per token + 7 fp32 stats + one bf16
-    # tile of 2,048 tokens x 32,768 vocab entries = 0.31 GiB, below the 2.42 GiB layer recompute.
+    # tile of 2,048 tokens x 32,768 vocab entries = 0.31 GiB, below the 1.75 GiB layer recompute.
     fused = tokens * (3 * 4 * h + 28) + 2048 * 32_768 * 2
     assert fused / gib == pytest.approx(0.3126, abs=1e-3)
     assert fused / gib < c["peak of loss or layer recompute"]
