@@ -78,6 +78,10 @@ class Tracker:
     If the store is unreachable when the run starts, or a call fails later, the user is told once and the
     job goes on: every further call is appended to ``<run_dir>/tracking/pending.jsonl`` (artifacts by path,
     they are in the run directory anyway) and ``python -m pipeline sync RUN_DIR`` replays it later.
+
+    A store that answers but refuses one call (a 4xx: a param logged again with another value, a name it
+    does not accept) is not "unreachable": replaying the call would be refused again. That call is named in
+    a warning and recorded in ``<run_dir>/tracking/rejected.jsonl``, and the run goes on logging.
     """
 
     def __init__(
@@ -146,8 +150,26 @@ class Tracker:
                 apply_op(self._client, self.run_id, kind, payload)
                 return
             except Exception as exc:  # noqa: BLE001 - the job goes on without the server
+                if _rejected(exc):
+                    self._reject(kind, payload, exc)
+                    return
                 self._go_offline(exc)
         self._queue(kind, payload)
+
+    def _reject(self, kind: str, payload: dict[str, Any], exc: Exception) -> None:
+        reason = redact_secrets(str(exc)).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        where = self._pending.parent / "rejected.jsonl" if self._pending else None
+        print(
+            f"warning: MLflow tracking at {redact_secrets(self.uri)} refused a {kind} call: {reason}. The run "
+            f"goes on logging; the refused call is recorded in {where or 'nowhere (no run directory)'}.",
+            file=sys.stderr,
+            flush=True,
+        )
+        if where is not None:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            with where.open("a", encoding="utf-8") as handle:
+                keys = sorted(payload.get("values", payload)) if kind in ("params", "tags", "metrics") else []
+                handle.write(json.dumps({"op": kind, "keys": keys[:100], "reason": reason}) + "\n")
 
     def _go_offline(self, exc: Exception) -> None:
         self.offline = True
@@ -171,6 +193,19 @@ class Tracker:
         self._pending.parent.mkdir(parents=True, exist_ok=True)
         with self._pending.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({"op": kind, **payload}) + "\n")
+
+
+def _rejected(exc: Exception) -> bool:
+    """True when the store answered and refused the call (HTTP 4xx), rather than could not be reached.
+
+    MLflow reports both as ``MlflowException``: a refusal carries a 4xx error code (INVALID_PARAMETER_VALUE,
+    RESOURCE_ALREADY_EXISTS...), a connection failure or a 5xx an INTERNAL_ERROR-like 5xx one.
+    """
+    status = getattr(exc, "get_http_status_code", None)
+    try:
+        return status is not None and 400 <= int(status()) < 500
+    except Exception:  # noqa: BLE001 - an exception type with an unexpected get_http_status_code
+        return False
 
 
 def _client(uri: str) -> Any:

@@ -21,6 +21,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import __version__, checkpoints, licenses, rundir
+from pipeline.contracts import ContractFailed
 from pipeline.data import check_loss_masks, prompt_format, sft_example, task_for, to_dataset, validate_data
 from pipeline.env import Env, environment_report, gather
 from pipeline.evaluate import LocalModel, evaluate_run
@@ -253,7 +254,14 @@ def _train(
         tracker.log_artifact(out / "recipe.resolved.yaml")
 
         # 1. Data: the contract runs before any weights load; bad rows go to quarantine, not to training.
-        data = validate_data(recipe, reports_dir, recipe_source)
+        try:
+            data = validate_data(recipe, reports_dir, recipe_source)
+        except ContractFailed:
+            # The reviewer of a failed run in MLflow needs the reason: the report and the quarantine.
+            if (out / "validation").is_dir():
+                tracker.log_artifact(out / "validation")
+            tracker.set_tags({"contract": "failed"})
+            raise
         if earlier_data and earlier_data.get("train") != data.report["splits"]["train"]["sha256"]:
             raise checkpoints.ResumeError(
                 f"--resume {out}: the train split {recipe.data.train} changed since the run started (SHA-256 "

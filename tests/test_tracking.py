@@ -1,3 +1,4 @@
+import json
 import socket
 import subprocess
 import sys
@@ -164,3 +165,26 @@ def test_unreachable_tracking_server_does_not_stop_training_and_sync_uploads_lat
     assert not pending.exists() and (tmp_path / "run" / "tracking" / "synced.jsonl").is_file()
     again = run_cli("sync", str(tmp_path / "run"))
     assert again.returncode == 2 and "nothing to sync" in again.stderr
+
+
+def test_a_refused_call_is_reported_as_refused_and_the_run_keeps_logging(tmp_path, capsys):
+    """A store that answers "no" (a param logged again with another value) is not an unreachable store."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.recipe import load_recipe
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"tracking.uri={uri}"])
+    tracker = Tracker(recipe, run_name="refused", run_dir=tmp_path / "run")
+    tracker.log_params({"lora.r": "8"})
+    tracker.log_params({"lora.r": "16"})  # MLflow params are immutable: INVALID_PARAMETER_VALUE (400)
+    tracker.log_metrics({"loss": 1.5})
+    tracker.end()
+    err = capsys.readouterr().err
+    assert "refused a params call" in err and "unreachable" not in err
+    assert not tracker.offline and not (tmp_path / "run" / "tracking" / "pending.jsonl").exists()
+    rejected = [json.loads(line) for line in (tmp_path / "run" / "tracking" / "rejected.jsonl").open()]
+    assert rejected == [{"op": "params", "keys": ["lora.r"], "reason": rejected[0]["reason"]}]
+    run = MlflowClient(tracking_uri=uri).get_run(tracker.run_id)
+    assert run.data.params["lora.r"] == "8" and run.data.metrics["loss"] == 1.5 and run.info.status == "FINISHED"

@@ -95,7 +95,7 @@ def test_completion_cut_by_max_length_is_quarantined_by_the_contract(tiny_recipe
         {
             **tiny_recipe_data,
             "training": {**tiny_recipe_data["training"], "max_length": 40},
-            "tracking": {"enabled": False},
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment": "short"},
         },
     )
     result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
@@ -107,6 +107,15 @@ def test_completion_cut_by_max_length_is_quarantined_by_the_contract(tiny_recipe
     assert {r["check"] for q in quarantine for r in q["reasons"]} == {"max_tokens"}
     assert any("above max_tokens 40" in r["message"] for q in quarantine for r in q["reasons"])
     assert not (tmp_path / "run" / "adapter").exists()
+    # The failed run in MLflow says why: FAILED, tagged, with the contract's report and quarantine.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    run_id = json.loads((tmp_path / "run" / "tracking" / "run.json").read_text())["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["contract"] == "failed"
+    logged = {f.path for f in client.list_artifacts(run_id, "validation")}
+    assert {"validation/report.json", "validation/quarantine.jsonl", "validation/report.md"} <= logged
 
 
 def test_completion_cut_by_max_length_stops_before_the_first_step(tiny_assets, tiny_recipe_data, tmp_path):
@@ -121,7 +130,7 @@ def test_completion_cut_by_max_length_stops_before_the_first_step(tiny_assets, t
             **tiny_recipe_data,
             "data": {**tiny_recipe_data["data"], "contract": str(contract_path)},
             "training": {**tiny_recipe_data["training"], "max_length": 40},
-            "tracking": {"enabled": False},
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment": "short"},
         },
     )
     result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
