@@ -253,6 +253,10 @@ def _train(
             tracker.set_tags({"resumed_from_checkpoint": str(resume_from)})
         tracker.log_artifact(out / "recipe.resolved.yaml")
 
+        # The base must be here (and at the pinned revision) before the contract reads a million rows: a wrong
+        # model.path is a recipe error that should cost seconds, not the contract's minutes.
+        model_dir = resolve_model_path(recipe.model.path, recipe.model.revision)
+
         # 1. Data: the contract runs before any weights load; bad rows go to quarantine, not to training.
         try:
             data = validate_data(recipe, reports_dir, recipe_source)
@@ -273,7 +277,6 @@ def _train(
         tracker.log_inputs(dataset_inputs(data.report, data.contract))
 
         # 2. Tokenizer and prompts: the same rendering serves training and evaluation.
-        model_dir = resolve_model_path(recipe.model.path, recipe.model.revision)
         license_entry, license_name, license_source = licenses.resolve(recipe.model.license, model_dir)
         print(licenses.render_obligations(license_entry, license_name, license_source))
         lineage = lineage_tags(recipe, model_dir, license_entry.id if license_entry else license_name)

@@ -2,7 +2,6 @@ import json
 import os
 
 import pytest
-from conftest import write_recipe
 from test_recipe import run_cli
 
 from pipeline.audit import append, verify
@@ -93,31 +92,3 @@ def test_every_command_is_audited_and_verify_exits_1_on_tampering(tmp_path, tiny
         assert bad.returncode == 1 and "does not follow the previous entry" in bad.stderr
     finally:
         os.environ["PIPELINE_AUDIT_LOG"] = str(tmp_path / "elsewhere.jsonl")
-
-
-def test_training_run_carries_its_audit_entry_in_mlflow(tmp_path, tiny_recipe_data):
-    log = tmp_path / "audit.jsonl"
-    os.environ["PIPELINE_AUDIT_LOG"] = str(log)
-    try:
-        path = write_recipe(
-            tmp_path / "r.yaml",
-            {
-                **tiny_recipe_data,
-                "training": {**tiny_recipe_data["training"], "max_steps": 2},
-                "eval": {"max_examples": 2},
-                "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}"},
-            },
-        )
-        result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
-        assert result.returncode == 0, result.stderr[-2000:]
-    finally:
-        os.environ["PIPELINE_AUDIT_LOG"] = str(tmp_path / "elsewhere.jsonl")
-    entry = json.loads(lines_of(log)[-1])
-    assert entry["command"] == "train" and entry["exit_code"] == 0
-    assert "adapter/adapter_model.safetensors" in entry["outputs"]
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
-    run = client.get_run(entry["mlflow_run_id"])
-    assert run.data.tags["audit.entry_hash"] == entry["hash"]
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "audit")] == ["audit/audit.jsonl"]

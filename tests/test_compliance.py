@@ -93,6 +93,21 @@ def test_planted_phi_and_secrets_never_leave_train_evaluate_or_export(
     assert all(SECRETS["HF_TOKEN"] not in json.dumps(r["headers"]) for r in baseline_server.requests)
 
     audit_log = Path(os.environ["PIPELINE_AUDIT_LOG"])
+    # The audit trail reaches the reviewer: train, evaluate and export each attach the log to the run's MLflow
+    # run, and the run's tag holds the hash of the latest entry (export's).
+    run_id = json.loads((run_dir / "tracking" / "run.json").read_text())["mlflow_run_id"]
+    entries = [json.loads(line) for line in audit_log.read_text().splitlines()]
+    mine = [e for e in entries if e.get("mlflow_run_id") == run_id]
+    assert [e["command"] for e in mine] == ["train", "evaluate", "export"]
+    assert mine[0]["exit_code"] == 0 and "adapter/adapter_model.safetensors" in mine[0]["outputs"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    assert client.get_run(run_id).data.tags["audit.entry_hash"] == mine[-1]["hash"]
+    assert [a.path for a in client.list_artifacts(run_id, "audit")] == ["audit/audit.jsonl"]
+    attached = Path(client.download_artifacts(run_id, "audit/audit.jsonl", str(tmp_path / "dl"))).read_text()
+    assert all(e["hash"] in attached for e in mine)
+
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name not in ("train.jsonl", "eval.jsonl")]
     written += [audit_log, audit_log.with_name("audit.head")]
     assert any(p.suffix == ".db" for p in written) and any("mlartifacts" in p.parts for p in written)

@@ -103,10 +103,12 @@ def test_completion_cut_by_max_length_is_quarantined_by_the_contract(tiny_recipe
     # reason, and the run stops before the model loads.
     assert result.returncode == 1, result.stderr[-2000:]
     assert "data contract failed" in result.stderr and "Traceback" not in result.stderr
+    assert "no row of the train split passed the contract (max_tokens x160)" in result.stderr
     quarantine = [json.loads(line) for line in (tmp_path / "run" / "validation" / "quarantine.jsonl").open()]
     assert {r["check"] for q in quarantine for r in q["reasons"]} == {"max_tokens"}
-    assert any("above max_tokens 40" in r["message"] for q in quarantine for r in q["reasons"])
-    assert not (tmp_path / "run" / "adapter").exists()
+    assert any("above max_tokens 40: truncation would cut" in r["message"] for q in quarantine for r in q["reasons"])
+    # Stopped at step 1: before the plan, the weights and any adapter.
+    assert not (tmp_path / "run" / "plan.json").exists() and not (tmp_path / "run" / "adapter").exists()
     # The failed run in MLflow says why: FAILED, tagged, with the contract's report and quarantine.
     from mlflow.tracking import MlflowClient
 
