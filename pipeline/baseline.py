@@ -55,7 +55,8 @@ class BaselineResult:
     """What the baseline run produced.
 
     Attributes:
-        status: ``ok`` (requests were made or answered from the cache) or ``skipped`` (nothing was sent).
+        status: ``ok`` (requests were made or answered from the cache), ``skipped`` (nothing was sent) or
+            ``not_cached`` (``cache_only`` and some answer is not in the cache: not reported).
         reason: Why it was skipped, in words; empty when ok.
         outputs: Per eval row, in order: ``text``, ``stopped``, ``tokens_in``, ``tokens_out``, ``latency_s``,
             ``attempts``, ``cached`` and, for a failed example, ``error``. None when skipped.
@@ -145,8 +146,13 @@ def run_baseline(
     cache_dir: str | Path,
     eval_dir: str | Path,
     seed: int = 42,
+    cache_only: bool = False,
 ) -> BaselineResult:
     """Answer every eval row with the baseline model (or say why nothing was sent).
+
+    With ``cache_only`` nothing is sent at all: the answers are taken from the cache when every row has one
+    (status ``ok``, ``requests_sent`` 0), else the result has status ``not_cached``. This is how re-scoring
+    another system keeps a baseline scored earlier. ``send_data: false`` still means skipped.
 
     Args:
         settings: The recipe's baseline section.
@@ -157,6 +163,7 @@ def run_baseline(
         cache_dir: Directory of cached answers (one JSON file per request hash).
         eval_dir: The run's eval/ directory, for the log of sent rows.
         seed: Seed for drawing few-shot rows.
+        cache_only: Send nothing; report the baseline only if every answer is cached.
 
     Returns:
         The outputs per row and the summary for metrics.json.
@@ -181,7 +188,7 @@ def run_baseline(
             "to compare against it; rows are sent only after the data contract and its PII policy)"
         )
     allowed, reason = egress_decision(settings, allowed_hosts)
-    if not allowed:
+    if not allowed and not cache_only:  # reading the cache sends nothing
         return skipped(reason)
     shots = few_shot_rows(train_rows, settings.few_shot, seed)
     params = request_params(settings)
@@ -195,9 +202,16 @@ def run_baseline(
             outputs[index] = cached
         else:
             jobs.append((index, key, messages))
+    if cache_only and jobs:
+        reason = f"{len(rows) - len(jobs)} of {len(rows)} answers cached; not re-scored without new requests"
+        return BaselineResult("not_cached", reason, None, {**summary, "status": "not_cached", "reason": reason})
     api_key = os.environ.get(key_env(settings), "")
     if jobs and not api_key:  # a fully cached re-run needs no key
         return skipped(f"the environment variable {key_env(settings)} (baseline.api_key_env) is not set or empty")
+    if jobs:
+        unwritable = _unwritable(Path(cache_dir), Path(eval_dir) / SENT_LOG)
+        if unwritable:
+            return skipped(unwritable)
     log = _SentLog(Path(eval_dir) / SENT_LOG, shots)
     caller = _Caller(settings, api_key, Path(cache_dir))
     print(
@@ -247,6 +261,7 @@ def run_baseline(
             "failures_by_kind": failures,
             "retries": caller.retries,
             "retry_budget_left": caller.budget_left,
+            "cache_write_failures": caller.cache_failures,
             "few_shot": len(shots),
             "wall_seconds": round(time.perf_counter() - started, 3),
         }
@@ -299,10 +314,39 @@ def cached_answer(cache_dir: Path, key: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
+        answer = json.loads(path.read_text(encoding="utf-8"))["answer"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return {**entry["answer"], "attempts": 0, "cached": True}
+    return {**answer, "attempts": 0, "cached": True}
+
+
+def _os_error(exc: OSError) -> str:
+    """A file-system error in one line: the file and the reason (``/x/y.json: No space left on device``)."""
+    return f"{exc.filename or '(unknown file)'}: {exc.strerror or type(exc).__name__}"
+
+
+def _unwritable(cache_dir: Path, sent_log: Path) -> str | None:
+    """Why the cache or the sent-rows log cannot be written (checked before the first request), or None.
+
+    Without the cache every answer would be paid for again on the next run; without the log, rows would leave
+    unrecorded. Either way nothing is sent.
+    """
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        rundir.write_text(cache_dir / ".write-check", "")
+        (cache_dir / ".write-check").unlink()
+    except OSError as exc:
+        return (
+            f"the answer cache {cache_dir} cannot be written ({_os_error(exc)}), so nothing was sent: make it "
+            "writable or set baseline.cache_dir"
+        )
+    try:
+        sent_log.parent.mkdir(parents=True, exist_ok=True)
+        with sent_log.open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        return f"the sent-rows log {sent_log} cannot be written ({_os_error(exc)}), so nothing was sent"
+    return None
 
 
 class _Caller:
@@ -314,7 +358,7 @@ class _Caller:
         self.cache_dir = cache_dir
         self.params = request_params(settings)
         self._lock = threading.Lock()
-        self.requests = self.retries = self.failed = 0
+        self.requests = self.retries = self.failed = self.cache_failures = 0
         self.budget_left = settings.retry_budget
         self._stop_reason: str | None = None
         if settings.provider == "openai":
@@ -348,7 +392,13 @@ class _Caller:
             if stop is not None:
                 return self._fail(f"not_sent: {stop}", attempts)
             if attempts == 0:
-                before_first()
+                try:
+                    before_first()
+                except OSError as exc:
+                    # The row is not on record, so it must not leave; nor may any later one.
+                    with self._lock:
+                        self._stop_reason = f"the sent-rows log could not be written ({_os_error(exc)})"
+                    continue
             attempts += 1
             with self._lock:
                 self.requests += 1
@@ -366,10 +416,16 @@ class _Caller:
                 time.sleep(self._backoff(attempts, wait_hint))
                 continue
             answer["latency_s"] = time.perf_counter() - start
-            rundir.write_json(
-                self.cache_dir / f"{key}.json",
-                {"key": key, "provider": self.settings.provider, "model": self.settings.model, "answer": answer},
-            )
+            try:
+                rundir.write_json(
+                    self.cache_dir / f"{key}.json",
+                    {"key": key, "provider": self.settings.provider, "model": self.settings.model, "answer": answer},
+                )
+            except OSError as exc:
+                # The answer is here and paid for: it is scored. Only a re-run would have to ask it again.
+                with self._lock:
+                    self.cache_failures += 1
+                return {**answer, "attempts": attempts, "cached": False, "cache_error": _os_error(exc)}
             return {**answer, "attempts": attempts, "cached": False}
 
     def _call(self, messages: list[dict[str, str]]) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 The real SDKs talk to them over HTTP. Each server answers through ``answer(messages) -> text`` and can be told,
 per prompt and attempt, to fail: ``faults(prompt, attempt) -> action`` where an action is one of ``None``
 (answer), ``"429"``, ``"500"``, ``"401"``, ``"timeout"`` (sleep past the client's timeout), ``"bad_json"`` (a
-200 whose body is not JSON) or ``"empty"`` (a 200 without any answer text). Every request is recorded.
+200 whose body is not JSON) or ``"empty"`` (a 200 without any answer text). With ``usage=False`` answers carry
+no token usage (some gateways and self-hosted servers omit it). Every request is recorded.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ class FakeLLM:
         faults: Callable[[str, int], str | None] | None = None,
         delay_s: float = 0.0,
         timeout_sleep_s: float = 1.5,
+        usage: bool = True,
     ):
         self.api = api
         self.answer = answer
         self.faults = faults or (lambda prompt, attempt: None)
         self.delay_s = delay_s
         self.timeout_sleep_s = timeout_sleep_s
+        self.usage = usage
         self.requests: list[dict[str, Any]] = []
         self.attempts: dict[str, int] = {}
         self.in_flight = self.max_in_flight = 0
@@ -109,7 +112,7 @@ class FakeLLM:
         tokens_in = sum(len(str(m["content"]).split()) for m in messages)
         tokens_out = len(text.split())
         if self.api == "openai":
-            return {
+            reply = {
                 "id": "chatcmpl-fake",
                 "object": "chat.completion",
                 "created": 0,
@@ -121,16 +124,20 @@ class FakeLLM:
                     "total_tokens": tokens_in + tokens_out,
                 },
             }
-        return {
-            "id": "msg_fake",
-            "type": "message",
-            "role": "assistant",
-            "model": body.get("model"),
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": "end_turn",
-            "stop_sequence": None,
-            "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out},
-        }
+        else:
+            reply = {
+                "id": "msg_fake",
+                "type": "message",
+                "role": "assistant",
+                "model": body.get("model"),
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out},
+            }
+        if not self.usage:
+            reply.pop("usage")
+        return reply
 
     @staticmethod
     def _send(handler: BaseHTTPRequestHandler, status: int, payload: bytes, headers: dict[str, str]) -> None:

@@ -293,3 +293,121 @@ def test_recipe_never_holds_a_key():
             ["baseline.provider=openai", "baseline.model=gpt-4o", f"baseline.api_key_env={KEY}"],
         )
     assert "baseline.api_key_env" in str(caught.value) and KEY not in str(caught.value)
+
+
+def test_answers_without_token_usage_are_counted_and_the_cost_is_a_lower_bound(provider, serve, tmp_path):
+    from pipeline.evaluate import (
+        cost_of_ownership,
+        cost_per_1000_examples,
+        render_cost_lines,
+        render_ops_table,
+        score_system,
+    )
+    from pipeline.recipe import load_recipe
+
+    rows = make_rows(6)
+    with_usage = serve(provider)
+    run(settings(with_usage), rows[:2], tmp_path)  # two answers with usage, cached
+    without = serve(provider, usage=False)  # a gateway that reports no usage answers the other four
+    result = run(settings(without), rows, tmp_path)
+    assert len(without.requests) == 4 and result.summary["answers_from_cache"] == 2
+    assert [o["usage_reported"] for o in result.outputs] == [True, True, False, False, False, False]
+    metrics = score_system(TASK, rows, result.outputs)
+    assert metrics["usage_not_reported"] == 4
+    # Only the two answers with usage count tokens: one word out each (the fake counts words).
+    assert metrics["tokens_out"] == 2
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml", ["baseline.price_input_per_1m=2.5", "baseline.price_output_per_1m=10"]
+    )
+    api = cost_of_ownership(recipe, {"baseline": metrics}, "cpu")["api"]
+    assert api["answers_without_usage"] == 4 and api["lower_bound"] is True
+    metrics["cost_per_1000_examples"] = cost_per_1000_examples(recipe, "baseline", metrics)
+    table = render_ops_table({"baseline": metrics})
+    assert f"| >={metrics['tokens_out']:,.0f} | >={metrics['cost_per_1000_examples']:.4f} |" in table
+    lines = "\n".join(render_cost_lines({"api": api, "self_hosted": None}))
+    assert f"| $ per 1,000 cases | n/a | >=${api['cost_per_1000_cases']:.4f} |" in lines
+    assert "4 API answers came without token usage" in lines
+
+
+def test_an_unwritable_cache_sends_nothing_and_says_why(serve, tmp_path):
+    server = serve("openai")
+    (tmp_path / "file").write_text("not a directory")
+    result = run_baseline(
+        settings(server),
+        TASK,
+        make_rows(3),
+        train_rows=[],
+        allowed_hosts=[],
+        cache_dir=tmp_path / "file" / "cache",
+        eval_dir=tmp_path / "eval",
+    )
+    assert result.status == "skipped" and server.requests == []
+    assert result.reason.startswith(f"the answer cache {tmp_path / 'file' / 'cache'} cannot be written")
+    assert "nothing was sent" in result.reason and "\n" not in result.reason
+
+
+def test_disk_full_mid_run_keeps_the_answers_and_counts_what_was_not_cached(serve, tmp_path, monkeypatch):
+    import errno
+
+    from pipeline import baseline
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    server = serve("openai")
+    monkeypatch.setattr(baseline.rundir, "write_json", full)
+    rows = make_rows(4)
+    result = run(settings(server), rows, tmp_path)
+    # Every answer arrived and is scored; none could be cached, and the summary says so.
+    assert [o["text"] for o in result.outputs] == [CODES[i] for i in range(4)]
+    assert result.summary["failed"] == 0 and result.summary["cache_write_failures"] == 4
+    assert result.outputs[0]["cache_error"].endswith(".json: No space left on device")
+    # So a re-run has to ask again: that is what the counter warns about.
+    run(settings(server), rows, tmp_path)
+    assert len(server.requests) == 8
+
+
+def test_a_sent_log_that_cannot_be_written_stops_sending(serve, tmp_path, monkeypatch):
+    import errno
+
+    from pipeline import baseline
+
+    def full(self, entries):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    server = serve("openai")
+    monkeypatch.setattr(baseline._SentLog, "_write", full)
+    result = run(settings(server, max_concurrency=1), make_rows(3), tmp_path)
+    # A row that cannot be put on record is not sent, and neither is any later one: failures, not a crash.
+    assert server.requests == [] and result.summary["requests_sent"] == 0
+    assert result.summary["failures_by_kind"] == {"not_sent": 3}
+    assert "the sent-rows log could not be written" in result.outputs[0]["error"]
+    assert "No space left on device" in result.outputs[0]["error"]
+
+
+def test_cache_only_reports_a_fully_cached_baseline_and_sends_nothing(serve, tmp_path, monkeypatch):
+    server = serve("openai")
+    rows = make_rows(4)
+    run(settings(server), rows[:3], tmp_path)
+    assert len(server.requests) == 3
+    monkeypatch.delenv(KEY_ENV)  # nothing will be sent, so no key is needed
+
+    def cache_only(some_rows):
+        return run_baseline(
+            settings(server),
+            TASK,
+            some_rows,
+            train_rows=[],
+            allowed_hosts=[],
+            cache_dir=tmp_path / "cache",
+            eval_dir=tmp_path / "eval",
+            cache_only=True,
+        )
+
+    partial = cache_only(rows)  # one of four answers is missing: not reported, and not asked
+    assert partial.status == "not_cached" and partial.outputs is None
+    assert partial.reason.startswith("3 of 4 answers cached")
+    full = cache_only(rows[:3])
+    assert full.status == "ok" and full.summary["answers_from_cache"] == 3 and full.summary["requests_sent"] == 0
+    assert [o["text"] for o in full.outputs] == CODES[:3]
+    assert len(server.requests) == 3
