@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="the run: its directory (runs/<name>/<run-id>) or its MLflow run id")
     p.add_argument(
         "--systems",
-        help="comma-separated systems to score: base,finetuned,baseline (default: the recipe's eval.systems, plus "
-        "baseline when the recipe has one); generations already in the run are reused",
+        help="comma-separated systems to score: base,finetuned,baseline (default: the recipe's eval.systems if "
+        "set, else base,finetuned plus baseline when the recipe has one); generations already in the run are reused",
     )
     p.set_defaults(handler=cmd_evaluate)
 
@@ -389,10 +389,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
             return EXIT_USAGE
     else:
-        systems = list(recipe.eval.systems) + (
-            ["baseline"] if recipe.baseline and "baseline" not in recipe.eval.systems else []
-        )
-    if "baseline" in systems and recipe.baseline is None:
+        systems = None  # evaluate.default_systems, the rule train uses too
+    if systems and "baseline" in systems and recipe.baseline is None:
         print(f"error: {args.recipe}: --systems baseline needs a baseline section in the recipe", file=sys.stderr)
         return EXIT_USAGE
     from pipeline.evaluate import RunNotFound, evaluate_existing

@@ -115,6 +115,18 @@ LOCAL_SYSTEMS = ("base", "finetuned")
 GENERATIONS = "generations"
 
 
+def default_systems(recipe: Recipe) -> list[str]:
+    """The systems an evaluation scores when none are named (``train``, and ``evaluate`` without ``--systems``).
+
+    ``eval.systems`` when the recipe sets it; otherwise base and fine-tune, plus the baseline when the recipe
+    has a baseline section. With ``send_data: false`` the baseline then sends nothing and the report says it
+    was skipped and why, instead of leaving it out without a word.
+    """
+    if "systems" in recipe.eval.model_fields_set:
+        return list(recipe.eval.systems)
+    return list(recipe.eval.systems) + (["baseline"] if recipe.baseline is not None else [])
+
+
 @dataclass
 class LocalModel:
     """The trained PEFT model and what generation needs with it."""
@@ -160,18 +172,19 @@ def evaluate_run(
         data: The validated splits. Only ``data.eval.rows`` (and few-shot ``data.train.rows``) are used.
         task: The task (prompt, parser, metrics).
         fmt: Prompt format of the run ('chat' or 'plain').
-        systems: Systems to score; ``recipe.eval.systems`` if None.
+        systems: Systems to score; ``default_systems(recipe)`` if None.
         local: The local model, or a function that loads it on first need.
         tracker: ``tracking.Tracker`` of the run, or None.
         device: Where local generation runs (named in the cost section).
-        reuse_previous: Also report local systems not asked for whose generations are already cached.
+        reuse_previous: Also report systems not asked for whose answers are all cached: local generations, and
+            the baseline's cached answers (nothing is sent for a system not asked for).
 
     Returns:
         Metrics per system, the fine-tune/baseline comparison, the baseline summary and the cost block.
     """
     run_dir = Path(run_dir)
     eval_dir = run_dir / "eval"
-    wanted = list(systems or recipe.eval.systems)
+    wanted = list(systems or default_systems(recipe))
     rows = data.eval.rows
     if recipe.eval.max_examples is not None:
         rows = rows[: recipe.eval.max_examples]
@@ -200,7 +213,7 @@ def evaluate_run(
         rundir.write_jsonl(path, [{"key": k, **o} for k, o in zip(keys, outputs[system], strict=True)])
 
     baseline_summary = None
-    if "baseline" in wanted and recipe.baseline is not None:
+    if recipe.baseline is not None and ("baseline" in wanted or reuse_previous):
         from pipeline.baseline import run_baseline
 
         result = run_baseline(
@@ -212,10 +225,16 @@ def evaluate_run(
             cache_dir=recipe.baseline.cache_dir or run_dir / "baseline_cache",
             eval_dir=eval_dir,
             seed=recipe.training.seed,
+            cache_only="baseline" not in wanted,
         )
-        baseline_summary = result.summary
+        if result.status == "not_cached":
+            print(f"Baseline not re-scored: {result.reason} (add --systems baseline to ask the rest)")
+        else:
+            baseline_summary = result.summary
         if result.outputs is not None:
             outputs["baseline"] = result.outputs
+            if "baseline" not in wanted:
+                print(f"Evaluating baseline: {len(result.outputs)} answers reused from its cache, nothing sent")
 
     metrics = {system: score_system(task, rows, outs) for system, outs in outputs.items()}
     cost = cost_of_ownership(recipe, metrics, device)
@@ -237,8 +256,12 @@ def evaluate_run(
     write_outputs(eval_dir, task, rows, outputs, metrics, comparison=comparison, baseline=baseline_summary, cost=cost)
     print(render_table(metrics, task.table_metrics))
     print(render_ops_table(metrics))
+    if usage_warning(metrics):
+        print(usage_warning(metrics))
     if comparison is not None:
         print(comparison_sentence(comparison))
+    if cost is not None:
+        print("Cost of ownership:\n" + "\n".join(render_cost_lines(cost)))
     if tracker is not None:
         log_to_tracker(tracker, metrics, comparison, cost, eval_dir)
     return EvalResult(metrics, comparison, baseline_summary, cost, eval_dir)
@@ -312,7 +335,21 @@ def score_system(task: Task, rows: list[dict[str, Any]], outputs: list[dict[str,
     )
     if any("seconds" in o for o in outputs):
         metrics["generation_seconds"] = float(sum(o.get("seconds", 0.0) for o in outputs))
+    if any("usage_reported" in o for o in answered):
+        # An API answer without token usage counts 0 tokens: its cost is missing, so costs are lower bounds.
+        metrics["usage_not_reported"] = float(sum(o.get("usage_reported") is False for o in answered))
     return metrics
+
+
+def usage_warning(metrics: dict[str, dict[str, Any]]) -> str | None:
+    """The sentence saying that API costs are lower bounds because answers came without token usage, or None."""
+    missing = metrics.get("baseline", {}).get("usage_not_reported", 0)
+    if not missing:
+        return None
+    return (
+        f"{missing:.0f} baseline answers came without token usage from the provider: their tokens count as 0, so "
+        "the baseline's tokens and $ figures are lower bounds (marked >=)."
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,10 +492,14 @@ def cost_of_ownership(recipe: Recipe, metrics: dict[str, dict[str, Any]], device
         answered = base["num_examples"] - base["failed"]
         tokens = base["tokens_in"] + base["tokens_out"]
         if cost is not None and answered and tokens:
+            missing = base.get("usage_not_reported", 0.0)
             out["api"] = {
                 "cost_per_1m_tokens": cost / tokens * 1e6,
                 "cost_per_1000_cases": cost / answered * 1000,
                 "cost_per_case": cost / answered,
+                # Answers without token usage add no cost: the $ per case is then a lower bound.
+                "answers_without_usage": missing,
+                "lower_bound": bool(missing),
             }
     hosted, api = out["self_hosted"], out["api"]
     if hosted is not None and api is not None and api["cost_per_case"] > 0:
@@ -563,10 +604,12 @@ def render_ops_table(metrics: dict[str, dict[str, Any]]) -> str:
     ]
     for system, v in metrics.items():
         price = v.get("cost_per_1000_examples")
+        bound = ">=" if v.get("usage_not_reported") else ""  # answers without token usage count no cost
         lines.append(
             f"| {system} | {v.get('num_examples', 0):.0f} | {v['failed']:.0f} | {v['cut_at_max_new_tokens']:.0f} | "
-            f"{v['latency_p50_s']:.3f} | {v['latency_p95_s']:.3f} | {v['tokens_in']:,.0f} | {v['tokens_out']:,.0f} | "
-            + (f"{price:.4f}" if price is not None else "n/a")
+            f"{v['latency_p50_s']:.3f} | {v['latency_p95_s']:.3f} | "
+            f"{bound}{v['tokens_in']:,.0f} | {bound}{v['tokens_out']:,.0f} | "
+            + (f"{bound}{price:.4f}" if price is not None else "n/a")
             + " |"
         )
     return "\n".join(lines)
@@ -597,6 +640,8 @@ def render_report(
     else:
         lines += ["No comparison: the fine-tune and a baseline were not both scored.", ""]
     lines += ["## Operations", "", render_ops_table(metrics), ""]
+    if usage_warning(metrics):
+        lines += [usage_warning(metrics), ""]
     if baseline is not None and baseline.get("status") == "ok":
         kinds = ", ".join(f"{k} {v}" for k, v in baseline["failures_by_kind"].items()) or "none"
         lines += [
@@ -648,7 +693,11 @@ def render_cost_lines(cost: dict[str, Any]) -> list[str]:
     lines = ["| | self-hosted fine-tune | baseline API |", "|---|---|---|"]
 
     def cell(block: dict[str, Any] | None, key: str, fmt: str) -> str:
-        return fmt.format(block[key]) if block is not None and block.get(key) is not None else "n/a"
+        if block is None or block.get(key) is None:
+            return "n/a"
+        # Answers without token usage cost nothing here: per case the API costs at least this much.
+        bound = ">=" if block.get("lower_bound") and key == "cost_per_1000_cases" else ""
+        return bound + fmt.format(block[key])
 
     lines += [
         f"| $ per 1M tokens | {cell(hosted, 'cost_per_1m_tokens', '${:.4f}')} | "
@@ -663,6 +712,12 @@ def render_cost_lines(cost: dict[str, Any]) -> list[str]:
             f"({hosted['throughput_source']}), {hosted['seconds_per_case']:.4f} s per case.",
         ]
     lines += ["", cost_sentence(cost)]
+    if (api or {}).get("lower_bound"):
+        lines += [
+            "",
+            f"{api['answers_without_usage']:.0f} API answers came without token usage: the API's $ per case is a "
+            "lower bound, so the break-even volume is an upper bound.",
+        ]
     return lines
 
 

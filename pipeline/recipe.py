@@ -234,7 +234,9 @@ class EvalSection(_Section):
     systems: list[Literal["base", "finetuned", "baseline"]] = Field(
         default_factory=lambda: ["base", "finetuned"],
         description="Systems to score: 'base' (the adapter off), 'finetuned', and 'baseline' (the commercial "
-        "model of the baseline section; it sends data only when baseline.send_data is true).",
+        "model of the baseline section; it sends data only when baseline.send_data is true). If unset: base and "
+        "finetuned, plus baseline when the recipe has a baseline section (skipped, with the reason in the report, "
+        "while send_data is false).",
     )
     bootstrap_samples: int = Field(
         default=1000,

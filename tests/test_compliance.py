@@ -83,9 +83,13 @@ def test_planted_phi_and_secrets_never_leave_train_evaluate_or_export(
     )
     printed = capfd.readouterr()
 
-    # The baseline really was called with the eval rows (and few-shot train rows) ...
+    # The baseline really was called with the eval rows (and few-shot train rows): by train at its end (the
+    # recipe has a baseline section), and evaluate then took all 10 answers from the cache ...
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    assert metrics["baseline"]["status"] == "ok" and metrics["baseline"]["rows_sent"] == 10
+    assert metrics["baseline"]["status"] == "ok" and metrics["baseline"]["answers_from_cache"] == 10
+    assert metrics["baseline"]["rows_sent"] == 0 and len(baseline_server.requests) == 10
+    sent_log = [json.loads(line) for line in (run_dir / "eval" / "baseline_sent.jsonl").read_text().splitlines()]
+    assert sum(entry["split"] == "eval" for entry in sent_log) == 10
     sent = json.dumps([r["body"] for r in baseline_server.requests])
     # ... with the planted values replaced by typed placeholders before anything left the process.
     assert "<US_SSN>" in sent and "<PHONE_NUMBER>" in sent

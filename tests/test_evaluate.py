@@ -232,6 +232,19 @@ def test_evaluate_adds_the_baseline_to_an_existing_run(trained_run, tiny_assets,
         assert again.returncode == 0, again.stderr[-3000:]
         assert len(server.requests) == 24
         assert json.loads((run_dir / "eval" / "metrics.json").read_text())["baseline"]["answers_from_cache"] == 24
+
+        # Re-scoring only the base keeps the baseline scored above: its answers come from the cache, so nothing
+        # is sent and no key is needed (this process has none).
+        from pipeline.evaluate import evaluate_existing
+
+        assert KEY_ENV not in os.environ
+        quiet = load_recipe(recipe, ["tracking.enabled=false"])
+        rescored, _, _ = evaluate_existing(quiet, str(run_dir), systems=["base"], recipe_source=recipe)
+        assert set(rescored.metrics) == {"base", "finetuned", "baseline"} and len(server.requests) == 24
+        document = json.loads((run_dir / "eval" / "metrics.json").read_text())
+        assert set(document["systems"]) == {"base", "finetuned", "baseline"}
+        assert document["baseline"]["requests_sent"] == 0 and document["baseline"]["answers_from_cache"] == 24
+        assert document["comparison"]["difference"] == pytest.approx(comparison["difference"])
     finally:
         server.close()
 
@@ -245,6 +258,17 @@ def test_evaluate_adds_the_baseline_to_an_existing_run(trained_run, tiny_assets,
                 scanned += 1
     assert KEY.encode() not in db.read_bytes()
     assert scanned > 20
+
+
+def test_train_and_evaluate_choose_the_same_default_systems():
+    from pipeline.evaluate import default_systems
+
+    quickstart = ROOT / "recipes" / "quickstart.yaml"  # has a baseline section (send_data: false)
+    assert default_systems(load_recipe(quickstart)) == ["base", "finetuned", "baseline"]
+    assert default_systems(load_recipe(quickstart, ["baseline=null"])) == ["base", "finetuned"]
+    # eval.systems set in the recipe is taken as it is, baseline section or not.
+    assert default_systems(load_recipe(quickstart, ["eval.systems=[finetuned]"])) == ["finetuned"]
+    assert default_systems(load_recipe(quickstart, ["eval.systems=[base, finetuned]"])) == ["base", "finetuned"]
 
 
 def test_evaluate_refuses_a_recipe_that_does_not_match_the_run(tiny_recipe_data, run_copy, tmp_path):
@@ -294,26 +318,38 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def test_classification_against_a_baseline_only_and_a_skipped_one(tmp_path, monkeypatch):
-    from pipeline.data import task_for, validate_data
-    from pipeline.evaluate import evaluate_run
+LABELS = ["billing", "technical", "account", "other"]
 
-    labels = ["billing", "technical", "account", "other"]
-    rows = [{"id": f"m{i}", "text": f"message {i} about {labels[i % 4]}", "label": labels[i % 4]} for i in range(12)]
+
+def _messages(n: int) -> list[dict]:
+    """Classification rows whose text ends with their label."""
+    return [{"id": f"m{i}", "text": f"message {i} about {LABELS[i % 4]}", "label": LABELS[i % 4]} for i in range(n)]
+
+
+def _classification_recipe(tmp_path: Path, contract: Path, train: list[dict], eval_rows: list[dict]) -> dict:
+    """A baseline-only classification recipe (as a dict) over these rows; tracking off."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    recipe_data = {
+    return {
         "extends": str(ROOT / "recipes" / "quickstart.yaml"),
         "name": "cls",
         "task": "classification",
         "data": {
-            "contract": str(ROOT / "data_contracts" / "classification.yaml"),
-            "train": str(_write_jsonl(data_dir / "train.jsonl", rows[:4])),
-            "eval": str(_write_jsonl(data_dir / "eval.jsonl", rows)),
+            "contract": str(contract),
+            "train": str(_write_jsonl(data_dir / "train.jsonl", train)),
+            "eval": str(_write_jsonl(data_dir / "eval.jsonl", eval_rows)),
         },
         "eval": {"systems": ["baseline"], "bootstrap_samples": 200},
         "tracking": {"enabled": False},
     }
+
+
+def test_classification_against_a_baseline_only_and_a_skipped_one(tmp_path, monkeypatch):
+    from pipeline.data import task_for, validate_data
+    from pipeline.evaluate import evaluate_run
+
+    rows = _messages(12)
+    recipe_data = _classification_recipe(tmp_path, ROOT / "data_contracts" / "classification.yaml", rows[:4], rows)
     # The fake labels "other" messages as billing: 3 of 12 wrong, accuracy 0.75.
     server = FakeLLM("anthropic", lambda m: m[-1]["content"].split()[-1].replace("other", "billing"))
     monkeypatch.setenv(KEY_ENV, KEY)
@@ -345,3 +381,41 @@ def test_classification_against_a_baseline_only_and_a_skipped_one(tmp_path, monk
     assert skipped.metrics == {} and skipped.baseline["status"] == "skipped"
     report = (tmp_path / "run2" / "eval" / "report.md").read_text()
     assert "was skipped: baseline.send_data is false" in report
+
+
+def test_a_row_under_a_block_policy_never_reaches_the_baseline(tmp_path, monkeypatch):
+    import yaml
+
+    from pipeline.baseline import row_hash
+    from pipeline.data import task_for, validate_data
+    from pipeline.evaluate import evaluate_run
+
+    contract = yaml.safe_load((ROOT / "data_contracts" / "classification.yaml").read_text())
+    contract["pii"] = {"entities": ["US_SSN", "PHONE_NUMBER"]}
+    contract["fields"]["text"]["pii"] = "block"
+    contract["max_quarantine_fraction"] = 0.5
+    (tmp_path / "contract.yaml").write_text(yaml.safe_dump(contract))
+    rows = _messages(8)
+    ssn, phone = "536-22-8726", "(212) 555-0187"
+    rows[1]["text"] += f", my SSN is {ssn}"
+    rows[6]["text"] += f", call me at {phone}"
+    recipe_data = _classification_recipe(tmp_path, tmp_path / "contract.yaml", rows[2:6], rows)
+    server = FakeLLM("openai", lambda m: "billing")
+    monkeypatch.setenv(KEY_ENV, KEY)
+    try:
+        baseline = {"provider": "openai", "model": "gpt-test", "base_url": server.base_url}
+        baseline |= {"api_key_env": KEY_ENV, "send_data": True, "few_shot": 4}
+        recipe = load_recipe(write_recipe(tmp_path / "r.yaml", {**recipe_data, "baseline": baseline}))
+        data = validate_data(recipe, tmp_path / "run")
+        result = evaluate_run(recipe, tmp_path / "run", data, task_for(recipe, data.contract), "chat")
+    finally:
+        server.close()
+    # The two rows were quarantined by the contract; the other six went out, with the four train rows as shots.
+    assert sorted(r["id"] for r in data.eval.rows) == ["m0", "m2", "m3", "m4", "m5", "m7"]
+    assert len(server.requests) == 6 and result.metrics["baseline"]["num_examples"] == 6
+    sent = json.dumps([r["body"] for r in server.requests])
+    assert ssn not in sent and phone not in sent and "message 1 about" not in sent and "message 6 about" not in sent
+    logged = [json.loads(line) for line in (tmp_path / "run" / "eval" / "baseline_sent.jsonl").read_text().splitlines()]
+    assert {e["id"] for e in logged if e["split"] == "eval"} == {"m0", "m2", "m3", "m4", "m5", "m7"}
+    blocked = {row_hash(r) for r in (rows[1], rows[6])}
+    assert not blocked & {e["row_sha256"] for e in logged}

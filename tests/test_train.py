@@ -87,6 +87,10 @@ def test_eval_scores_both_systems_and_writes_predictions(trained_run):
     assert {"system", "id", "row", "gold", "predicted", "answer", "stopped"} <= set(first)
     report = (trained_run.run_dir / "eval" / "report.md").read_text()
     assert "| finetuned |" in report and "| base |" in report
+    # The recipe has a baseline section with send_data: false (from medical_coding.yaml): train evaluates it
+    # like `evaluate` would, sends nothing, and says it was skipped and why.
+    assert metrics["baseline"]["status"] == "skipped" and metrics["baseline"]["rows_sent"] == 0
+    assert "was skipped: baseline.send_data is false" in report
 
 
 def test_completion_cut_by_max_length_is_quarantined_by_the_contract(tiny_recipe_data, tmp_path):
