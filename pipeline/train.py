@@ -360,7 +360,8 @@ def _train(
         tracker.log_artifact(out / "adapter")
         tracker.log_artifact(out / "loss.png")
 
-        # 7. Evaluate: base (adapter off), fine-tune (adapter on) and the baseline if the recipe lists it.
+        # 7. Evaluate evaluate.default_systems(recipe), as `evaluate --run` does without --systems: base (adapter off),
+        # fine-tune (adapter on) and, when the recipe has a baseline section, the baseline (or why it was skipped).
         # The same function serves `python -m pipeline evaluate --run`; it logs eval.* and eval/ to MLflow.
         evaluation = evaluate_run(
             recipe,
