@@ -519,6 +519,16 @@ def estimate_memory(
 # Host RAM and disk (docs/planner.md, "Host memory and disk").
 
 HOST_PROCESS_GIB = 3.0  # python + torch/transformers/peft/trl + CUDA runtime and cuBLAS/cuDNN host code
+# export --merge (pipeline/export.py stream_merge) holds one tensor at a time. Bytes per weight of the largest
+# adapted linear of a 16-bit base while its update is added: the original (2) + the dequant(NF4(W)) source in
+# fp32 (4) + the merged output (2) = 8; merging into the original weights (merge_base: original) keeps only the
+# original and the output: 4. During the NF4 round trip itself the original (2), the packed codes (0.5), the
+# bf16 dequantized copy (2) and its fp32 upcast (4) coexist: 8.5.
+MERGE_BYTES_PER_WEIGHT = {"dequantized": 8.0, "original": 4.0}
+NF4_ROUNDTRIP_BYTES = 8.5
+# Per element of a ROW_CHUNK-row slice being updated: B @ A in fp32 (4) and its scaled copy (4) coexist, then
+# the sum is rounded to 16 bits (2): 10 bytes. Merging into the original weights also upcasts the slice (+4).
+MERGE_CHUNK_BYTES = {"dequantized": 10, "original": 14}
 DEFAULT_SHARD_BYTES = 5 * 10**9  # save_pretrained's max_shard_size "5GB", what the shipped bases use
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -557,8 +567,11 @@ def estimate_host(
         "load": process + shard,
         # paged optimizer states move to host memory when the GPU runs short.
         "train": process + paged,
-        # merging folds the adapter into a 16-bit copy of the base held on the CPU.
-        "merge": process + merged + adapter,
+        # the streaming merge: the adapter + the largest tensor's working set (export.py, constants above).
+        "merge": process + adapter + merge_working_set(config, recipe, counts),
+        # verify: base in 4-bit + adapter (loaded like training: one shard at a time), then the merged model in
+        # 16 bits with device_map="auto", which spills to host RAM what does not fit the GPU (all of it on a CPU).
+        "verify merge": process + max(shard, merged - _gpu_bytes(recipe)),
     }
     disk = {
         "base weights": base_disk,
@@ -572,6 +585,35 @@ def estimate_host(
         "disk_gib": {k: round(v / GIB, 2) for k, v in disk.items()},
         "base_measured": bool(files),
     }
+
+
+def merge_working_set(config: dict[str, Any], recipe: Recipe, counts: dict[str, int]) -> float:
+    """Bytes ``export --merge`` holds besides the process and the adapter: its largest tensor at work.
+
+    Either the largest 16-bit tensor, read and written unchanged (Llama-3-70B: the 128,256 x 8,192 embedding,
+    2 B each = 1.96 GiB), or the largest linear merged (234.9M weights x 8.5 B = 1.86 GiB during the NF4 round
+    trip; 8 B + a 4,096-row slice of its widest input, 4,096 x 28,672 x 10 B = 1.09 GiB, while the update is
+    added: 2.84 GiB). Llama-3-70B: 2.84 GiB, not the 131.4 GiB of the whole base.
+    """
+    from pipeline.export import ROW_CHUNK  # light module: torch is imported inside its functions
+
+    dims = architecture(config)
+    base = recipe.export.merge_base
+    widest = max(dims["hidden"], dims["intermediate"])
+    largest_16bit = dims["vocab"] * dims["hidden"] * 2
+    largest_linear = counts["largest_linear"]
+    rows = min(ROW_CHUNK, max(1, largest_linear // widest))
+    adding = MERGE_BYTES_PER_WEIGHT[base] * largest_linear + MERGE_CHUNK_BYTES[base] * rows * widest
+    roundtrip = NF4_ROUNDTRIP_BYTES * largest_linear if base == "dequantized" else 0
+    return max(largest_16bit, roundtrip, adding)
+
+
+def _gpu_bytes(recipe: Recipe) -> float:
+    """GPU memory left for model weights (hardware.gpu_memory_gb less the CUDA context), 0 on a CPU."""
+    gpu = recipe.hardware.gpu_memory_gb
+    if gpu is None or recipe.hardware.device == "cpu":
+        return 0.0
+    return max(0.0, (gpu - CUDA_CONTEXT_GIB) * GIB)
 
 
 FSDP_CHOICES = (2, 4, 8)
@@ -841,7 +883,7 @@ def render_plan(plan: dict[str, Any], model_source: str | None = None) -> str:
                 ram, disk = host["ram_gib"], host["disk_gib"]
                 lines.append(
                     f"  host RAM: load {ram['load']:.1f} GiB, train {ram['train']:.1f} GiB, "
-                    f"merge for export {ram['merge']:.1f} GiB"
+                    f"merge for export {ram['merge']:.1f} GiB, verify the merge {ram['verify merge']:.1f} GiB"
                 )
                 lines.append(
                     "  disk: "
