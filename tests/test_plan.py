@@ -427,6 +427,28 @@ def test_a_recipe_that_does_not_fit_never_calls_load_base(tmp_path, tiny_recipe_
     assert saved["fit"]["fits"] is False and saved["memory"]["needed_gib"] > 0.001
 
 
+def test_train_force_goes_past_the_refusal(tmp_path, tiny_recipe_data, monkeypatch):
+    """`train --force` with a recipe that does not fit reaches load_base (a sentinel stops it there)."""
+    from conftest import write_recipe
+
+    import pipeline.train
+    from pipeline.cli import main
+
+    class PastTheRefusal(Exception):
+        pass
+
+    def load_base(*args, **kwargs):
+        raise PastTheRefusal
+
+    monkeypatch.setattr(pipeline.train, "load_base", load_base)
+    data = {**tiny_recipe_data, "hardware": {"device": "auto", "gpu_memory_gb": 0.001}, "tracking": {"enabled": False}}
+    path = write_recipe(tmp_path / "big.yaml", data)
+    with pytest.raises(PastTheRefusal):
+        main(["train", str(path), "--force", "--run-dir", str(tmp_path / "run")])
+    # The plan said it does not fit (without --force the same recipe is refused: the tests above).
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["fit"]["fits"] is False
+
+
 def test_plan_exact_counts_on_the_meta_device_and_writes_plan_json(tmp_path):
     from test_recipe import run_cli
 
