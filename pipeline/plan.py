@@ -662,9 +662,9 @@ def alternatives(
     """Single changes that make a recipe fit, each with its value and the re-estimated GiB; None when it fits.
 
     For each knob the mildest value that fits is named: the longest ``max_length`` among halvings (down to
-    256), the largest ``lora.r`` among halvings (down to 4; LoRA parameters scale linearly with r, so the
-    counts are rescaled, not recounted), micro-batch 1 with the accumulation that keeps the effective batch,
-    checkpointing on, 8-bit paged AdamW, then the fewest GPUs (2, 4, 8) for which FSDP fits. A knob that
+    256), micro-batch 1 with the accumulation that keeps the effective batch, checkpointing on, the largest
+    ``lora.r`` among halvings (down to 4; LoRA parameters scale linearly with r, so the counts are rescaled, not
+    recounted), 8-bit paged AdamW, then the fewest GPUs (2, 4, 8) for which FSDP fits, and a big enough GPU. A knob that
     cannot make the recipe fit on its own is left out: when the 4-bit weights alone exceed the GPU, only
     sharding and a bigger GPU remain.
     """
