@@ -212,7 +212,9 @@ def count_parameters_meta(config: dict[str, Any], recipe: Recipe) -> dict[str, i
 
     from pipeline.model import lora_config
 
-    model = build_meta_model(config, recipe)
+    # Parameters do not depend on the attention kernel; eager is the one every architecture has (Gemma2 refuses
+    # sdpa in transformers 5.x), so counting never fails over a kernel the recipe could change.
+    model = build_meta_model(config, _change(recipe, "model", attn_implementation="eager"))
     total = quantized = vectors = largest = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -312,6 +314,32 @@ def architecture(config: dict[str, Any]) -> dict[str, int]:
     }
 
 
+def memory_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json with the Llama-style keys ``architecture`` reads, for a base that names them differently.
+
+    A Gemma2 or Phi3 config already has them. Others (GPT-2: ``n_embd``, ``n_layer``, ``n_head``, ``n_inner``)
+    are resolved through transformers' own attribute map; an MLP width it does not give is taken as 4 h, the
+    classic transformer's.
+    """
+    try:
+        architecture(config)
+        return config
+    except KeyError:
+        pass
+    cfg = transformers_config(config)
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    return {
+        **config,
+        "hidden_size": h,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": heads,
+        "vocab_size": cfg.vocab_size,
+        "intermediate_size": getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h,
+        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(cfg, "head_dim", None) or h // heads,
+    }
+
+
 def layer_activation_bytes(
     dims: dict[str, int], counts: dict[str, int], recipe: Recipe, fp32_norms: bool | None = None
 ) -> tuple[float, float, float]:
@@ -387,7 +415,9 @@ def estimate_memory(
             (transformers' own loss, the reference note's "stock path").
         param_bytes: Bytes per trainable parameter; ``adapter_bytes(recipe)`` when not given.
         fp32_norms: Norm weights in fp32 (what k-bit preparation leaves): fp32 residual stream and norm
-            outputs. Default: true for a 4-bit base; false reproduces the research note's all-bf16 layer.
+            outputs. Default: true for a 4-bit base on one GPU or DDP; false under FSDP (``sharded``), where
+            ``model.attach_lora`` skips k-bit preparation, and for a 16-bit base. False also reproduces the
+            research note's all-bf16 layer.
         backward_factor: Peak of one recomputed layer's backward over its saved activations
             (``LAYER_BACKWARD_FACTOR``, measured; the research note's cells use 2).
 
@@ -405,8 +435,13 @@ def estimate_memory(
     shard = n if sharded else 1
     bits = NF4_DQ_BITS if q.double_quant else NF4_BITS
     matrices = counts["kept_16bit"] - counts["vectors"]
-    # k-bit preparation upcasts every 16-bit parameter to fp32; attach_lora casts the 2-D ones back.
-    vector_bytes = 4 if q.load_in_4bit else rest
+    # k-bit preparation upcasts every 16-bit parameter to fp32; attach_lora casts the 2-D ones back. Under FSDP
+    # (sharded) attach_lora skips the preparation (FSDP flattens a layer into one tensor of one dtype), so
+    # nothing is upcast: norms stay 16-bit, the layers run all-bf16 and loading has no fp32 moment.
+    kbit_prepared = q.load_in_4bit and not (sharded and n > 1)
+    if fp32_norms is None:
+        fp32_norms = kbit_prepared
+    vector_bytes = 4 if kbit_prepared else rest
     trainable = counts["trainable"]
     state_bytes = optimizer_bytes(recipe, pb)
     paged = t.optim in PAGED_OPTIMIZERS
@@ -416,7 +451,7 @@ def estimate_memory(
         "quantization constants": counts["quantized"] * (bits - 4) / 8 / shard,
         # FSDP gathers the root unit (embeddings, head) for the whole step: no saving from sharding it.
         "16-bit embeddings and head": matrices * rest,
-        "norms and biases (fp32)": counts["vectors"] * vector_bytes / shard,
+        f"norms and biases ({'fp32' if vector_bytes == 4 else '16-bit'})": counts["vectors"] * vector_bytes / shard,
         "trainable weights": trainable * pb / shard,
         "gradients": trainable * pb / shard,
         "optimizer states": 0 if paged else trainable * state_bytes / shard,
@@ -429,8 +464,6 @@ def estimate_memory(
         inside["gradient buckets (DDP)"] = trainable * pb
 
     tokens = t.micro_batch_size * t.max_length
-    if fp32_norms is None:
-        fp32_norms = q.load_in_4bit
     layer, layer_input, dropout = layer_activation_bytes(dims, counts, recipe, fp32_norms)
     if t.gradient_checkpointing:
         stash = layer_input * layers * tokens  # each layer's input
@@ -458,11 +491,14 @@ def estimate_memory(
     # attach_lora casts the matrices back (Llama-3-70B: 2.1B x 4 bytes = 7.8 GiB next to the 4-bit weights),
     # and while it casts the largest one (the embedding or the head, vocab x h) its 16-bit original still
     # exists: + 1.96 GiB on Llama-3-70B. The GPU probe measured 42.75 GiB allocated at that moment against
-    # 42.68 from this sum.
+    # 42.68 from this sum. Without the preparation (FSDP, a 16-bit base) the weights load as stored: the
+    # 16-bit matrices whole (the root unit is gathered whole) and the sharded rest, below the training peak.
+    if kbit_prepared:
+        upcast = (counts["kept_16bit"] * 4 + vocab * h * rest) / shard
+    else:
+        upcast = matrices * rest + counts["vectors"] * rest / shard
     load_peak = (
-        inside["NF4 weights (4 bits)"]
-        + inside["quantization constants"]
-        + (counts["kept_16bit"] * 4 + (vocab * h * rest if q.load_in_4bit else 0)) / shard
+        inside["NF4 weights (4 bits)"] + inside["quantization constants"] + upcast
     ) * FRAGMENTATION + CUDA_CONTEXT_GIB * GIB
     components = {k: round(v / GIB, 2) for k, v in {**inside, **outside}.items() if v}
     components["allocator fragmentation (8%)"] = round((reserved - allocated) / GIB, 2)
@@ -483,6 +519,16 @@ def estimate_memory(
 # Host RAM and disk (docs/planner.md, "Host memory and disk").
 
 HOST_PROCESS_GIB = 3.0  # python + torch/transformers/peft/trl + CUDA runtime and cuBLAS/cuDNN host code
+# export --merge (pipeline/export.py stream_merge) holds one tensor at a time. Bytes per weight of the largest
+# adapted linear of a 16-bit base while its update is added: the original (2) + the dequant(NF4(W)) source in
+# fp32 (4) + the merged output (2) = 8; merging into the original weights (merge_base: original) keeps only the
+# original and the output: 4. During the NF4 round trip itself the original (2), the packed codes (0.5), the
+# bf16 dequantized copy (2) and its fp32 upcast (4) coexist: 8.5.
+MERGE_BYTES_PER_WEIGHT = {"dequantized": 8.0, "original": 4.0}
+NF4_ROUNDTRIP_BYTES = 8.5
+# Per element of a ROW_CHUNK-row slice being updated: B @ A in fp32 (4) and its scaled copy (4) coexist, then
+# the sum is rounded to 16 bits (2): 10 bytes. Merging into the original weights also upcasts the slice (+4).
+MERGE_CHUNK_BYTES = {"dequantized": 10, "original": 14}
 DEFAULT_SHARD_BYTES = 5 * 10**9  # save_pretrained's max_shard_size "5GB", what the shipped bases use
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -521,8 +567,11 @@ def estimate_host(
         "load": process + shard,
         # paged optimizer states move to host memory when the GPU runs short.
         "train": process + paged,
-        # merging folds the adapter into a 16-bit copy of the base held on the CPU.
-        "merge": process + merged + adapter,
+        # the streaming merge: the adapter + the largest tensor's working set (export.py, constants above).
+        "merge": process + adapter + merge_working_set(config, recipe, counts),
+        # verify: base in 4-bit + adapter (loaded like training: one shard at a time), then the merged model in
+        # 16 bits with device_map="auto", which spills to host RAM what does not fit the GPU (all of it on a CPU).
+        "verify merge": process + max(shard, merged - _gpu_bytes(recipe)),
     }
     disk = {
         "base weights": base_disk,
@@ -538,17 +587,50 @@ def estimate_host(
     }
 
 
+def merge_working_set(config: dict[str, Any], recipe: Recipe, counts: dict[str, int]) -> float:
+    """Bytes ``export --merge`` holds besides the process and the adapter: its largest tensor at work.
+
+    Either the largest 16-bit tensor, read and written unchanged (Llama-3-70B: the 128,256 x 8,192 embedding,
+    2 B each = 1.96 GiB), or the largest linear merged (234.9M weights x 8.5 B = 1.86 GiB during the NF4 round
+    trip; 8 B + a 4,096-row slice of its widest input, 4,096 x 28,672 x 10 B = 1.09 GiB, while the update is
+    added: 2.84 GiB). Llama-3-70B: 2.84 GiB, not the 131.4 GiB of the whole base.
+    """
+    from pipeline.export import ROW_CHUNK  # light module: torch is imported inside its functions
+
+    dims = architecture(config)
+    base = recipe.export.merge_base
+    widest = max(dims["hidden"], dims["intermediate"])
+    largest_16bit = dims["vocab"] * dims["hidden"] * 2
+    largest_linear = counts["largest_linear"]
+    rows = min(ROW_CHUNK, max(1, largest_linear // widest))
+    adding = MERGE_BYTES_PER_WEIGHT[base] * largest_linear + MERGE_CHUNK_BYTES[base] * rows * widest
+    roundtrip = NF4_ROUNDTRIP_BYTES * largest_linear if base == "dequantized" else 0
+    return max(largest_16bit, roundtrip, adding)
+
+
+def _gpu_bytes(recipe: Recipe) -> float:
+    """GPU memory left for model weights (hardware.gpu_memory_gb less the CUDA context), 0 on a CPU."""
+    gpu = recipe.hardware.gpu_memory_gb
+    if gpu is None or recipe.hardware.device == "cpu":
+        return 0.0
+    return max(0.0, (gpu - CUDA_CONTEXT_GIB) * GIB)
+
+
 FSDP_CHOICES = (2, 4, 8)
 HEADROOM = 0.10  # the planner's accuracy goal: within 10% of the measured peak
 
 
-def fit_verdict(recipe: Recipe, memory: dict[str, Any], fsdp_needed: dict[int, float] | None = None) -> dict[str, Any]:
+def fit_verdict(recipe: Recipe, memory: dict[str, Any], options: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Compare the estimate with ``hardware.gpu_memory_gb`` and say what would make it fit.
+
+    Units: every figure is GiB (2**30 bytes), and ``gpu_memory_gb`` is read as GiB too: the capacity
+    nvidia-smi shows in MiB, / 1,024 (an "A100 80GB" has 81,920 MiB = 80 GiB; an H200 "141 GB" 143,771 MiB =
+    140.4 GiB). The field keeps its name so recipes do not change.
 
     Args:
         recipe: The recipe.
         memory: ``estimate_memory``'s result for the recipe as written.
-        fsdp_needed: GiB per GPU under FSDP for a few GPU counts, to suggest sharding.
+        options: ``alternatives``: single changes re-estimated, only those that fit.
     """
     gpu = recipe.hardware.gpu_memory_gb
     if gpu is None or recipe.hardware.device == "cpu":
@@ -556,55 +638,124 @@ def fit_verdict(recipe: Recipe, memory: dict[str, Any], fsdp_needed: dict[int, f
     needed = memory["needed_gib"]
     where = "per GPU" if memory["per_process"]["processes"] > 1 else "on the GPU"
     if needed <= gpu:
-        message = f"fits with {gpu - needed:.1f} GB to spare ({needed:.1f} of {gpu:g} GB {where})"
+        message = f"fits with {gpu - needed:.1f} GiB to spare ({needed:.1f} of {gpu:g} GiB {where})"
         if gpu - needed < HEADROOM * gpu:
             message += "; less than 10% headroom, which is the estimate's own accuracy goal: measure first"
         return {"fits": True, "message": message}
-    t = recipe.training
-    tips = []
-    if t.max_length > 512:
-        tips.append(f"a shorter training.max_length (now {t.max_length}; try {t.max_length // 2})")
-    if t.micro_batch_size > 1:
-        tips.append(f"training.micro_batch_size: 1 with more gradient_accumulation_steps (now {t.micro_batch_size})")
-    if not t.gradient_checkpointing:
-        tips.append("training.gradient_checkpointing: true")
-    if recipe.lora.r > 8:
-        tips.append(f"a smaller lora.r (now {recipe.lora.r})")
-    if t.optim not in ("paged_adamw_8bit", "adamw_8bit"):
-        tips.append("training.optim: paged_adamw_8bit")
-    for gpus, per_gpu in sorted((fsdp_needed or {}).items()):
-        if per_gpu <= gpu:
-            tips.append(
-                f"FSDP-QLoRA over {gpus} GPUs (hardware.num_gpus: {gpus}, hardware.distributed: fsdp): "
-                f"{per_gpu:.1f} GB per GPU"
-            )
-            break
-    tips.append(f"a GPU with at least {math.ceil(needed)} GB")
+    options = options or []
     return {
         "fits": False,
-        "message": f"does not fit: {needed:.1f} GB needed {where}, {gpu:g} GB available",
-        "suggestions": tips,
+        "message": f"does not fit: {needed:.1f} GiB needed {where}, {gpu:g} GiB available",
+        "suggestions": [option["text"] for option in options],
+        "alternatives": options,
     }
+
+
+def _change(recipe: Recipe, section: str, **values: Any) -> Recipe:
+    """The recipe with some fields of one section replaced (recipes are frozen)."""
+    return recipe.model_copy(update={section: getattr(recipe, section).model_copy(update=values)})
+
+
+def alternatives(
+    config: dict[str, Any], recipe: Recipe, counts: dict[str, int], memory: dict[str, Any]
+) -> list[dict[str, Any]] | None:
+    """Single changes that make a recipe fit, each with its value and the re-estimated GiB; None when it fits.
+
+    For each knob the mildest value that fits is named: the longest ``max_length`` among halvings (down to
+    256), micro-batch 1 with the accumulation that keeps the effective batch, checkpointing on, the largest
+    ``lora.r`` among halvings (down to 4; LoRA parameters scale linearly with r, so the counts are rescaled, not
+    recounted), 8-bit paged AdamW, then the fewest GPUs (2, 4, 8) for which FSDP fits, and a big enough GPU. A knob that
+    cannot make the recipe fit on its own is left out: when the 4-bit weights alone exceed the GPU, only
+    sharding and a bigger GPU remain.
+    """
+    gpu = recipe.hardware.gpu_memory_gb
+    if gpu is None or recipe.hardware.device == "cpu" or memory["needed_gib"] <= gpu:
+        return None
+    shape = memory["per_process"]
+    t, options = recipe.training, []
+
+    def offer(setting: str, before: Any, after: Any, changed: Recipe, new_counts: dict[str, int] = counts) -> bool:
+        needed = estimate_memory(
+            config, changed, new_counts, processes=shape["processes"], sharded=shape["sharded"], loss=shape["loss"]
+        )["needed_gib"]
+        if needed > gpu:
+            return False
+        text = f"{setting} {before} -> {after}: {needed:.1f} GiB"
+        options.append({"setting": setting, "from": before, "to": after, "needed_gib": needed, "text": text})
+        return True
+
+    length = t.max_length // 2
+    while length >= 256 and not offer(
+        "training.max_length", t.max_length, length, _change(recipe, "training", max_length=length)
+    ):
+        length //= 2
+    if t.micro_batch_size > 1:
+        accumulation = t.gradient_accumulation_steps * t.micro_batch_size
+        offer(
+            "training.micro_batch_size",
+            t.micro_batch_size,
+            f"1 (gradient_accumulation_steps {t.gradient_accumulation_steps} -> {accumulation}, same batch)",
+            _change(recipe, "training", micro_batch_size=1, gradient_accumulation_steps=accumulation),
+        )
+    if not t.gradient_checkpointing:
+        offer(
+            "training.gradient_checkpointing", "false", "true", _change(recipe, "training", gradient_checkpointing=True)
+        )
+    rank = recipe.lora.r // 2
+    while rank >= 4:
+        lora = counts["lora"] * rank // recipe.lora.r
+        scaled = {**counts, "lora": lora, "trainable": counts["trainable"] - counts["lora"] + lora}
+        if offer("lora.r", recipe.lora.r, rank, _change(recipe, "lora", r=rank), scaled):
+            break
+        rank //= 2
+    if t.optim not in ("paged_adamw_8bit", "adamw_8bit"):
+        offer("training.optim", t.optim, "paged_adamw_8bit", _change(recipe, "training", optim="paged_adamw_8bit"))
+    for gpus in (g for g in FSDP_CHOICES if g > shape["processes"]):
+        per_gpu = estimate_memory(config, recipe, counts, processes=gpus, sharded=True, loss=shape["loss"])[
+            "needed_gib"
+        ]
+        if per_gpu <= gpu:
+            text = (
+                f"FSDP-QLoRA over {gpus} GPUs (hardware.num_gpus: {gpus}, hardware.distributed: fsdp): "
+                f"{per_gpu:.1f} GiB per GPU"
+            )
+            options.append(
+                {
+                    "setting": "hardware.num_gpus",
+                    "from": shape["processes"],
+                    "to": gpus,
+                    "needed_gib": per_gpu,
+                    "text": text,
+                }
+            )
+            break
+    needed = memory["needed_gib"]
+    options.append(
+        {
+            "setting": "GPU",
+            "to": math.ceil(needed),
+            "needed_gib": needed,
+            "text": f"a GPU with at least {math.ceil(needed)} GiB",
+        }
+    )
+    return options
 
 
 def parameter_counts(config: dict[str, Any], recipe: Recipe, exact: bool = False) -> tuple[dict[str, int], str]:
     """Counts and how they were made: analytic (Llama family) unless ``exact`` asks for the meta device.
 
-    Other architectures are counted only with ``exact`` (``plan --exact``): building a model of unknown shape
-    is not something a quick plan should do behind the user's back.
+    Other architectures are counted on the meta device automatically (method ``meta-device (automatic)``): the
+    verdict, and ``train``'s refusal, must not depend on the base being a Llama. It builds no storage, only
+    costs the torch/transformers/peft import and a few seconds for a 70B.
 
     Raises:
         KeyError, TypeError, ValueError: When the config cannot be counted.
     """
-    if not exact:
-        try:
-            return count_parameters(config, recipe), "analytic"
-        except ValueError as exc:
-            if config.get("model_type") in LLAMA_FAMILY:
-                raise
-            raise ValueError(f"{exc}; `plan --exact` counts any architecture transformers knows") from None
+    if not exact and config.get("model_type") in LLAMA_FAMILY:
+        return count_parameters(config, recipe), "analytic"
+    method = "meta-device" if exact else "meta-device (automatic)"
     try:
-        return count_parameters_meta(config, recipe), "meta-device"
+        return count_parameters_meta(config, recipe), method
     except ImportError as exc:
         raise ValueError(f"counting on the meta device needs torch, transformers and peft ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a config it cannot build
@@ -664,6 +815,8 @@ def make_plan(
             counts, method = parameter_counts(model_config, recipe, exact)
         except (KeyError, TypeError, ValueError) as exc:
             plan["parameters_unknown"] = f"cannot count parameters from this config.json: {exc}"
+            if recipe.hardware.gpu_memory_gb is not None and recipe.hardware.device != "cpu":
+                plan["fit"] = {"fits": None, "message": "fit NOT checked: the parameters could not be counted"}
             return plan
         plan["parameters"] = {
             **counts,
@@ -676,15 +829,16 @@ def make_plan(
         plan["weights_memory_gib"] = round(weight_bytes / 2**30, 4)
         try:
             sharded = getattr(recipe.hardware, "distributed", "ddp") == "fsdp" and world > 1
-            plan["memory"] = estimate_memory(model_config, recipe, counts, processes=world, sharded=sharded)
-            fsdp = None
-            if plan["memory"]["needed_gib"] > (recipe.hardware.gpu_memory_gb or math.inf) and not sharded:
-                fsdp = {
-                    g: estimate_memory(model_config, recipe, counts, processes=g, sharded=True)["needed_gib"]
-                    for g in FSDP_CHOICES
-                }
-            plan["fit"] = fit_verdict(recipe, plan["memory"], fsdp)
-            plan["host"] = estimate_host(model_config, recipe, counts, model_dir)
+            llama = model_config.get("model_type") in LLAMA_FAMILY
+            dims_config = model_config if llama else memory_config(model_config)
+            plan["memory"] = estimate_memory(dims_config, recipe, counts, processes=world, sharded=sharded)
+            if not llama:
+                plan["memory"]["note"] = (
+                    f"the memory terms model a Llama-style decoder layer; {model_config.get('model_type')} differs "
+                    "(unmeasured): keep at least 10% headroom"
+                )
+            plan["fit"] = fit_verdict(recipe, plan["memory"], alternatives(dims_config, recipe, counts, plan["memory"]))
+            plan["host"] = estimate_host(dims_config, recipe, counts, model_dir)
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             plan["memory_unknown"] = f"cannot estimate memory from this config.json: {exc!r}"
     return plan
@@ -729,19 +883,23 @@ def render_plan(plan: dict[str, Any], model_source: str | None = None) -> str:
                 ram, disk = host["ram_gib"], host["disk_gib"]
                 lines.append(
                     f"  host RAM: load {ram['load']:.1f} GiB, train {ram['train']:.1f} GiB, "
-                    f"merge for export {ram['merge']:.1f} GiB"
+                    f"merge for export {ram['merge']:.1f} GiB, verify the merge {ram['verify merge']:.1f} GiB"
                 )
                 lines.append(
                     "  disk: "
                     + ", ".join(f"{name} {value:.1f} GiB" for name, value in disk.items() if name != "total")
                     + f" = {disk['total']:.1f} GiB"
                 )
+        if memory and memory.get("note"):
+            lines.append(f"  note: {memory['note']}")
         if fit:
             lines.append(f"  verdict: {fit['message']}")
             lines += [f"    - {tip}" for tip in fit.get("suggestions", [])]
     else:
         reason = plan.get("parameters_unknown") or model_source or "model config not found"
         lines.append(f"  parameters: unknown ({reason})")
+        if plan.get("fit"):
+            lines.append(f"  verdict: {plan['fit']['message']}")
     return "\n".join(lines)
 
 

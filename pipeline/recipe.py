@@ -202,7 +202,10 @@ class HardwareSection(_Section):
         default="auto", description="'auto' trains on the GPU when CUDA is available, else on the CPU."
     )
     gpu_memory_gb: float | None = Field(
-        default=None, gt=0, description="Memory of one target GPU in GB, for the plan's fit check."
+        default=None,
+        gt=0,
+        description="Memory of one target GPU for the plan's fit check, read as GiB (2**30 bytes) like every "
+        "figure the plan prints: nvidia-smi's MiB / 1024 (an A100 80GB has 81,920 MiB = 80 GiB).",
     )
     num_gpus: int = Field(
         default=1,

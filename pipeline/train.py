@@ -457,11 +457,17 @@ class SealCheckpoints(TrainerCallback):
     """Seals each checkpoint once the trainer has written it (see ``pipeline.checkpoints``).
 
     ``on_save`` runs after ``Trainer._save_checkpoint`` returned, i.e. after every file of the checkpoint was
-    written; a crash before this leaves an unsealed checkpoint that resume skips.
+    written; a crash before this leaves an unsealed checkpoint that resume skips. Under DDP/FSDP each rank
+    returns when its own files are written (``rng_state_<rank>.pth``; FSDP's sharded optimizer state), with no
+    barrier after them, so every rank waits here first and rank 0 then seals every file present.
     """
 
     def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-        """Called by the trainer after each checkpoint."""
+        """Called by the trainer on every rank after each checkpoint."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # all ranks' files are on disk before rank 0 hashes the directory
         if state.is_world_process_zero:
             checkpoints.seal(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
 

@@ -62,7 +62,9 @@ def test_ddp_two_processes_on_cpu(tiny_recipe_data, tmp_path):
     steps = summary["optimizer_steps"]
     kept = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
     assert len(kept) == 2 and f"checkpoint-{steps}" in kept  # save_total_limit 2; the trainer also saves the end
-    assert (run / "checkpoints" / f"checkpoint-{steps}" / "pipeline_checkpoint.json").is_file()  # sealed by rank 0
+    seal = json.loads((run / "checkpoints" / f"checkpoint-{steps}" / "pipeline_checkpoint.json").read_text())
+    # Sealed by rank 0 after a barrier: the other rank's RNG state is written, and covered, by then.
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(seal["files"]) and seal["step"] == steps
     with sqlite3.connect(db) as con:
         assert con.execute("select status from runs").fetchall() == [("FINISHED",)]
     # Printing is rank 0's job too: one plan, not two.
