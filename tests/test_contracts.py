@@ -279,6 +279,11 @@ MALFORMED = [
     (b"   \t ", "blank_line"),
     (b'{"note": "caf\xe9 au lait"}', "encoding"),
     (b'{"id": "big", "note": "' + b"x" * 30_000 + b'", "codes": ["I10"]}', "row_size"),
+    # valid JSON escapes, but a lone surrogate is no UTF-8 text: the tokenizer would fail on it mid-training
+    (b'{"id": "x", "note": "Pt with essential hypertension \\ud800 noted.", "codes": ["I10"]}', "encoding"),
+    (b'{"id": "x\\udfff", "note": "Pt with essential hypertension noted.", "codes": ["I10"]}', "encoding"),
+    # valid JSON, but beyond a double: read as Infinity, in a field the contract does not list
+    (b'{"id": "x", "note": "Pt with essential hypertension noted.", "codes": ["I10"], "v": [1, -1e400]}', "non_finite"),
 ]
 
 
@@ -397,5 +402,62 @@ def test_fast_json_path_keeps_integers_beyond_64_bits_exact():
     big = 123456789012345678901234567890
     value, reasons = _parse_line(json.dumps({**GOOD, "id": big, "n": -9223372036854775809}).encode() + b"\n")
     assert reasons == [] and value["id"] == big and type(value["n"]) is int
-    assert _parse_line(b'{"x": 1e400}')[0] == {"x": float("inf")}  # what the json module gives
+    value, reasons = _parse_line(b'{"x": 1e400}')  # orjson refuses it; the json module reads infinity
+    assert value == {"x": float("inf")} and [(r.check, r.field) for r in reasons] == [("non_finite", "x")]
     assert _parse_line(b"\xef\xbb\xbf" + json.dumps(GOOD).encode())[0] == GOOD  # BOM: the json-module path
+
+
+def test_exact_copies_reported_as_leakage_are_counted_once(tmp_path):
+    # 150 eval rows copied from train, leakage only reported: each is an exact leak and, with similarity 1.0, also
+    # a near-duplicate candidate. Counted once each, also beyond the report's first 100 pairs (it was 200).
+    rules = CONTRACT.dataset.model_copy(update={"leakage": "report"})
+    contract = CONTRACT.model_copy(update={"dataset": rules})
+    train_rows = [note_row(i) for i in range(200)]
+    eval_rows = [{**train_rows[i], "id": f"copy{i}"} for i in range(150)] + [note_row(1000 + i) for i in range(5)]
+    splits, _ = run_contract(
+        contract, write_rows(tmp_path / "t.jsonl", train_rows), write_rows(tmp_path / "e.jsonl", eval_rows)
+    )
+    leakage = splits[1].checks["leakage"]
+    assert leakage.count == 150 and splits[1].rows_quarantined == 0
+    assert {(p["row"], p["train_row"]) for p in leakage.all_pairs()} == {(i + 1, i + 1) for i in range(150)}
+
+
+NUMBERS = "name: n\nfields:\n  id: {type: string}\n  score: {type: number}\n"
+
+
+def test_non_finite_numbers_are_quarantined_in_every_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "c.yaml").write_text(NUMBERS)
+    contract = load_contract(tmp_path / "c.yaml")
+    (reason,) = check_row({"id": "a", "score": float("nan")}, contract)
+    assert reason.message == "expected number, got NaN (not a finite number)"
+    jsonl = write_lines(
+        tmp_path / "s.jsonl",
+        ['{"id": "a", "score": 0.5}', '{"id": "b", "score": 1e400}', '{"id": "c", "score": 1, "other": -1e999}'],
+    )
+    result = validate_split("train", jsonl, contract)
+    assert reasons_of(result) == {2: {("non_finite", "score")}, 3: {("non_finite", "other")}}
+    assert "Infinity (not a finite number)" in result.quarantined[0]["reasons"][0]["message"]
+    csv = tmp_path / "s.csv"
+    csv.write_text("id,score\na,0.5\nb,1e400\nc,NaN\n")
+    result = validate_split("train", csv, contract)
+    assert reasons_of(result) == {3: {("non_finite", "score")}, 4: {("type", "score")}}  # NaN stays text in CSV
+    rows = [{"id": "a", "score": 0.5, "x": 1.0}, {"id": "b", "score": float("nan"), "x": 1.0}]
+    rows.append({"id": "c", "score": 2.0, "x": float("inf")})  # a column the contract does not list
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "s.parquet")
+    result = validate_split("train", tmp_path / "s.parquet", contract)
+    assert reasons_of(result) == {2: {("non_finite", "score")}, 3: {("non_finite", "x")}}
+    assert result.rows_accepted == 1
+
+
+def test_a_lone_surrogate_never_reaches_the_reports_unescaped(tmp_path):
+    from pipeline import rundir
+
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b'\n{"id": "n\\ud800", "note": "x", "codes": ["I10"]}\n')
+    result = validate_split("train", path, CONTRACT)
+    (q,) = result.quarantined
+    assert q["id"] == "n\\ud800" and q["reasons"][0]["check"] == "encoding"
+    rundir.write_jsonl(tmp_path / "q.jsonl", result.quarantined)  # encodable: no UnicodeEncodeError
