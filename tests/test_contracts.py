@@ -461,3 +461,141 @@ def test_a_lone_surrogate_never_reaches_the_reports_unescaped(tmp_path):
     (q,) = result.quarantined
     assert q["id"] == "n\\ud800" and q["reasons"][0]["check"] == "encoding"
     rundir.write_jsonl(tmp_path / "q.jsonl", result.quarantined)  # encodable: no UnicodeEncodeError
+
+
+def light_contract(tmp_path, **changes):
+    """The shipped contract without token checks (no tokenizer to load), with top-level keys changed."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "data_contracts" / "medical_coding.yaml").read_text())
+    raw.pop("tokens")
+    raw.update(changes)
+    path = tmp_path / "contract.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_report_lists_every_check_run_and_pairs_file_holds_every_pair(tmp_path, capsys):
+    from pipeline.contracts import PAIRS
+    from pipeline.data import validate_data
+    from pipeline.recipe import load_recipe
+
+    contract = light_contract(tmp_path, max_quarantine_fraction=1.0)
+    train_rows = [note_row(i) for i in range(30)] + [{**note_row(i % 30), "id": f"c{i}"} for i in range(120)]
+    train = write_rows(tmp_path / "t.jsonl", train_rows)
+    evalf = write_rows(tmp_path / "e.jsonl", [note_row(100 + i) for i in range(12)])
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"data.train={train}", f"data.eval={evalf}"])
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"contract": str(contract)})})
+    data = validate_data(recipe, tmp_path / "run", keep_rows=False)
+    assert data.train.rows == [] and data.train.rows_accepted == 30  # validate's mode: counts, not rows
+    out = tmp_path / "run" / "validation"
+    report = json.loads((out / "report.json").read_text())
+    train_checks, eval_checks = report["splits"]["train"]["checks"], report["splits"]["eval"]["checks"]
+    exact = train_checks["exact_duplicate"]
+    assert exact["count"] == 120 and len(exact["pairs"]) == PAIRS == 100
+    assert exact["pairs_total"] == 120 and exact["pairs_file"] == "pairs.jsonl"
+    # every check the contract runs is listed, found something or not
+    for check in ("json", "encoding", "row_size", "non_finite", "type", "pattern", "billable", "max_length"):
+        assert train_checks[check]["count"] == 0, check
+    assert eval_checks["leakage"] == {"action": "quarantine", "count": 0, "examples": []}
+    assert eval_checks["label_coverage"]["count"] == 0 and "leakage" not in train_checks
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 120
+    assert pairs[-1] == {"split": "train", "check": "exact_duplicate", "row": 150, "duplicate_of": 30}
+    # the terminal table: counts per split, the finding with example rows, and the checks that found nothing
+    table = capsys.readouterr().out
+    assert "  split    rows in  accepted  quarantined  failed checks" in table
+    assert "  train        150        30          120  exact_duplicate=120" in table
+    assert "  train  exact_duplicate    quarantine     120  31, 32, 33, 34, 35" in table
+    assert "  eval   nothing found by: " in table and "leakage" in table.split("eval   nothing found by: ")[1]
+
+
+def test_pii_warn_keeps_the_text_and_counts_the_row(tmp_path):
+    fields = {**CONTRACT.fields, "note": CONTRACT.fields["note"].model_copy(update={"pii": "warn"})}
+    contract = CONTRACT.model_copy(update={"fields": fields})
+    rows = [note_row(i) for i in range(4)]
+    rows[2]["note"] += f" SSN {SSN}."
+    train = run_contract(
+        contract, write_rows(tmp_path / "t.jsonl", rows), write_rows(tmp_path / "e.jsonl", [note_row(9)])
+    )[0][0]
+    assert train.rows_quarantined == 0 and [r["note"] for r in train.rows] == [r["note"] for r in rows]
+    stat = train.checks["pii_warn"]
+    assert (stat.action, stat.count, stat.examples, dict(stat.by)) == ("warn", 1, [3], {"note:US_SSN": 1})
+    assert SSN not in json.dumps(train.summary())
+
+
+def test_enum_max_length_and_extra_fields_reject(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "name: wards\nextra_fields: reject\nfields:\n  id: {type: string}\n"
+        "  ward: {type: string, enum: [cardiology, oncology]}\n  note: {type: string, max_length: 12}\n"
+    )
+    contract = load_contract(tmp_path / "c.yaml")
+    good = {"id": "a", "ward": "oncology", "note": "stable"}
+    path = write_rows(
+        tmp_path / "s.jsonl",
+        [good, {**good, "ward": "ent"}, {**good, "note": "thirteen char"}, {**good, "bed": 4}],
+    )
+    result = validate_split("train", path, contract)
+    assert result.rows_accepted == 1
+    messages = {q["row"]: [(r["check"], r["field"], r["message"]) for r in q["reasons"]] for q in result.quarantined}
+    assert messages == {
+        2: [("enum", "ward", "'ent' is not one of ['cardiology', 'oncology']")],
+        3: [("max_length", "note", "13 characters, at most 12 allowed")],
+        4: [("extra_fields", None, "fields not in the contract: bed")],
+    }
+
+
+def test_rare_labels_and_imbalance_warning(tmp_path):
+    from pipeline.data import render_report
+
+    rules = CONTRACT.dataset.model_copy(update={"rare_label_count": 11, "max_imbalance_ratio": 1.5})
+    contract = CONTRACT.model_copy(update={"dataset": rules})
+    train_rows = [note_row(i, codes=("I10",) if i % 3 else ("E11.9",)) for i in range(30)]  # I10 x20, E11.9 x10
+    _, dataset = run_contract(
+        contract, write_rows(tmp_path / "t.jsonl", train_rows), write_rows(tmp_path / "e.jsonl", [note_row(99)])
+    )
+    assert dataset["rare_labels"] == {"below": 11, "count": 1, "labels": {"E11.9": 10}}
+    assert dataset["imbalance"] == {"ratio": 2.0, "max_ratio": 1.5, "warning": True}
+    report = {"contract": {"name": "c", "version": 1, "path": "c.yaml"}, "splits": {}, "dataset": dataset}
+    table = render_report(report)
+    assert "rare labels: 1 train labels seen fewer than 11 times" in table
+    assert "label imbalance: most / least frequent train label = 2 (above max_imbalance_ratio)" in table
+
+
+def test_cli_validate_empty_file_and_over_long_csv_record(tmp_path):
+    from test_recipe import run_cli
+
+    # Only what this test needs: no ICD-10-CM table or PII scanner to load in the subprocess (seconds each).
+    contract = tmp_path / "c.yaml"
+    contract.write_text(
+        "name: cli\nmax_row_bytes: 2000\nfields:\n  id: {type: string}\n  note: {type: string}\n"
+        "  codes: {type: list, items: {type: string}}\n"
+    )
+    good = [note_row(i) for i in range(25)]
+    train = tmp_path / "train.csv"
+    lines = ["id,note,codes"] + [f'{r["id"]},"{r["note"]}",I10' for r in good]
+    lines.insert(5, f'big,"{"x" * 5000}",I10')  # line 6: a 5 kB field, above max_row_bytes 2000
+    train.write_text("\n".join(lines) + "\n")
+    evalf = write_rows(tmp_path / "e.jsonl", [note_row(100 + i) for i in range(12)])
+    empty = write_lines(tmp_path / "empty.jsonl", [])
+
+    def validate(train_file, eval_file, run):
+        sets = [f"data.train={train_file}", f"data.eval={eval_file}", f"data.contract={contract}"]
+        args = [a for s in sets for a in ("--set", s)]
+        return run_cli("validate", "recipes/quickstart.yaml", *args, "--run-dir", str(tmp_path / run))
+
+    result = validate(train, evalf, "csv")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout and "csv=1" in result.stdout
+    (q,) = [
+        json.loads(line) for line in (tmp_path / "csv" / "validation" / "quarantine.jsonl").read_text().splitlines()
+    ]
+    assert (
+        q["row"] == 6
+        and q["reasons"][0]["check"] == "csv"
+        and "field larger than field limit" in q["reasons"][0]["message"]
+    )
+    result = validate(empty, empty, "empty")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{empty}: the train file is empty (no rows)" in result.stderr.splitlines()
+    assert f"{empty}: the eval file is empty (no rows)" in result.stderr.splitlines()
