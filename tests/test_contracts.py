@@ -178,6 +178,8 @@ def test_coverage_and_near_duplicates_can_quarantine(tmp_path):
         write_rows(tmp_path / "e.jsonl", [note_row(50, codes=("K35.80",))]),
     )
     assert reasons_of(splits[0]) == {11: {("near_duplicate", "note")}}
+    # noted once where found, not again when quarantined
+    assert splits[0].checks["near_duplicate"].count == 1 and splits[1].checks["label_coverage"].count == 1
     (quarantined,) = splits[1].quarantined
     assert (
         quarantined["reasons"][0]["check"] == "label_coverage" and "K35.80 (0x)" in quarantined["reasons"][0]["message"]
