@@ -601,3 +601,18 @@ def test_cli_validate_empty_file_and_over_long_csv_record(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"{empty}: the train file is empty (no rows)" in result.stderr.splitlines()
     assert f"{empty}: the eval file is empty (no rows)" in result.stderr.splitlines()
+
+
+def test_validate_command_does_not_keep_the_rows(tmp_path, monkeypatch):
+    import argparse
+
+    import pipeline.data
+    from pipeline import cli
+
+    seen = {}
+    monkeypatch.setattr(pipeline.data, "validate_data", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(cli, "_CONTEXT", {})  # the module's per-command context, not shared with other tests
+    recipe = str(ROOT / "recipes" / "quickstart.yaml")
+    args = argparse.Namespace(recipe=recipe, overrides=[], run_dir=str(tmp_path / "run"))
+    assert cli.cmd_validate(args) == cli.EXIT_OK
+    assert seen == {"keep_rows": False}  # train keeps its rows for TRL; validate only writes the reports
