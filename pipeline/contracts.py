@@ -868,7 +868,7 @@ class SplitResult:
     """What one split turned into: accepted rows, quarantined rows, and counts that reconcile.
 
     Accepted rows carry their row number under ``_row`` and are already redacted where a field's PII policy
-    says so. ``checks`` holds every check that found something, quarantining or not.
+    says so. ``checks`` holds every check run on the split (count 0 when it found nothing), quarantining or not.
     """
 
     name: str
