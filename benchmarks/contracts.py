@@ -14,7 +14,10 @@ Each measurement runs in its own process, so peak RSS (``ru_maxrss``) belongs to
 * ``pandera``: the row-level checks written as a pandera ``DataFrameSchema``, on the same rows (pandas holds
   the whole split in memory, so it runs on a sample);
 * ``datasketch``: datasketch's ``MinHash`` + ``MinHashLSH`` doing the near-duplicate step, against this
-  project's vectorized index on the same sample.
+  project's vectorized index on the same sample;
+* ``validate`` / ``validate-keep-rows``: what ``python -m pipeline validate`` does (``data.validate_data`` with
+  ``keep_rows=False``: the whole shipped contract with the PII scan, all reports and plots written) and the same
+  keeping the accepted rows, as ``train`` does. Token checks are left out (they need the base's tokenizer).
 
 Rows are validated streaming (``keep_rows=False``: the benchmark measures the contract, not a list of 1M dicts;
 training keeps its accepted rows because TRL builds its dataset from them).
@@ -118,6 +121,8 @@ def measure(mode: str, train: Path, evaluation: Path, sample: int) -> dict:
             "found": found,
             "uncovered": dataset.get("label_coverage", {}).get("uncovered_labels"),
         }
+    if mode in ("validate", "validate-keep-rows"):
+        return validate_measure(mode, train, evaluation, table_seconds)
     lines = read_sample(train, sample)
     if mode == "pii":
         from pipeline.privacy import PiiScanner
@@ -300,6 +305,35 @@ def child(mode: str, paths: dict[str, Path], sample: int) -> dict:
     if out.returncode:
         return {"mode": mode, "error": out.stderr[-2000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def validate_measure(mode: str, train: Path, evaluation: Path, table_seconds: float) -> dict:
+    """``validate``'s own code path on the files, with the shipped contract less its token checks."""
+    import yaml
+
+    from pipeline.data import validate_data
+    from pipeline.recipe import load_recipe
+
+    work = Path(tempfile.mkdtemp(prefix="contracts-validate-"))
+    raw = yaml.safe_load((ROOT / "data_contracts" / "medical_coding.yaml").read_text())
+    raw.pop("tokens", None)
+    (work / "contract.yaml").write_text(yaml.safe_dump(raw))
+    overrides = [f"data.train={train}", f"data.eval={evaluation}", f"data.contract={work / 'contract.yaml'}"]
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
+    started, cpu = time.perf_counter(), cpu_seconds()
+    data = validate_data(recipe, work / "run", keep_rows=mode == "validate-keep-rows")
+    seconds = time.perf_counter() - started
+    rows = data.train.rows_in + data.eval.rows_in
+    return {
+        "mode": mode,
+        "icd10cm_table_load_s": table_seconds,
+        "rows": rows,
+        "rows_kept": len(data.train.rows) + len(data.eval.rows),
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(rows / seconds),
+        "rows_per_cpu_s": round(rows / (cpu_seconds() - cpu)),
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
 
 
 def main() -> None:

@@ -283,7 +283,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     out = rundir.new_run_dir(recipe.name, args.run_dir)
     _CONTEXT["run_dir"] = out
     rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
-    validate_data(recipe, out, args.recipe)
+    validate_data(recipe, out, args.recipe, keep_rows=False)  # only the reports: the rows are not held
     print(f"Recipe {args.recipe} is valid; data meets the contract. Reports: {out / 'validation'}")
     return EXIT_OK
 

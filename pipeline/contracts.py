@@ -631,7 +631,8 @@ def _csv_records(path: Path, contract: DataContract) -> Iterator[Record]:
                 message = f"{len(cells)} columns, the header has {len(header)}"
                 yield Record(number, None, [Reason("csv_columns", None, message)])
             else:
-                yield Record(number, _typed_cells(dict(zip(header, cells, strict=True)), contract), [])
+                row = _typed_cells(dict(zip(header, cells, strict=True)), contract)
+                yield Record(number, row, value_reasons(row))  # a cell 1e400 or a JSON list cell with "\ud800"
 
 
 def _has_surrogate(text: str) -> bool:
@@ -674,6 +675,8 @@ def _parquet_records(path: Path) -> Iterator[Record]:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise DataFileError(f"{path}: not a readable Parquet file: {exc}") from None
+    # Only a float column can hold NaN or infinity (Arrow strings are UTF-8): walk rows only when one exists.
+    walk = _has_float(parquet.schema_arrow.types)
     number = 0
     for group in range(parquet.num_row_groups):  # one row group in memory at a time
         try:
@@ -683,7 +686,22 @@ def _parquet_records(path: Path) -> Iterator[Record]:
         for batch in table.to_batches(max_chunksize=4096):
             for value in batch.to_pylist():
                 number += 1
-                yield Record(number, value, [])
+                yield Record(number, value, value_reasons(value) if walk else [])
+
+
+def _has_float(types: Any) -> bool:
+    import pyarrow as pa
+
+    for kind in types:
+        if pa.types.is_floating(kind):
+            return True
+        if pa.types.is_struct(kind) and _has_float(kind.field(i).type for i in range(kind.num_fields)):
+            return True
+        if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and _has_float([kind.value_type]):
+            return True
+        if pa.types.is_map(kind) and _has_float([kind.key_type, kind.item_type]):
+            return True
+    return False
 
 
 def _parse_line(raw: bytes) -> tuple[Any, list[Reason]]:
@@ -704,11 +722,67 @@ def _parse_line(raw: bytes) -> tuple[Any, list[Reason]]:
     if not text.strip():
         return None, [Reason("blank_line", None, "blank line")]
     try:
-        return _DECODER.decode(text), []
+        value = _DECODER.decode(text)
     except RecursionError:
         return None, [Reason("json", None, "not valid JSON: nested too deeply")]
     except ValueError as exc:
         return None, [Reason("json", None, f"not valid JSON: {exc}")]
+    # Only this path needs the walk: orjson refuses lone surrogates and numbers beyond a double (1e400).
+    return value, value_reasons(value)
+
+
+def value_reasons(row: Any) -> list[Reason]:
+    r"""What no field rule can accept anywhere in a parsed row, contract field or not.
+
+    A number beyond a double (JSON ``1e400`` reads as infinity, a Parquet float may be NaN or infinite) is not
+    a number any check, metric or tokenizer can use. A lone surrogate (JSON ``"\ud800"``) is a string no UTF-8
+    encoder accepts: the tokenizer would fail on it mid-training. Walks keys and values without recursion (a
+    parsed row may be nested close to the interpreter's limit) and names the first few places found.
+    """
+    reasons: list[Reason] = []
+    stack: list[tuple[str, Any]] = [("", row)]
+    while stack and len(reasons) < 5:
+        where, value = stack.pop()
+        kind = type(value)
+        if kind is float:
+            if not math.isfinite(value):
+                reasons.append(
+                    Reason("non_finite", where or None, f"{_json_type(value)}: only finite numbers are accepted")
+                )
+        elif kind is str:
+            if not _utf8_ok(value):
+                reasons.append(
+                    Reason("encoding", where or None, "a lone surrogate (e.g. \\ud800): not encodable as UTF-8")
+                )
+        elif kind is dict:
+            for key, item in value.items():
+                name = f"{where}.{key}" if where else str(key)
+                if type(key) is str and not _utf8_ok(key):
+                    reasons.append(
+                        Reason("encoding", None, "a field name holds a lone surrogate: not encodable as UTF-8")
+                    )
+                    name = where or "?"
+                stack.append((name, item))
+        elif kind is list:
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return reasons
+
+
+def _printable(row_id: str | int | None) -> str | int | None:
+    """An id as quarantine.jsonl can hold it: a lone surrogate in it is written as its escape."""
+    if type(row_id) is str and not _utf8_ok(row_id):
+        return row_id.encode("utf-8", "backslashreplace").decode("utf-8")
+    return row_id
+
+
+def _utf8_ok(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_constant(name: str) -> Any:
@@ -730,6 +804,14 @@ except ImportError:  # optional speed-up: the json module alone gives the same r
 # --------------------------------------------------------------------------------------------------
 # Splits
 
+# Checks made while reading a file, per format (the row and dataset checks come from the contract).
+_READ_CHECKS = {
+    "jsonl": ("json", "encoding", "blank_line", "row_type", "row_size", "non_finite"),
+    "csv": ("csv", "csv_columns", "encoding", "blank_line", "non_finite"),
+    "parquet": ("non_finite",),
+}
+# Dataset checks that note the rows they find themselves (with a pair or a breakdown) before quarantining them.
+_NOTED_BY_CHECK = frozenset({"leakage", "exact_duplicate", "near_duplicate", "label_coverage"})
 EXAMPLES = 10  # row numbers kept per check as examples in report.json
 PAIRS = 100  # duplicate/leakage pairs kept per check in report.json
 BATCH = 2048  # rows per batch for the PII scan, token counts and MinHash signatures
@@ -744,12 +826,38 @@ class CheckStat:
     examples: list[int] = field(default_factory=list)
     pairs: list[dict[str, Any]] = field(default_factory=list)
     by: Counter = field(default_factory=Counter)
+    # Every pair, not only the first PAIRS, for validation/pairs.jsonl: two row numbers and a similarity per pair
+    # in flat arrays (24 bytes a pair; a dict a pair would be ~20x that for 100,000s of templated near-duplicates).
+    pair_keys: tuple[str, ...] = ()
+    _firsts: array = field(default_factory=lambda: array("q"))
+    _seconds: array = field(default_factory=lambda: array("q"))
+    _similarities: array = field(default_factory=lambda: array("d"))
+
+    def add_pair(self, pair: dict[str, Any]) -> None:
+        """Keep one pair ``{row, <other row>[, similarity]}``: in full, and in ``pairs`` while under PAIRS."""
+        if len(self.pairs) < PAIRS:
+            self.pairs.append(pair)
+        if not self.pair_keys:
+            self.pair_keys = tuple(pair)
+        values = list(pair.values())
+        self._firsts.append(values[0])
+        self._seconds.append(values[1])
+        self._similarities.append(values[2] if len(values) > 2 else math.nan)
+
+    def all_pairs(self) -> Iterator[dict[str, Any]]:
+        """Every pair this check found, in the order found, with the keys of the report's pairs."""
+        keys = self.pair_keys
+        for first, second, similarity in zip(self._firsts, self._seconds, self._similarities, strict=True):
+            values = (first, second, similarity) if len(keys) > 2 else (first, second)
+            yield dict(zip(keys, values, strict=True))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form for report.json (row numbers only, never row content)."""
         out: dict[str, Any] = {"action": self.action, "count": self.count, "examples": self.examples}
-        if self.pairs:
+        if self.pair_keys:
             out["pairs"] = self.pairs
+            out["pairs_total"] = len(self._firsts)
+            out["pairs_file"] = "pairs.jsonl"  # every pair, when more than the PAIRS kept here
         if self.by:
             out["by"] = dict(self.by.most_common())
         return out
@@ -760,7 +868,7 @@ class SplitResult:
     """What one split turned into: accepted rows, quarantined rows, and counts that reconcile.
 
     Accepted rows carry their row number under ``_row`` and are already redacted where a field's PII policy
-    says so. ``checks`` holds every check that found something, quarantining or not.
+    says so. ``checks`` holds every check run on the split (count 0 when it found nothing), quarantining or not.
     """
 
     name: str
@@ -794,10 +902,16 @@ class SplitResult:
         stat.count += 1
         if len(stat.examples) < EXAMPLES:
             stat.examples.append(row)
-        if pair is not None and len(stat.pairs) < PAIRS:
-            stat.pairs.append(pair)
+        if pair is not None:
+            stat.add_pair(pair)
         if by:
             stat.by.update(by)
+
+    def all_pairs(self) -> Iterator[dict[str, Any]]:
+        """validation/pairs.jsonl lines: every duplicate/leakage pair of this split, with its split and check."""
+        for check, stat in sorted(self.checks.items()):
+            for pair in stat.all_pairs():
+                yield {"split": self.name, "check": check, **pair}
 
     def summary(self) -> dict[str, Any]:
         """The per-split part of report.json."""
@@ -889,6 +1003,9 @@ class ContractRun:
         self._accepted: dict[str, _Accepted] = {}
         self._train_index: LshIndex | None = None
         self._label_sets: dict[tuple[str, ...], tuple[str, ...]] = {}
+        # Eval rows found to be exact copies of a train row, so near-duplicate leakage does not count them again
+        # (every one of them, not only those among the report's first PAIRS pairs).
+        self._exact_leaks: set[int] = set()
         self._passes = row_passes(contract)
         self._batches = 0
 
@@ -900,6 +1017,8 @@ class ContractRun:
             name=name, path=str(path), sha256=sha256_file(path), format=file_format(path, self.contract)
         )
         self.splits[name] = result
+        for check, action in self._checks_run(name, result.format).items():  # listed in the report even at 0
+            result.checks[check] = CheckStat(action)
         self._hashes[name] = {}
         self._accepted[name] = _Accepted()
         batch: list[Record] = []
@@ -934,6 +1053,46 @@ class ContractRun:
             self._finalize(result)
         return result
 
+    def _checks_run(self, name: str, fmt: str) -> dict[str, str]:
+        """Every check this contract runs on a split of this name and format, with its action."""
+        checks = dict.fromkeys(_READ_CHECKS[fmt], "quarantine")
+        rules = list(self.contract.fields.values())
+        while rules:
+            rule = rules.pop()
+            checks["type"] = "quarantine"
+            if rule.required:
+                checks["required"] = "quarantine"
+            named = {
+                "pattern": rule.pattern is not None,
+                "enum": rule.enum is not None,
+                "vocabulary": rule.vocabulary is not None or rule.vocabulary_file is not None,
+                "billable": rule.billable_only,
+                "min_length": rule.min_length is not None,
+                "max_length": rule.max_length is not None,
+                "min_items": rule.min_items is not None,
+                "max_items": rule.max_items is not None,
+                "unique_items": rule.unique_items,
+                "pii": rule.pii == "block",
+            }
+            checks.update((check, "quarantine") for check, on in named.items() if on)
+            if rule.items is not None:
+                rules.append(rule.items)
+        if self.contract.extra_fields == "reject":
+            checks["extra_fields"] = "quarantine"
+        checks.update((f"pii_{policy}", policy) for policy in self.pii_fields.values())
+        if self.measure_tokens is not None:
+            checks.update(min_tokens="quarantine", max_tokens="quarantine")
+        rules_ = self.rules
+        if rules_.text_fields and rules_.exact_duplicates != "off":
+            checks["exact_duplicate"] = rules_.exact_duplicates
+        if self.near and rules_.near_duplicates != "off":
+            checks["near_duplicate"] = rules_.near_duplicates
+        if name == "eval" and rules_.text_fields and rules_.leakage != "off":
+            checks["leakage"] = rules_.leakage
+        if name == "eval" and rules_.label_field and rules_.label_coverage != "off":
+            checks["label_coverage"] = rules_.label_coverage
+        return checks
+
     def _batch(self, result: SplitResult, records: list[Record]) -> None:
         if not records:
             return
@@ -965,6 +1124,7 @@ class ContractRun:
                 if train_seen is not None and digest in train_seen and leakage != "off":
                     pair = {"row": number, "train_row": train_seen[digest], "similarity": 1.0}
                     result.note("leakage", leakage, number, pair)
+                    self._exact_leaks.add(number)
                     if leakage == "quarantine":
                         message = f"same text as train row {train_seen[digest]} after normalization"
                         why.append(Reason("leakage", self._text_field, message))
@@ -1068,14 +1228,14 @@ class ContractRun:
             {
                 "split": result.name,
                 "row": row_number,
-                "id": self._row_id(row),
+                "id": _printable(self._row_id(row)),
                 "reasons": [r.to_dict() for r in reasons],
             }
         )
         checks = {r.check for r in reasons}
         result.check_counts.update(checks)
         for check in checks:
-            if check not in ("leakage", "exact_duplicate"):  # those were noted with their pair
+            if check not in _NOTED_BY_CHECK:  # those were noted where found: once per row, not twice
                 result.note(check, "quarantine", row_number)
 
     # -- after a split ---------------------------------------------------------------------------
@@ -1091,10 +1251,9 @@ class ContractRun:
         late: dict[int, list[Reason]] = {}
         if result.name == "eval" and self._train_index is not None and self.rules.leakage != "off":
             train_rows = self._accepted["train"].rows
-            exact = {p["row"] for p in result.checks.get("leakage", CheckStat("")).pairs}
             for q, m, s in self._train_index.query(keys, signatures, threshold):
                 row, train_row = accepted.rows[q], train_rows[m]
-                if row in exact:
+                if row in self._exact_leaks:
                     continue
                 result.note("leakage", self.rules.leakage, row, {"row": row, "train_row": train_row, "similarity": s})
                 if self.rules.leakage == "quarantine":
@@ -1264,7 +1423,8 @@ def _json_type(value: Any) -> str:
     if isinstance(value, int):
         return "integer"
     if isinstance(value, float):
-        return "number"
+        # "expected number, got number" for NaN would explain nothing: say which value it is.
+        return "number" if math.isfinite(value) else f"{_NON_FINITE[repr(value)]} (not a finite number)"
     if isinstance(value, str):
         return "string"
     if isinstance(value, list):
@@ -1272,6 +1432,9 @@ def _json_type(value: Any) -> str:
     if isinstance(value, dict):
         return "object"
     return type(value).__name__
+
+
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 def _hashable(value: Any) -> Any:

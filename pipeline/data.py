@@ -35,7 +35,9 @@ class ValidatedData:
     report: dict[str, Any]
 
 
-def validate_data(recipe: Recipe, out_dir: str | Path, recipe_source: str | Path = "recipe") -> ValidatedData:
+def validate_data(
+    recipe: Recipe, out_dir: str | Path, recipe_source: str | Path = "recipe", keep_rows: bool = True
+) -> ValidatedData:
     """Check both splits against the recipe's contract and write ``validation/`` in ``out_dir``.
 
     Writes ``validation/report.json`` (per split: counts that reconcile, content hash, every check with its
@@ -43,6 +45,14 @@ def validate_data(recipe: Recipe, out_dir: str | Path, recipe_source: str | Path
     (one line per quarantined row: split, 1-based row, id, reasons), ``validation/report.md``, and the plots
     ``validation/token_lengths.png`` and ``validation/label_frequency.png``. Accepted rows come back with
     fields under a ``redact`` PII policy already redacted: nothing downstream sees the original text.
+    ``validation/pairs.jsonl`` holds every duplicate/leakage pair (report.json keeps the first 100 per check).
+
+    Args:
+        recipe: The recipe (its data files, contract and ``training.max_length``).
+        out_dir: The run directory; reports go to ``validation/`` inside it.
+        recipe_source: The recipe file, for error messages and relative paths.
+        keep_rows: Return the accepted rows (training needs them). ``validate`` passes False: memory then holds
+            only the per-row state the dataset checks need, not the rows.
 
     Raises:
         RecipeError: A file is missing or the contract is invalid (exit code 2).
@@ -54,7 +64,7 @@ def validate_data(recipe: Recipe, out_dir: str | Path, recipe_source: str | Path
     counter, token_status = None, None
     if contract.tokens is not None:
         counter, token_status = _token_counter(recipe, recipe_source)
-    run = ContractRun(contract, measure_tokens=counter, max_length=recipe.training.max_length)
+    run = ContractRun(contract, measure_tokens=counter, max_length=recipe.training.max_length, keep_rows=keep_rows)
     splits = [run.split(name, getattr(recipe.data, name)) for name in ("train", "eval")]
     dataset = run.finish()
     if token_status is not None:
@@ -63,6 +73,7 @@ def validate_data(recipe: Recipe, out_dir: str | Path, recipe_source: str | Path
     out = Path(out_dir) / "validation"
     rundir.write_json(out / "report.json", report)
     rundir.write_jsonl(out / "quarantine.jsonl", [q for s in splits for q in s.quarantined])
+    rundir.write_jsonl(out / "pairs.jsonl", [pair for s in splits for pair in s.all_pairs()])
     rundir.write_text(out / "report.md", report_markdown(report))
     save_validation_plots(out, splits, run.max_tokens)
     print(render_report(report))
@@ -147,13 +158,18 @@ def render_report(report: dict[str, Any]) -> str:
         (name, check, stat)
         for name, split in report["splits"].items()
         for check, stat in split.get("checks", {}).items()
-        if stat["action"] != "quarantine" or check in ("leakage", "exact_duplicate", "near_duplicate")
+        if stat["count"]
+        and (stat["action"] != "quarantine" or check in ("leakage", "exact_duplicate", "near_duplicate"))
     ]
     if findings:
         lines.append(f"  {'split':<6} {'check':<18} {'action':<10} {'rows':>7}  example rows")
         for name, check, stat in findings:
             examples = ", ".join(str(r) for r in stat["examples"][:5])
             lines.append(f"  {name:<6} {check:<18} {stat['action']:<10} {stat['count']:>7,}  {examples}")
+    for name, split in report["splits"].items():
+        clean = [check for check, stat in split.get("checks", {}).items() if not stat["count"]]
+        if clean:
+            lines.append(f"  {name:<6} nothing found by: {', '.join(clean)}")
     lines.extend(f"  {line}" for line in _dataset_lines(report.get("dataset", {})))
     return "\n".join(lines)
 
@@ -213,7 +229,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         for pair in stat.get("pairs", [])[:20]
     ]
     if pairs:
-        out += ["", "## Duplicate and leakage pairs (first 20 per check)", ""]
+        out += ["", "## Duplicate and leakage pairs (first 20 per check; all of them: `pairs.jsonl`)", ""]
         out += [f"- {name} {check}: " + ", ".join(f"{k} {v}" for k, v in pair.items()) for name, check, pair in pairs]
     for name, split in report["splits"].items():
         if "tokens" in split:

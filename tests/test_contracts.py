@@ -178,6 +178,8 @@ def test_coverage_and_near_duplicates_can_quarantine(tmp_path):
         write_rows(tmp_path / "e.jsonl", [note_row(50, codes=("K35.80",))]),
     )
     assert reasons_of(splits[0]) == {11: {("near_duplicate", "note")}}
+    # noted once where found, not again when quarantined
+    assert splits[0].checks["near_duplicate"].count == 1 and splits[1].checks["label_coverage"].count == 1
     (quarantined,) = splits[1].quarantined
     assert (
         quarantined["reasons"][0]["check"] == "label_coverage" and "K35.80 (0x)" in quarantined["reasons"][0]["message"]
@@ -279,6 +281,11 @@ MALFORMED = [
     (b"   \t ", "blank_line"),
     (b'{"note": "caf\xe9 au lait"}', "encoding"),
     (b'{"id": "big", "note": "' + b"x" * 30_000 + b'", "codes": ["I10"]}', "row_size"),
+    # valid JSON escapes, but a lone surrogate is no UTF-8 text: the tokenizer would fail on it mid-training
+    (b'{"id": "x", "note": "Pt with essential hypertension \\ud800 noted.", "codes": ["I10"]}', "encoding"),
+    (b'{"id": "x\\udfff", "note": "Pt with essential hypertension noted.", "codes": ["I10"]}', "encoding"),
+    # valid JSON, but beyond a double: read as Infinity, in a field the contract does not list
+    (b'{"id": "x", "note": "Pt with essential hypertension noted.", "codes": ["I10"], "v": [1, -1e400]}', "non_finite"),
 ]
 
 
@@ -397,5 +404,215 @@ def test_fast_json_path_keeps_integers_beyond_64_bits_exact():
     big = 123456789012345678901234567890
     value, reasons = _parse_line(json.dumps({**GOOD, "id": big, "n": -9223372036854775809}).encode() + b"\n")
     assert reasons == [] and value["id"] == big and type(value["n"]) is int
-    assert _parse_line(b'{"x": 1e400}')[0] == {"x": float("inf")}  # what the json module gives
+    value, reasons = _parse_line(b'{"x": 1e400}')  # orjson refuses it; the json module reads infinity
+    assert value == {"x": float("inf")} and [(r.check, r.field) for r in reasons] == [("non_finite", "x")]
     assert _parse_line(b"\xef\xbb\xbf" + json.dumps(GOOD).encode())[0] == GOOD  # BOM: the json-module path
+
+
+def test_exact_copies_reported_as_leakage_are_counted_once(tmp_path):
+    # 150 eval rows copied from train, leakage only reported: each is an exact leak and, with similarity 1.0, also
+    # a near-duplicate candidate. Counted once each, also beyond the report's first 100 pairs (it was 200).
+    rules = CONTRACT.dataset.model_copy(update={"leakage": "report"})
+    contract = CONTRACT.model_copy(update={"dataset": rules})
+    train_rows = [note_row(i) for i in range(200)]
+    eval_rows = [{**train_rows[i], "id": f"copy{i}"} for i in range(150)] + [note_row(1000 + i) for i in range(5)]
+    splits, _ = run_contract(
+        contract, write_rows(tmp_path / "t.jsonl", train_rows), write_rows(tmp_path / "e.jsonl", eval_rows)
+    )
+    leakage = splits[1].checks["leakage"]
+    assert leakage.count == 150 and splits[1].rows_quarantined == 0
+    assert {(p["row"], p["train_row"]) for p in leakage.all_pairs()} == {(i + 1, i + 1) for i in range(150)}
+
+
+NUMBERS = "name: n\nfields:\n  id: {type: string}\n  score: {type: number}\n"
+
+
+def test_non_finite_numbers_are_quarantined_in_every_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "c.yaml").write_text(NUMBERS)
+    contract = load_contract(tmp_path / "c.yaml")
+    (reason,) = check_row({"id": "a", "score": float("nan")}, contract)
+    assert reason.message == "expected number, got NaN (not a finite number)"
+    jsonl = write_lines(
+        tmp_path / "s.jsonl",
+        ['{"id": "a", "score": 0.5}', '{"id": "b", "score": 1e400}', '{"id": "c", "score": 1, "other": -1e999}'],
+    )
+    result = validate_split("train", jsonl, contract)
+    assert reasons_of(result) == {2: {("non_finite", "score")}, 3: {("non_finite", "other")}}
+    assert "Infinity (not a finite number)" in result.quarantined[0]["reasons"][0]["message"]
+    csv = tmp_path / "s.csv"
+    csv.write_text("id,score\na,0.5\nb,1e400\nc,NaN\n")
+    result = validate_split("train", csv, contract)
+    assert reasons_of(result) == {3: {("non_finite", "score")}, 4: {("type", "score")}}  # NaN stays text in CSV
+    rows = [{"id": "a", "score": 0.5, "x": 1.0}, {"id": "b", "score": float("nan"), "x": 1.0}]
+    rows.append({"id": "c", "score": 2.0, "x": float("inf")})  # a column the contract does not list
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "s.parquet")
+    result = validate_split("train", tmp_path / "s.parquet", contract)
+    assert reasons_of(result) == {2: {("non_finite", "score")}, 3: {("non_finite", "x")}}
+    assert result.rows_accepted == 1
+
+
+def test_a_lone_surrogate_never_reaches_the_reports_unescaped(tmp_path):
+    from pipeline import rundir
+
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b'\n{"id": "n\\ud800", "note": "x", "codes": ["I10"]}\n')
+    result = validate_split("train", path, CONTRACT)
+    (q,) = result.quarantined
+    assert q["id"] == "n\\ud800" and q["reasons"][0]["check"] == "encoding"
+    rundir.write_jsonl(tmp_path / "q.jsonl", result.quarantined)  # encodable: no UnicodeEncodeError
+
+
+def light_contract(tmp_path, **changes):
+    """The shipped contract without token checks (no tokenizer to load), with top-level keys changed."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "data_contracts" / "medical_coding.yaml").read_text())
+    raw.pop("tokens")
+    raw.update(changes)
+    path = tmp_path / "contract.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_report_lists_every_check_run_and_pairs_file_holds_every_pair(tmp_path, capsys):
+    from pipeline.contracts import PAIRS
+    from pipeline.data import validate_data
+    from pipeline.recipe import load_recipe
+
+    contract = light_contract(tmp_path, max_quarantine_fraction=1.0)
+    train_rows = [note_row(i) for i in range(30)] + [{**note_row(i % 30), "id": f"c{i}"} for i in range(120)]
+    train = write_rows(tmp_path / "t.jsonl", train_rows)
+    evalf = write_rows(tmp_path / "e.jsonl", [note_row(100 + i) for i in range(12)])
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"data.train={train}", f"data.eval={evalf}"])
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"contract": str(contract)})})
+    data = validate_data(recipe, tmp_path / "run", keep_rows=False)
+    assert data.train.rows == [] and data.train.rows_accepted == 30  # validate's mode: counts, not rows
+    out = tmp_path / "run" / "validation"
+    report = json.loads((out / "report.json").read_text())
+    train_checks, eval_checks = report["splits"]["train"]["checks"], report["splits"]["eval"]["checks"]
+    exact = train_checks["exact_duplicate"]
+    assert exact["count"] == 120 and len(exact["pairs"]) == PAIRS == 100
+    assert exact["pairs_total"] == 120 and exact["pairs_file"] == "pairs.jsonl"
+    # every check the contract runs is listed, found something or not
+    for check in ("json", "encoding", "row_size", "non_finite", "type", "pattern", "billable", "max_length"):
+        assert train_checks[check]["count"] == 0, check
+    assert eval_checks["leakage"] == {"action": "quarantine", "count": 0, "examples": []}
+    assert eval_checks["label_coverage"]["count"] == 0 and "leakage" not in train_checks
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 120
+    assert pairs[-1] == {"split": "train", "check": "exact_duplicate", "row": 150, "duplicate_of": 30}
+    # the terminal table: counts per split, the finding with example rows, and the checks that found nothing
+    table = capsys.readouterr().out
+    assert "  split    rows in  accepted  quarantined  failed checks" in table
+    assert "  train        150        30          120  exact_duplicate=120" in table
+    assert "  train  exact_duplicate    quarantine     120  31, 32, 33, 34, 35" in table
+    assert "  eval   nothing found by: " in table and "leakage" in table.split("eval   nothing found by: ")[1]
+
+
+def test_pii_warn_keeps_the_text_and_counts_the_row(tmp_path):
+    fields = {**CONTRACT.fields, "note": CONTRACT.fields["note"].model_copy(update={"pii": "warn"})}
+    contract = CONTRACT.model_copy(update={"fields": fields})
+    rows = [note_row(i) for i in range(4)]
+    rows[2]["note"] += f" SSN {SSN}."
+    train = run_contract(
+        contract, write_rows(tmp_path / "t.jsonl", rows), write_rows(tmp_path / "e.jsonl", [note_row(9)])
+    )[0][0]
+    assert train.rows_quarantined == 0 and [r["note"] for r in train.rows] == [r["note"] for r in rows]
+    stat = train.checks["pii_warn"]
+    assert (stat.action, stat.count, stat.examples, dict(stat.by)) == ("warn", 1, [3], {"note:US_SSN": 1})
+    assert SSN not in json.dumps(train.summary())
+
+
+def test_enum_max_length_and_extra_fields_reject(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "name: wards\nextra_fields: reject\nfields:\n  id: {type: string}\n"
+        "  ward: {type: string, enum: [cardiology, oncology]}\n  note: {type: string, max_length: 12}\n"
+    )
+    contract = load_contract(tmp_path / "c.yaml")
+    good = {"id": "a", "ward": "oncology", "note": "stable"}
+    path = write_rows(
+        tmp_path / "s.jsonl",
+        [good, {**good, "ward": "ent"}, {**good, "note": "thirteen char"}, {**good, "bed": 4}],
+    )
+    result = validate_split("train", path, contract)
+    assert result.rows_accepted == 1
+    messages = {q["row"]: [(r["check"], r["field"], r["message"]) for r in q["reasons"]] for q in result.quarantined}
+    assert messages == {
+        2: [("enum", "ward", "'ent' is not one of ['cardiology', 'oncology']")],
+        3: [("max_length", "note", "13 characters, at most 12 allowed")],
+        4: [("extra_fields", None, "fields not in the contract: bed")],
+    }
+
+
+def test_rare_labels_and_imbalance_warning(tmp_path):
+    from pipeline.data import render_report
+
+    rules = CONTRACT.dataset.model_copy(update={"rare_label_count": 11, "max_imbalance_ratio": 1.5})
+    contract = CONTRACT.model_copy(update={"dataset": rules})
+    train_rows = [note_row(i, codes=("I10",) if i % 3 else ("E11.9",)) for i in range(30)]  # I10 x20, E11.9 x10
+    _, dataset = run_contract(
+        contract, write_rows(tmp_path / "t.jsonl", train_rows), write_rows(tmp_path / "e.jsonl", [note_row(99)])
+    )
+    assert dataset["rare_labels"] == {"below": 11, "count": 1, "labels": {"E11.9": 10}}
+    assert dataset["imbalance"] == {"ratio": 2.0, "max_ratio": 1.5, "warning": True}
+    report = {"contract": {"name": "c", "version": 1, "path": "c.yaml"}, "splits": {}, "dataset": dataset}
+    table = render_report(report)
+    assert "rare labels: 1 train labels seen fewer than 11 times" in table
+    assert "label imbalance: most / least frequent train label = 2 (above max_imbalance_ratio)" in table
+
+
+def test_cli_validate_empty_file_and_over_long_csv_record(tmp_path):
+    from test_recipe import run_cli
+
+    # Only what this test needs: no ICD-10-CM table or PII scanner to load in the subprocess (seconds each).
+    contract = tmp_path / "c.yaml"
+    contract.write_text(
+        "name: cli\nmax_row_bytes: 2000\nfields:\n  id: {type: string}\n  note: {type: string}\n"
+        "  codes: {type: list, items: {type: string}}\n"
+    )
+    good = [note_row(i) for i in range(25)]
+    train = tmp_path / "train.csv"
+    lines = ["id,note,codes"] + [f'{r["id"]},"{r["note"]}",I10' for r in good]
+    lines.insert(5, f'big,"{"x" * 5000}",I10')  # line 6: a 5 kB field, above max_row_bytes 2000
+    train.write_text("\n".join(lines) + "\n")
+    evalf = write_rows(tmp_path / "e.jsonl", [note_row(100 + i) for i in range(12)])
+    empty = write_lines(tmp_path / "empty.jsonl", [])
+
+    def validate(train_file, eval_file, run):
+        sets = [f"data.train={train_file}", f"data.eval={eval_file}", f"data.contract={contract}"]
+        args = [a for s in sets for a in ("--set", s)]
+        return run_cli("validate", "recipes/quickstart.yaml", *args, "--run-dir", str(tmp_path / run))
+
+    result = validate(train, evalf, "csv")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout and "csv=1" in result.stdout
+    (q,) = [
+        json.loads(line) for line in (tmp_path / "csv" / "validation" / "quarantine.jsonl").read_text().splitlines()
+    ]
+    assert (
+        q["row"] == 6
+        and q["reasons"][0]["check"] == "csv"
+        and "field larger than field limit" in q["reasons"][0]["message"]
+    )
+    result = validate(empty, empty, "empty")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{empty}: the train file is empty (no rows)" in result.stderr.splitlines()
+    assert f"{empty}: the eval file is empty (no rows)" in result.stderr.splitlines()
+
+
+def test_validate_command_does_not_keep_the_rows(tmp_path, monkeypatch):
+    import argparse
+
+    import pipeline.data
+    from pipeline import cli
+
+    seen = {}
+    monkeypatch.setattr(pipeline.data, "validate_data", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(cli, "_CONTEXT", {})  # the module's per-command context, not shared with other tests
+    recipe = str(ROOT / "recipes" / "quickstart.yaml")
+    args = argparse.Namespace(recipe=recipe, overrides=[], run_dir=str(tmp_path / "run"))
+    assert cli.cmd_validate(args) == cli.EXIT_OK
+    assert seen == {"keep_rows": False}  # train keeps its rows for TRL; validate only writes the reports
