@@ -24,11 +24,36 @@ from pipeline.privacy import EgressBlocked, EgressGuard
         ("10.1.2.3", True),
         ("10.2.0.1", False),
         ("mlflow.internal", True),
+        ("10.20.30.40", True),  # the address the allowed name resolves to (below)
+        ("10.20.30.41", False),
     ],
 )
-def test_decision_function(host, allowed):
+def test_decision_function(host, allowed, monkeypatch):
+    import socket
+
+    lookups = []
+
+    def fake_getaddrinfo(name, port, *args, **kwargs):
+        # No DNS here: the allowed name resolves to a made-up private address, nothing leaves the machine.
+        lookups.append(name)
+        if name == "mlflow.internal":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.20.30.40", 0))]
+        raise socket.gaierror(socket.EAI_NONAME, name)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     guard = EgressGuard(("10.1.0.0/16", "mlflow.internal"))
     assert guard.decide(host)[0] is allowed
+    assert set(lookups) <= {"mlflow.internal"}  # only names on the allow-list are ever resolved
+
+
+def test_the_test_sandbox_refuses_names_and_addresses_beyond_loopback():
+    import socket
+
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo("mlflow.internal", 443)
+    with pytest.raises(OSError), socket.socket() as sock:
+        sock.connect(("192.0.2.1", 9))  # TEST-NET-1: refused by the sandbox before the system call
+    assert socket.getaddrinfo("127.0.0.1", 80)
 
 
 def test_refusal_names_the_destination_and_the_recipe_key():
@@ -104,16 +129,42 @@ def test_secrets_are_redacted_from_text_bound_for_tracking():
     assert redact_secrets("sqlite:///mlruns.db") == "sqlite:///mlruns.db"
 
 
-def test_recipe_params_never_carry_a_url_password(tmp_path):
-    from pipeline.recipe import load_recipe
-    from pipeline.tracking import params_for
+@pytest.mark.parametrize(
+    "override,instead",
+    [
+        ("tracking.uri=https://bob:hunter2@mlflow.internal/", "MLFLOW_TRACKING_PASSWORD"),
+        ("tracking.uri=https://mlflow.internal/?token=hunter2", "MLFLOW_TRACKING_PASSWORD"),
+        ("baseline={provider: openai, model: m, base_url: 'http://u:hunter2@127.0.0.1:9/v1'}", "api_key_env"),
+    ],
+)
+def test_a_recipe_refuses_credentials_in_urls_without_echoing_them(override, instead):
+    from pipeline.recipe import RecipeError, load_recipe
 
-    recipe = load_recipe(
-        ROOT / "recipes" / "quickstart.yaml",
-        ["tracking.uri=https://bob:hunter2@mlflow.internal/", "tracking.enabled=false"],
+    with pytest.raises(RecipeError) as err:
+        load_recipe(ROOT / "recipes" / "quickstart.yaml", [override])
+    message = "\n".join(err.value.errors)
+    assert "holds a credential" in message and instead in message
+    assert "hunter2" not in message
+    # A URL without credentials is fine.
+    load_recipe(ROOT / "recipes" / "quickstart.yaml", ["tracking.uri=https://mlflow.internal/"])
+
+
+def test_audit_argv_never_carries_a_url_password(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    code = (
+        "import sys\nfrom pipeline.cli import main\n"
+        "sys.argv = ['pipeline', 'validate', 'recipes/quickstart.yaml', '--set', "
+        "'tracking.uri=https://bob:hunter2@mlflow.internal/', '--run-dir', sys.argv[1]]\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
     )
-    params = params_for(recipe)
-    assert "hunter2" not in json.dumps(params) and params["tracking.uri"] == "https://bob:***@mlflow.internal/"
+    env = {**os.environ, "PIPELINE_AUDIT_LOG": str(log)}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "holds a credential" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert "hunter2" not in json.dumps(entry) and "tracking.uri=https://bob:***@mlflow.internal/" in entry["argv"]
 
 
 def test_ui_refuses_to_bind_beyond_loopback():
