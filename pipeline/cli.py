@@ -226,15 +226,17 @@ def audit_log_path() -> Path:
 
 def _audit(args: argparse.Namespace, code: int, guard) -> None:  # noqa: ANN001 - privacy.EgressGuard
     from pipeline import audit
+    from pipeline.privacy import redact_secrets
 
     run_dir = _CONTEXT.get("run_dir")
     record = {
         "command": args.command,
-        "argv": sys.argv[1:] if sys.argv and sys.argv[0] else [],
+        # A password typed into a URL (--set tracking.uri=..., --tracking-uri, sync --uri) is masked.
+        "argv": [redact_secrets(a) for a in sys.argv[1:]] if sys.argv and sys.argv[0] else [],
         "exit_code": code,
         "recipe": _CONTEXT.get("recipe_path"),
         "recipe_sha256": _CONTEXT.get("recipe_sha256"),
-        "inputs": _input_hashes(_CONTEXT.get("recipe"), run_dir),
+        "inputs": _input_hashes(_CONTEXT.get("recipe"), _CONTEXT.get("inputs_run_dir", run_dir)),
         "run_dir": str(run_dir) if run_dir else None,
         "outputs": audit.hash_outputs(Path(run_dir)) if run_dir else {},
         "egress": guard.decisions,

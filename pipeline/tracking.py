@@ -184,7 +184,13 @@ class Tracker:
         if self._pending is not None and not self._pending.exists():
             self._queue(
                 "start",
-                {"uri": self.uri, "experiment": self._experiment, "run_name": self._run_name, "run_id": self.run_id},
+                # A password in MLFLOW_TRACKING_URI stays in the environment; sync reads it from there again.
+                {
+                    "uri": redact_secrets(self.uri),
+                    "experiment": self._experiment,
+                    "run_name": self._run_name,
+                    "run_id": self.run_id,
+                },
             )
 
     def _queue(self, kind: str, payload: dict[str, Any]) -> None:
