@@ -276,6 +276,30 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - returns pipeline.recipe.R
     return recipe
 
 
+def _load_run_recipe(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()):  # noqa: ANN202 - Recipe | None
+    """The recipe a run was made with (``RUN/recipe.resolved.yaml``): its allow-list guards this command.
+
+    ``sync`` and ``export`` take a run, not a recipe; without this the tracking server the run was allowed to
+    reach would be refused when its queue is uploaded or its export attached. The recipe, its hash and its
+    input hashes also go in the command's audit entry. None when the run has no resolved recipe.
+    """
+    from pipeline.privacy import install_egress_guard
+    from pipeline.recipe import load_recipe
+
+    resolved = Path(run_dir) / "recipe.resolved.yaml"
+    if not resolved.is_file():
+        return None
+    recipe = load_recipe(resolved, overrides)
+    install_egress_guard(recipe.privacy.allowed_hosts)
+    _CONTEXT.update(
+        recipe_path=str(resolved),
+        recipe_sha256=_sha256_text(recipe.to_yaml()),
+        recipe=recipe,
+        inputs_run_dir=Path(run_dir),
+    )
+    return recipe
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Recipe schema, input files, and every row against the contract; writes validation/ in the run dir."""
     from pipeline import rundir
@@ -589,6 +613,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     _CONTEXT["run_dir"] = Path(args.run_dir)
+    _load_run_recipe(Path(args.run_dir))
     try:
         run_id, sent = sync(args.run_dir, args.uri)
     except Exception as exc:  # noqa: BLE001 - the store is still unreachable: say so, keep the queue
@@ -627,6 +652,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.licenses import LicenseError
     from pipeline.model import ModelNotFound
 
+    if Path(args.run).is_dir():
+        # A run directory: its allow-list from the start. An MLflow run id: export_run applies the downloaded
+        # recipe's allow-list once it has it (the store itself is reached as MLFLOW_TRACKING_URI allows).
+        _load_run_recipe(Path(args.run), args.overrides)
     try:
         report = export_run(
             args.run,
@@ -642,9 +671,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except VerificationFailed as exc:
         print(f"error: export verification failed: {exc}", file=sys.stderr)
-        _export_context(exc.report)
+        _export_context(exc.report, args.overrides)
         return EXIT_FAILED
-    _export_context(report)
+    _export_context(report, args.overrides)
     where = report.get("merged_dir") or report["adapter_dir"]
     print(
         f"Export: {where}  report: {Path(report['out']) / 'export_report.json'}  MLflow run: {report['mlflow_run_id']}"
@@ -652,13 +681,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _export_context(report: dict) -> None:
-    """The export's audit entry: its files are hashed, and the license acknowledgment is recorded.
+def _export_context(report: dict, overrides: list[str]) -> None:
+    """The export's audit entry: the run's recipe, recipe and input hashes, output hashes, license acknowledgment.
 
     With the training run tracked, the entry is attached to that MLflow run like train's and evaluate's. The
     report's store URI has any inline password redacted; such a store then refuses the attachment and says so,
     and the entry stays in the audit log.
     """
+    if "recipe" not in _CONTEXT and report.get("run_dir"):
+        # An MLflow run id: export_run fetched the run and loaded its recipe (with the same --set) a moment ago.
+        _load_run_recipe(Path(report["run_dir"]), overrides)
     _CONTEXT.update(
         run_dir=Path(report["out"]),
         mlflow_run_id=report["mlflow_run_id"],
@@ -678,6 +710,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
         uri, experiment = tracking_uri(recipe), recipe.tracking.experiment or recipe.name
     else:
         uri, experiment = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db", None
+    from urllib.parse import urlparse
+
+    from pipeline.privacy import EgressBlocked, install_egress_guard
+
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https") and parsed.hostname:
+        # Decided here, once, rather than inside MLflow's HTTP client (which would retry a refusal for minutes).
+        try:
+            install_egress_guard().check("runs", parsed.hostname, parsed.port)
+        except EgressBlocked as exc:
+            hint = "" if args.recipe else " Without a recipe only loopback is allowed: pass the recipe (runs RECIPE)."
+            print(f"error: {exc}{hint}", file=sys.stderr)
+            return EXIT_FAILED
     print(render_runs(list_runs(uri, experiment, args.limit)))
     return EXIT_OK
 

@@ -298,6 +298,7 @@ def sync(run_dir: str | Path, uri: str | None = None) -> tuple[str, int]:
     ops = [json.loads(line) for line in pending.read_text(encoding="utf-8").splitlines() if line.strip()]
     start = ops[0]
     target = os.environ.get("MLFLOW_TRACKING_URI") or uri or start["uri"]
+    _probe(target)  # a store still down, or refused by the egress guard, is said at once (MLflow retries minutes)
     client = _client(target)
     run_id = start.get("run_id")
     if run_id is not None:

@@ -233,3 +233,65 @@ def test_pii_detector_is_not_imported_by_light_modules():
     code = "import sys, pipeline.contracts, pipeline.data, pipeline.privacy; print('presidio_analyzer' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands that take a run (sync, export) are guarded with the run's own allow-list
+
+RUN_COMMANDS = r"""
+import sys
+from pipeline import privacy
+
+# The guard main() would install, but with loopback refused too, so that a refusal can be watched on a
+# loopback address (127.0.0.2) without ever addressing another machine.
+privacy._GUARD = privacy.EgressGuard((), allow_loopback=False)
+sys.addaudithook(privacy._GUARD.audit_hook)
+from pipeline.cli import main
+
+for argv in (["sync", sys.argv[1]], ["export", sys.argv[1]]):
+    code = main(argv)
+    print("AFTER", argv[0], code, privacy._GUARD.allowed_hosts, privacy._GUARD.decide("127.0.0.3")[0],
+          privacy._GUARD.decide("127.0.0.2")[0], flush=True)
+"""
+
+
+def test_sync_and_export_apply_the_run_allow_list_and_their_audit_entries_record_recipe_inputs_and_refusals(tmp_path):
+    import socket
+
+    from pipeline.recipe import load_recipe
+
+    # A run allowed to reach 127.0.0.3 only, whose queued tracking calls are meant for 127.0.0.2.
+    run = tmp_path / "run"
+    (run / "tracking").mkdir(parents=True)
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["privacy.allowed_hosts=[127.0.0.3]"])
+    (run / "recipe.resolved.yaml").write_text(recipe.to_yaml())
+    (run / "validation").mkdir()
+    splits = {k: {"path": getattr(recipe.data, k), "sha256": k[0] * 64} for k in ("train", "eval")}
+    (run / "validation" / "report.json").write_text(json.dumps({"splits": splits}))
+    server = socket.create_server(("127.0.0.2", 0))
+    server.settimeout(0.5)
+    port = server.getsockname()[1]
+    start = {"op": "start", "uri": f"http://127.0.0.2:{port}", "experiment": "e", "run_name": "r", "run_id": None}
+    (run / "tracking" / "pending.jsonl").write_text(json.dumps(start) + "\n")
+    log = tmp_path / "audit.jsonl"
+    env = {**os.environ, "PIPELINE_AUDIT_LOG": str(log), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_COMMANDS, str(run)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    with pytest.raises(TimeoutError):
+        server.accept()  # the refused connection never reached the server
+    server.close()
+    # The run's allow-list is in force once each command has started: 127.0.0.3 allowed, 127.0.0.2 not.
+    assert "AFTER sync 1 ('127.0.0.3',) True False" in result.stdout, result.stderr[-3000:]
+    assert "AFTER export 2 ('127.0.0.3',) True False" in result.stdout, result.stderr[-3000:]
+    assert f"sync failed, {run / 'tracking' / 'pending.jsonl'} is kept" in result.stderr
+    assert f"EgressBlocked: egress guard: refused outbound connection to 127.0.0.2:{port}" in result.stderr
+    sync_entry, export_entry = (json.loads(line) for line in log.read_text().splitlines())
+    refused = sync_entry["egress"][f"127.0.0.2:{port}"]
+    assert refused["allowed"] is False and refused["count"] >= 1 and "allowed_hosts" in refused["reason"]
+    # Both entries name the run's recipe and its hash (the resolved recipe of the run, not a recipe argument).
+    for entry in (sync_entry, export_entry):
+        assert entry["recipe"] == str(run / "recipe.resolved.yaml") and len(entry["recipe_sha256"]) == 64
+        # ... and the input data hashes the run's validation recorded.
+        assert entry["inputs"][f"data.train:{recipe.data.train}"] == "t" * 64
+        assert entry["inputs"][f"data.eval:{recipe.data.eval}"] == "e" * 64
