@@ -201,14 +201,9 @@ def describe_os_error(exc: OSError) -> tuple[str, int]:
 
 
 def _user() -> str:
-    import getpass
+    from pipeline.audit import current_user
 
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        import os
-
-        return str(os.getuid())
+    return current_user()
 
 
 # What the running command touched, filled in by the handlers for the audit entry.
@@ -245,6 +240,9 @@ def _audit(args: argparse.Namespace, code: int, guard) -> None:  # noqa: ANN001 
     }
     try:
         entry = audit.append(audit_log_path(), record)
+    except audit.AuditLogCorrupt as exc:  # the command ran; it must not end in a traceback over the log
+        print(f"warning: this command was not added to the audit log: {exc}", file=sys.stderr)
+        return
     except OSError as exc:
         print(f"warning: could not append to the audit log {audit_log_path()}: {exc}", file=sys.stderr)
         return
@@ -640,8 +638,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         for line in problems:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_FAILED
-    entries = sum(1 for line in log.read_text(encoding="utf-8").splitlines() if line.strip())
-    last = json.loads(log.read_text(encoding="utf-8").splitlines()[-1])
+    lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    entries, last = len(lines), json.loads(lines[-1])  # verify() reports an empty log, so there is a last one
     print(f"Audit log {log}: {entries} entries, chain intact (last entry {last['seq']}, hash {last['hash'][:16]}...)")
     return EXIT_OK
 
