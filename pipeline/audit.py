@@ -39,7 +39,10 @@ def hash_outputs(run_dir: Path | None) -> dict[str, str]:
     for path in sorted(run_dir.rglob("*")):
         relative = path.relative_to(run_dir)
         if path.is_file() and not SKIP_DIRS.intersection(relative.parts):
-            hashes[str(relative)] = sha256_file(path)
+            try:
+                hashes[str(relative)] = sha256_file(path)
+            except OSError as exc:  # the entry is still written, saying which output could not be read
+                hashes[str(relative)] = f"unreadable: {exc.strerror or type(exc).__name__}"
     return hashes
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.recipe import RecipeError
 
     _CONTEXT.clear()
+    _CONTEXT["output_roots"] = [p for p in (getattr(args, "run_dir", None), getattr(args, "out", None)) if p]
     if _rank() > 0:
         # A worker of a multi-process launch: rank 0 prints and records; the others would only repeat it.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
@@ -161,10 +163,49 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
+    except Exception as exc:  # noqa: BLE001 - only a write failure that a library wrapped is handled here
+        failure = wrapped_os_error(exc)
+        if failure is None:
+            raise  # a bug: the traceback is what its report needs
+        message, code = describe_os_error(failure)
+        print(f"error: {message}", file=sys.stderr)
     finally:
         if _rank() == 0:
             _audit(args, code, guard)
     return code
+
+
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)|code: (\d+), kind:")
+# torch.save's C++ writer reports a failed write (a full disk, mostly) without an errno.
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed writing", "unexpected pos", "file write failed")
+
+
+def wrapped_os_error(exc: BaseException) -> OSError | None:
+    """The file-system error behind a library's exception, or None when there is none.
+
+    Saving a checkpoint or the adapter on a full disk does not raise ``OSError``: safetensors raises
+    ``SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')`` and
+    ``torch.save`` a ``RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos ...')``. The
+    error is rebuilt here so it gets the same one-line explanation as any other (neither message names the file:
+    ``describe_os_error`` names the run directory).
+    """
+    import errno
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc)
+    found = _OS_ERROR_CODE.search(text)
+    if found:
+        number = int(found.group(1) or found.group(2))
+        return OSError(number, os.strerror(number))
+    if any(marker in text for marker in _TORCH_WRITE_FAILED):
+        return OSError(errno.ENOSPC, f"a file could not be written completely ({text[:120]})")
+    return None
 
 
 def describe_os_error(exc: OSError) -> tuple[str, int]:
@@ -175,7 +216,8 @@ def describe_os_error(exc: OSError) -> tuple[str, int]:
     """
     import errno
 
-    where = exc.filename or "(unknown file)"
+    # No file named (a library's error rebuilt by wrapped_os_error, or a bare OSError): the run directory is.
+    where = exc.filename or (f"{_CONTEXT['run_dir']}/..." if _CONTEXT.get("run_dir") else "(unknown file)")
     if exc.filename2:
         where = f"{where} -> {exc.filename2}"
     kept = "files written before it are intact (outputs are written to a temporary file, then renamed)"
@@ -187,6 +229,13 @@ def describe_os_error(exc: OSError) -> tuple[str, int]:
         )
     if exc.errno == errno.EROFS:
         return f"{where}: the file system is read-only; {kept}. Pass --run-dir on a writable disk.", EXIT_USAGE
+    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename and not _is_output(exc.filename):
+        # An input (recipe, contract, data, base model): --run-dir cannot help; the file's mode or owner can.
+        return (
+            f"{where}: permission denied for user {_user()}: this user cannot read it. Fix the file's owner or "
+            "mode (chown, chmod), or point the recipe at a copy this user can read; nothing was written.",
+            EXIT_USAGE,
+        )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return (
             f"{where}: permission denied for user {_user()}; {kept}. Fix the directory's owner or mode, "
@@ -198,6 +247,15 @@ def describe_os_error(exc: OSError) -> tuple[str, int]:
     if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
         return f"{where}: {exc.strerror}: a file and a directory share the name; pick another --run-dir.", EXIT_USAGE
     return f"{where}: {exc.strerror or type(exc).__name__}; {kept}.", EXIT_FAILED
+
+
+def _is_output(filename: str | os.PathLike) -> bool:
+    """True for a path inside what this command writes: its run directory, --run-dir, --out, or runs/."""
+    from pipeline.rundir import RUNS_ROOT
+
+    path = Path(os.path.abspath(filename))
+    roots = [RUNS_ROOT, *_CONTEXT.get("output_roots", ()), _CONTEXT.get("run_dir")]
+    return any(path.is_relative_to(os.path.abspath(root)) for root in roots if root)
 
 
 def _user() -> str:
@@ -738,8 +796,6 @@ def _input_hashes(recipe, run_dir: Path | None) -> dict[str, str]:  # noqa: ANN0
     """
     import json
 
-    from pipeline.audit import sha256_file
-
     if recipe is None:
         return {}
     report = Path(run_dir) / "validation" / "report.json" if run_dir else None
@@ -750,8 +806,18 @@ def _input_hashes(recipe, run_dir: Path | None) -> dict[str, str]:  # noqa: ANN0
         if key in known and known[key]["path"] == str(path):
             hashes[f"data.{key}:{path}"] = known[key]["sha256"]
         elif path.is_file():
-            hashes[f"data.{key}:{path}"] = sha256_file(path)
+            hashes[f"data.{key}:{path}"] = _hash_or_why(path)
     return hashes
+
+
+def _hash_or_why(path: Path) -> str:
+    """SHA-256 of a file, or why it could not be read: the audit entry is written after the command's own error."""
+    from pipeline.audit import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or type(exc).__name__}"
 
 
 def _count_lines(path: Path) -> int:
