@@ -674,7 +674,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         run_id, sent = sync(args.run_dir, args.uri)
     except Exception as exc:  # noqa: BLE001 - the store is still unreachable: say so, keep the queue
         print(
-            f"error: sync failed, {pending} is kept for the next try: {type(exc).__name__}: "
+            f"error: sync failed, {pending} is kept and the next try resumes after what was sent: "
+            f"{type(exc).__name__}: "
             f"{redact_secrets(str(exc))[:300]}",
             file=sys.stderr,
         )
