@@ -295,3 +295,14 @@ def test_sync_and_export_apply_the_run_allow_list_and_their_audit_entries_record
         # ... and the input data hashes the run's validation recorded.
         assert entry["inputs"][f"data.train:{recipe.data.train}"] == "t" * 64
         assert entry["inputs"][f"data.eval:{recipe.data.eval}"] == "e" * 64
+
+
+def test_runs_without_a_recipe_refuses_a_remote_store_up_front_and_says_what_allows_it():
+    # The store's host is decided before MLflow is asked (no name lookup: nothing is on the allow-list).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "https://mlflow.internal.example:5000"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "runs"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "refused outbound connection to mlflow.internal.example:5000" in result.stderr
+    assert "pass the recipe (runs RECIPE)" in result.stderr
