@@ -39,8 +39,23 @@ def hash_outputs(run_dir: Path | None) -> dict[str, str]:
     for path in sorted(run_dir.rglob("*")):
         relative = path.relative_to(run_dir)
         if path.is_file() and not SKIP_DIRS.intersection(relative.parts):
-            hashes[str(relative)] = sha256_file(path)
+            try:
+                hashes[str(relative)] = sha256_file(path)
+            except OSError as exc:  # the entry is still written, saying which output could not be read
+                hashes[str(relative)] = f"unreadable: {exc.strerror or type(exc).__name__}"
     return hashes
+
+
+class AuditLogCorrupt(Exception):
+    """The log's last entry cannot be read, so no new entry can be chained to it (``audit verify`` says more)."""
+
+
+def current_user() -> str:
+    """The user name; the numeric uid where there is none (a container user without a passwd entry)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError, ImportError):
+        return f"uid:{os.getuid()}"
 
 
 def _entry_hash(entry: dict[str, Any]) -> str:
@@ -57,6 +72,10 @@ def append(log: Path, record: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         The entry as written, with ``seq``, ``prev`` and ``hash``.
+
+    Raises:
+        AuditLogCorrupt: The last line is not an entry (edited, or half-written by a crash); nothing is written,
+            because chaining to it would hide the damage.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a+", encoding="utf-8") as handle:
@@ -65,12 +84,18 @@ def append(log: Path, record: dict[str, Any]) -> dict[str, Any]:
         lines = [line for line in handle.read().splitlines() if line.strip()]
         prev, seq = GENESIS, 0
         if lines:
-            last = json.loads(lines[-1])
+            last = _parse(lines[-1])
+            if last is None:
+                raise AuditLogCorrupt(
+                    f"{log}:{len(lines)}: the last line is not an audit entry, so no entry can be chained to it; "
+                    f"run `python -m pipeline audit verify --log {log}`, then restore the log from a copy or start "
+                    "a new one (move this one aside and keep it as evidence)"
+                )
             prev, seq = last["hash"], last["seq"] + 1
         entry = {
             "seq": seq,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "user": getpass.getuser(),
+            "user": current_user(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             **record,
@@ -83,6 +108,16 @@ def append(log: Path, record: dict[str, Any]) -> dict[str, Any]:
         os.fsync(handle.fileno())
         _write_head(log, entry)
     return entry
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """An entry read back from a line, or None when the line is not one (not JSON, no hash, no integer seq)."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(entry, dict) and isinstance(entry.get("hash"), str)
+    return entry if ok and isinstance(entry.get("seq"), int) and not isinstance(entry["seq"], bool) else None
 
 
 def _head_path(log: Path) -> Path:
@@ -111,10 +146,12 @@ def verify(log: Path) -> list[str]:
         if not line.strip():
             problems.append(f"{log}:{number}: blank line inside the log")
             continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            problems.append(f"{log}:{number}: not JSON (the line was edited)")
+        entry = _parse(line)
+        if entry is None:
+            # Not an entry: the chain cannot be followed through it. The next entry is checked against the one
+            # before, so a removed or replaced line is also reported there.
+            problems.append(f"{log}:{number}: not an audit entry (not JSON, or no hash or integer seq): edited")
+            expected_seq += 1
             continue
         if entry.get("hash") != _entry_hash(entry):
             problems.append(f"{log}:{number}: entry {entry.get('seq')} was edited (its hash does not match)")
@@ -125,11 +162,18 @@ def verify(log: Path) -> list[str]:
             )
         if entry.get("seq") != expected_seq:
             problems.append(f"{log}:{number}: sequence number {entry.get('seq')}, expected {expected_seq}")
-        prev, expected_seq, last = entry.get("hash"), (entry.get("seq") or 0) + 1, entry
+        prev, expected_seq, last = entry["hash"], entry["seq"] + 1, entry
+    if not problems and last is None:
+        problems.append(f"{log}: the log is empty (no entries): it was emptied, or no command has run yet")
     head = _head_path(log)
     if head.is_file():
-        anchor = json.loads(head.read_text(encoding="utf-8"))
-        if last is None or anchor.get("hash") != last.get("hash"):
+        try:
+            anchor = json.loads(head.read_text(encoding="utf-8"))
+        except ValueError:
+            anchor = None
+        if not isinstance(anchor, dict):
+            problems.append(f"{head}: not a head record (corrupt or edited): the end of the log cannot be checked")
+        elif last is None or anchor.get("hash") != last.get("hash"):
             problems.append(
                 f"{head}: the log ends at entry {last.get('seq') if last else None} but the head records entry "
                 f"{anchor.get('seq')}: entries were removed from the end or the head was replaced"

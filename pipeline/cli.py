@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.recipe import RecipeError
 
     _CONTEXT.clear()
+    _CONTEXT["output_roots"] = [p for p in (getattr(args, "run_dir", None), getattr(args, "out", None)) if p]
     if _rank() > 0:
         # A worker of a multi-process launch: rank 0 prints and records; the others would only repeat it.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
@@ -161,10 +163,49 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
+    except Exception as exc:  # noqa: BLE001 - only a write failure that a library wrapped is handled here
+        failure = wrapped_os_error(exc)
+        if failure is None:
+            raise  # a bug: the traceback is what its report needs
+        message, code = describe_os_error(failure)
+        print(f"error: {message}", file=sys.stderr)
     finally:
         if _rank() == 0:
             _audit(args, code, guard)
     return code
+
+
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)|code: (\d+), kind:")
+# torch.save's C++ writer reports a failed write (a full disk, mostly) without an errno.
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed writing", "unexpected pos", "file write failed")
+
+
+def wrapped_os_error(exc: BaseException) -> OSError | None:
+    """The file-system error behind a library's exception, or None when there is none.
+
+    Saving a checkpoint or the adapter on a full disk does not raise ``OSError``: safetensors raises
+    ``SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')`` and
+    ``torch.save`` a ``RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos ...')``. The
+    error is rebuilt here so it gets the same one-line explanation as any other (neither message names the file:
+    ``describe_os_error`` names the run directory).
+    """
+    import errno
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc)
+    found = _OS_ERROR_CODE.search(text)
+    if found:
+        number = int(found.group(1) or found.group(2))
+        return OSError(number, os.strerror(number))
+    if any(marker in text for marker in _TORCH_WRITE_FAILED):
+        return OSError(errno.ENOSPC, f"a file could not be written completely ({text[:120]})")
+    return None
 
 
 def describe_os_error(exc: OSError) -> tuple[str, int]:
@@ -175,7 +216,8 @@ def describe_os_error(exc: OSError) -> tuple[str, int]:
     """
     import errno
 
-    where = exc.filename or "(unknown file)"
+    # No file named (a library's error rebuilt by wrapped_os_error, or a bare OSError): the run directory is.
+    where = exc.filename or (f"{_CONTEXT['run_dir']}/..." if _CONTEXT.get("run_dir") else "(unknown file)")
     if exc.filename2:
         where = f"{where} -> {exc.filename2}"
     kept = "files written before it are intact (outputs are written to a temporary file, then renamed)"
@@ -187,6 +229,13 @@ def describe_os_error(exc: OSError) -> tuple[str, int]:
         )
     if exc.errno == errno.EROFS:
         return f"{where}: the file system is read-only; {kept}. Pass --run-dir on a writable disk.", EXIT_USAGE
+    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename and not _is_output(exc.filename):
+        # An input (recipe, contract, data, base model): --run-dir cannot help; the file's mode or owner can.
+        return (
+            f"{where}: permission denied for user {_user()}: this user cannot read it. Fix the file's owner or "
+            "mode (chown, chmod), or point the recipe at a copy this user can read; nothing was written.",
+            EXIT_USAGE,
+        )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return (
             f"{where}: permission denied for user {_user()}; {kept}. Fix the directory's owner or mode, "
@@ -200,15 +249,19 @@ def describe_os_error(exc: OSError) -> tuple[str, int]:
     return f"{where}: {exc.strerror or type(exc).__name__}; {kept}.", EXIT_FAILED
 
 
+def _is_output(filename: str | os.PathLike) -> bool:
+    """True for a path inside what this command writes: its run directory, --run-dir, --out, or runs/."""
+    from pipeline.rundir import RUNS_ROOT
+
+    path = Path(os.path.abspath(filename))
+    roots = [RUNS_ROOT, *_CONTEXT.get("output_roots", ()), _CONTEXT.get("run_dir")]
+    return any(path.is_relative_to(os.path.abspath(root)) for root in roots if root)
+
+
 def _user() -> str:
-    import getpass
+    from pipeline.audit import current_user
 
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        import os
-
-        return str(os.getuid())
+    return current_user()
 
 
 # What the running command touched, filled in by the handlers for the audit entry.
@@ -226,15 +279,17 @@ def audit_log_path() -> Path:
 
 def _audit(args: argparse.Namespace, code: int, guard) -> None:  # noqa: ANN001 - privacy.EgressGuard
     from pipeline import audit
+    from pipeline.privacy import redact_secrets
 
     run_dir = _CONTEXT.get("run_dir")
     record = {
         "command": args.command,
-        "argv": sys.argv[1:] if sys.argv and sys.argv[0] else [],
+        # A password typed into a URL (--set tracking.uri=..., --tracking-uri, sync --uri) is masked.
+        "argv": [redact_secrets(a) for a in sys.argv[1:]] if sys.argv and sys.argv[0] else [],
         "exit_code": code,
         "recipe": _CONTEXT.get("recipe_path"),
         "recipe_sha256": _CONTEXT.get("recipe_sha256"),
-        "inputs": _input_hashes(_CONTEXT.get("recipe"), run_dir),
+        "inputs": _input_hashes(_CONTEXT.get("recipe"), _CONTEXT.get("inputs_run_dir", run_dir)),
         "run_dir": str(run_dir) if run_dir else None,
         "outputs": audit.hash_outputs(Path(run_dir)) if run_dir else {},
         "egress": guard.decisions,
@@ -243,6 +298,9 @@ def _audit(args: argparse.Namespace, code: int, guard) -> None:  # noqa: ANN001 
     }
     try:
         entry = audit.append(audit_log_path(), record)
+    except audit.AuditLogCorrupt as exc:  # the command ran; it must not end in a traceback over the log
+        print(f"warning: this command was not added to the audit log: {exc}", file=sys.stderr)
+        return
     except OSError as exc:
         print(f"warning: could not append to the audit log {audit_log_path()}: {exc}", file=sys.stderr)
         return
@@ -271,6 +329,30 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - returns pipeline.recipe.R
     recipe = load_recipe(args.recipe, args.overrides)
     install_egress_guard(recipe.privacy.allowed_hosts)
     _CONTEXT.update(recipe_path=args.recipe, recipe_sha256=_sha256_text(recipe.to_yaml()), recipe=recipe)
+    return recipe
+
+
+def _load_run_recipe(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()):  # noqa: ANN202 - Recipe | None
+    """The recipe a run was made with (``RUN/recipe.resolved.yaml``): its allow-list guards this command.
+
+    ``sync`` and ``export`` take a run, not a recipe; without this the tracking server the run was allowed to
+    reach would be refused when its queue is uploaded or its export attached. The recipe, its hash and its
+    input hashes also go in the command's audit entry. None when the run has no resolved recipe.
+    """
+    from pipeline.privacy import install_egress_guard
+    from pipeline.recipe import load_recipe
+
+    resolved = Path(run_dir) / "recipe.resolved.yaml"
+    if not resolved.is_file():
+        return None
+    recipe = load_recipe(resolved, overrides)
+    install_egress_guard(recipe.privacy.allowed_hosts)
+    _CONTEXT.update(
+        recipe_path=str(resolved),
+        recipe_sha256=_sha256_text(recipe.to_yaml()),
+        recipe=recipe,
+        inputs_run_dir=Path(run_dir),
+    )
     return recipe
 
 
@@ -585,11 +667,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     _CONTEXT["run_dir"] = Path(args.run_dir)
+    _load_run_recipe(Path(args.run_dir))
     try:
         run_id, sent = sync(args.run_dir, args.uri)
     except Exception as exc:  # noqa: BLE001 - the store is still unreachable: say so, keep the queue
         print(
-            f"error: sync failed, {pending} is kept for the next try: {type(exc).__name__}: "
+            f"error: sync failed, {pending} is kept and the next try resumes after what was sent: "
+            f"{type(exc).__name__}: "
             f"{redact_secrets(str(exc))[:300]}",
             file=sys.stderr,
         )
@@ -611,8 +695,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         for line in problems:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_FAILED
-    entries = sum(1 for line in log.read_text(encoding="utf-8").splitlines() if line.strip())
-    last = json.loads(log.read_text(encoding="utf-8").splitlines()[-1])
+    lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    entries, last = len(lines), json.loads(lines[-1])  # verify() reports an empty log, so there is a last one
     print(f"Audit log {log}: {entries} entries, chain intact (last entry {last['seq']}, hash {last['hash'][:16]}...)")
     return EXIT_OK
 
@@ -623,6 +707,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.licenses import LicenseError
     from pipeline.model import ModelNotFound
 
+    if Path(args.run).is_dir():
+        # A run directory: its allow-list from the start. An MLflow run id: export_run applies the downloaded
+        # recipe's allow-list once it has it (the store itself is reached as MLFLOW_TRACKING_URI allows).
+        _load_run_recipe(Path(args.run), args.overrides)
     try:
         report = export_run(
             args.run,
@@ -638,9 +726,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except VerificationFailed as exc:
         print(f"error: export verification failed: {exc}", file=sys.stderr)
-        _export_context(exc.report)
+        _export_context(exc.report, args.overrides)
         return EXIT_FAILED
-    _export_context(report)
+    _export_context(report, args.overrides)
     where = report.get("merged_dir") or report["adapter_dir"]
     print(
         f"Export: {where}  report: {Path(report['out']) / 'export_report.json'}  MLflow run: {report['mlflow_run_id']}"
@@ -648,13 +736,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _export_context(report: dict) -> None:
-    """The export's audit entry: its files are hashed, and the license acknowledgment is recorded.
+def _export_context(report: dict, overrides: list[str]) -> None:
+    """The export's audit entry: the run's recipe, recipe and input hashes, output hashes, license acknowledgment.
 
     With the training run tracked, the entry is attached to that MLflow run like train's and evaluate's. The
     report's store URI has any inline password redacted; such a store then refuses the attachment and says so,
     and the entry stays in the audit log.
     """
+    if "recipe" not in _CONTEXT and report.get("run_dir"):
+        # An MLflow run id: export_run fetched the run and loaded its recipe (with the same --set) a moment ago.
+        _load_run_recipe(Path(report["run_dir"]), overrides)
     _CONTEXT.update(
         run_dir=Path(report["out"]),
         mlflow_run_id=report["mlflow_run_id"],
@@ -674,6 +765,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
         uri, experiment = tracking_uri(recipe), recipe.tracking.experiment or recipe.name
     else:
         uri, experiment = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db", None
+    from urllib.parse import urlparse
+
+    from pipeline.privacy import EgressBlocked, install_egress_guard
+
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https") and parsed.hostname:
+        # Decided here, once, rather than inside MLflow's HTTP client (which would retry a refusal for minutes).
+        try:
+            install_egress_guard().check("runs", parsed.hostname, parsed.port)
+        except EgressBlocked as exc:
+            hint = "" if args.recipe else " Without a recipe only loopback is allowed: pass the recipe (runs RECIPE)."
+            print(f"error: {exc}{hint}", file=sys.stderr)
+            return EXIT_FAILED
     print(render_runs(list_runs(uri, experiment, args.limit)))
     return EXIT_OK
 
@@ -691,8 +795,6 @@ def _input_hashes(recipe, run_dir: Path | None) -> dict[str, str]:  # noqa: ANN0
     """
     import json
 
-    from pipeline.audit import sha256_file
-
     if recipe is None:
         return {}
     report = Path(run_dir) / "validation" / "report.json" if run_dir else None
@@ -703,8 +805,18 @@ def _input_hashes(recipe, run_dir: Path | None) -> dict[str, str]:  # noqa: ANN0
         if key in known and known[key]["path"] == str(path):
             hashes[f"data.{key}:{path}"] = known[key]["sha256"]
         elif path.is_file():
-            hashes[f"data.{key}:{path}"] = sha256_file(path)
+            hashes[f"data.{key}:{path}"] = _hash_or_why(path)
     return hashes
+
+
+def _hash_or_why(path: Path) -> str:
+    """SHA-256 of a file, or why it could not be read: the audit entry is written after the command's own error."""
+    from pipeline.audit import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or type(exc).__name__}"
 
 
 def _count_lines(path: Path) -> int:

@@ -898,6 +898,27 @@ def check_run_matches(recipe: Recipe, run_dir: Path, data: ValidatedData) -> Non
         raise RecipeError([f"{run_dir}: {p}" for p in problems])
 
 
+def check_adapter_files(adapter: Path) -> None:
+    """Name a corrupt or truncated adapter and the fix here, before PEFT and safetensors fail inside themselves.
+
+    Cheap: the config is parsed and the weights' header checked against the file size (no tensor is read).
+
+    Raises:
+        RunNotFound: Naming the file, what is wrong and what to do (exit 2).
+    """
+    from pipeline.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExportInputError, ShardReader
+
+    fix = f"re-run training, or restore {adapter} from the MLflow run's 'adapter' artifact"
+    try:
+        json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise RunNotFound(f"{adapter / ADAPTER_CONFIG}: adapter config is corrupt ({exc}); {fix}") from None
+    try:
+        ShardReader(adapter / ADAPTER_WEIGHTS, "adapter weights", fix).close()
+    except ExportInputError as exc:
+        raise RunNotFound(str(exc)) from None
+
+
 def load_local_model(recipe: Recipe, run_dir: Path) -> LocalModel:
     """The 4-bit base with the run's adapter, for generating what the run has not cached."""
     from peft import PeftModel
@@ -908,6 +929,7 @@ def load_local_model(recipe: Recipe, run_dir: Path) -> LocalModel:
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise RunNotFound(f"{adapter}: no adapter here (the run did not finish training); train again")
+    check_adapter_files(adapter)
     model_dir = resolve_model_path(recipe.model.path, recipe.model.revision)
     device = device_for(recipe, gather())
     print(f"Loading {model_dir} with the adapter {adapter} on {device}", flush=True)

@@ -937,12 +937,13 @@ def export_run(
     """
     from pipeline import licenses
     from pipeline.model import resolve_model_path
-    from pipeline.privacy import redact_secrets
+    from pipeline.privacy import redact_secrets, update_allowed_hosts
     from pipeline.recipe import load_recipe
     from pipeline.tracking import tracking_uri as recipe_tracking_uri
 
     run_dir, mlflow_run_id = resolve_run(run, tracking_uri)
     recipe = load_recipe(run_dir / "recipe.resolved.yaml", overrides)
+    update_allowed_hosts(recipe.privacy.allowed_hosts)  # the run's tracking server, for --register and the audit
     model_dir = resolve_model_path(recipe.model.path, recipe.model.revision)
     lic, license_name, license_source = licenses.resolve(recipe.model.license, model_dir)
     print(licenses.render_obligations(lic, license_name, license_source))

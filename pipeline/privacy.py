@@ -130,6 +130,13 @@ def install_egress_guard(allowed_hosts: tuple[str, ...] | list[str] | None = Non
     return _GUARD
 
 
+def update_allowed_hosts(allowed_hosts: tuple[str, ...] | list[str]) -> EgressGuard | None:
+    """Replace the allow-list of the guard this process runs under, if any (a library call installs none)."""
+    if _GUARD is not None:
+        _GUARD.allowed_hosts = tuple(allowed_hosts)
+    return _GUARD
+
+
 def _is_loopback(host: str) -> bool:
     if host in ("localhost", "localhost.localdomain", "ip6-localhost"):
         return True

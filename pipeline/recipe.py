@@ -24,6 +24,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from pipeline.privacy import redact_secrets
+
 RECIPE_KEYS_ALLOWED_OUTSIDE_SCHEMA = ("extends",)
 
 
@@ -249,6 +251,20 @@ class EvalSection(_Section):
     )
 
 
+def refuse_url_credentials(url: str | None, instead: str) -> str | None:
+    """Refuse a URL that carries a password or token: a recipe is saved in every run and logged to MLflow.
+
+    ``https://bob:pw@host`` and ``https://host/v1?api_key=...`` are refused (the error shows the URL with the
+    secret masked); a URL without credentials is returned unchanged.
+    """
+    if url and redact_secrets(url) != url:
+        raise ValueError(
+            "the URL holds a credential (a password or token); a recipe is written to "
+            f"every run directory and logged to MLflow, so credentials never belong in it: remove it and {instead}"
+        )
+    return url
+
+
 class TrackingSection(_Section):
     """MLflow tracking. Nothing is sent anywhere unless ``uri`` names a server."""
 
@@ -267,6 +283,13 @@ class TrackingSection(_Section):
     register_adapter: bool = Field(
         default=True, description="Register the trained adapter as a new version of registered_model."
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_without_credentials(cls, value: str) -> str:
+        return refuse_url_credentials(
+            value, "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
+        )
 
 
 class PrivacySection(_Section):
@@ -358,6 +381,11 @@ class BaselineSection(_Section):
         description="Where answers are cached (one file per request hash); <run-dir>/baseline_cache if unset. "
         "A re-run sends nothing already answered.",
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _url_without_credentials(cls, value: str | None) -> str | None:
+        return refuse_url_credentials(value, "put the key in the environment variable api_key_env names instead")
 
     @model_validator(mode="before")
     @classmethod
@@ -610,7 +638,8 @@ def format_validation_errors(
         elif kind == "missing":
             message = "required key is missing"
         else:
-            message = f"{err['msg']}, got {err.get('input')!r}"
+            # The value is shown to help, except a secret in it (a URL with a password): that is masked.
+            message = redact_secrets(f"{err['msg']}, got {err.get('input')!r}")
         lines.append(f"{source}: {dotted}: {message}")
     # Several union members can report the same location; keep the first line per location.
     seen, unique = set(), []

@@ -184,15 +184,26 @@ class Tracker:
         if self._pending is not None and not self._pending.exists():
             self._queue(
                 "start",
-                {"uri": self.uri, "experiment": self._experiment, "run_name": self._run_name, "run_id": self.run_id},
+                # A password in MLFLOW_TRACKING_URI stays in the environment; sync reads it from there again.
+                {
+                    "uri": redact_secrets(self.uri),
+                    "experiment": self._experiment,
+                    "run_name": self._run_name,
+                    "run_id": self.run_id,
+                },
             )
 
     def _queue(self, kind: str, payload: dict[str, Any]) -> None:
         if self._pending is None:
             return
         self._pending.parent.mkdir(parents=True, exist_ok=True)
-        with self._pending.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"op": kind, **payload}) + "\n")
+        with self._pending.open("a+b") as handle:
+            # A line cut short by kill -9 (train --resume appends after it) must not swallow the next one.
+            size, torn = handle.seek(0, os.SEEK_END), False
+            if size:
+                handle.seek(size - 1)
+                torn = handle.read(1) != b"\n"
+            handle.write((("\n" if torn else "") + json.dumps({"op": kind, **payload}) + "\n").encode("utf-8"))
 
 
 def _rejected(exc: Exception) -> bool:
@@ -276,36 +287,85 @@ def apply_op(client: Any, run_id: str | None, kind: str, payload: dict[str, Any]
         apply_lineage_op(client, run_id, kind, payload)
 
 
+def read_pending(pending: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The queued operations, and the numbers of the lines skipped because a crash cut them short.
+
+    ``kill -9`` during a write leaves a partial last line (and ``train --resume`` then appends after it). Such a
+    line is skipped, never fatal: every complete operation is still uploaded.
+
+    Raises:
+        ValueError: The first line is not the run's ``start`` record (not a queue this pipeline wrote).
+    """
+    ops, torn = [], []
+    for number, line in enumerate(pending.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            op = json.loads(line)
+        except ValueError:
+            op = None
+        if isinstance(op, dict) and isinstance(op.get("op"), str):
+            ops.append(op)
+        else:
+            torn.append(number)
+    if not ops or ops[0]["op"] != "start":
+        raise ValueError(f"{pending}: the first line is not the run's start record; this is not a tracking queue")
+    return ops, torn
+
+
 def sync(run_dir: str | Path, uri: str | None = None) -> tuple[str, int]:
     """Upload what a run queued while the tracking server was unreachable.
+
+    Progress is recorded in ``tracking/sync_progress.json`` after each operation, so a sync that stops partway
+    (the server goes down again, Ctrl-C) resumes where it stopped instead of sending the metrics twice; at most
+    the one operation in flight when it stopped is sent again.
 
     Args:
         run_dir: The run directory holding ``tracking/pending.jsonl``.
         uri: Store to upload to; by default the one the run was meant for (MLFLOW_TRACKING_URI wins).
 
     Returns:
-        The MLflow run id and the number of operations sent. The queue is renamed to ``synced.jsonl``.
+        The MLflow run id and the number of operations sent by this call. The queue is renamed to
+        ``synced.jsonl``.
     """
+    from pipeline.rundir import write_json
+
     pending = Path(run_dir) / "tracking" / "pending.jsonl"
     if not pending.is_file():
         raise FileNotFoundError(f"{pending}: nothing to sync (the run was tracked live, or this is not a run dir)")
-    ops = [json.loads(line) for line in pending.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ops, torn = read_pending(pending)
+    if torn:
+        print(
+            f"warning: {pending}: skipped line(s) {', '.join(map(str, torn))}: cut short by a crash (kill -9), not "
+            "complete operations; everything else is uploaded",
+            file=sys.stderr,
+        )
     start = ops[0]
     target = os.environ.get("MLFLOW_TRACKING_URI") or uri or start["uri"]
+    _probe(target)  # a store still down, or refused by the egress guard, is said at once (MLflow retries minutes)
     client = _client(target)
-    run_id = start.get("run_id")
+    progress_file = pending.with_name("sync_progress.json")
+    progress = json.loads(progress_file.read_text(encoding="utf-8")) if progress_file.is_file() else {}
+    if progress.get("uri") != redact_secrets(target):
+        progress = {}  # another store: everything goes there
+    run_id = progress.get("run_id") or start.get("run_id")
     if run_id is not None:
         try:
             client.get_run(run_id)
         except Exception:  # noqa: BLE001 - the run was never created on this store
-            run_id = None
+            run_id, progress = None, {}
     if run_id is None:
         run_id = start_run(client, target, start["experiment"], start["run_name"])
-    for op in ops[1:]:
+    done = int(progress.get("done", 0))
+    for index, op in enumerate(ops[1:], start=1):
+        if index <= done:
+            continue  # sent by an earlier sync that stopped partway
         kind = op.pop("op")
         apply_op(client, run_id, kind, op)
+        write_json(progress_file, {"uri": redact_secrets(target), "run_id": run_id, "done": index})
     pending.rename(pending.with_name("synced.jsonl"))
-    return run_id, len(ops) - 1
+    progress_file.unlink(missing_ok=True)
+    return run_id, len(ops) - 1 - done
 
 
 def run_dir_of(uri: str, run_id: str) -> str | None:

@@ -89,3 +89,62 @@ def trained_run(tiny_assets, tiny_recipe_path):
 
     recipe = load_recipe(tiny_recipe_path)
     return train(recipe, recipe_source=tiny_recipe_path, run_dir=tiny_assets["root"] / "run")
+
+
+# --------------------------------------------------------------------------------------------------
+# Network sandbox: no test in this process resolves or connects to anything beyond loopback.
+#
+# The egress guard protects the commands; this protects the tests themselves (a decision-function test once
+# made a real DNS query for a name on its allow-list). Names and addresses other than loopback and this
+# machine's own name fail the way they fail on an offline machine, before any packet is sent.
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+def _local_only(host) -> bool:  # noqa: ANN001 - str, bytes or None, as socket accepts
+    import ipaddress
+    import socket
+
+    if host in (None, "", b""):
+        return True  # the local machine
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    host = str(host).strip("[]").lower()
+    if host in _LOOPBACK_NAMES or host == socket.gethostname().lower():
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_network_beyond_loopback(monkeypatch):
+    """Name lookups and connections to anything but loopback fail in every test (as offline, no packet sent)."""
+    import errno
+    import socket
+
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+
+    def getaddrinfo(host, *args, **kwargs):  # noqa: ANN001, ANN202
+        if not _local_only(host):
+            raise socket.gaierror(socket.EAI_NONAME, f"tests: name resolution of {host!r} is stubbed (offline)")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def refuse_far(address) -> None:  # noqa: ANN001
+        if isinstance(address, tuple) and address and isinstance(address[0], str) and not _local_only(address[0]):
+            raise OSError(errno.ENETUNREACH, f"tests: connection to {address[0]} refused (loopback only)")
+
+    def connect(self, address):  # noqa: ANN001, ANN202
+        refuse_far(address)
+        return real_connect(self, address)
+
+    def connect_ex(self, address):  # noqa: ANN001, ANN202
+        refuse_far(address)
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    yield

@@ -1,7 +1,10 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT
 from test_recipe import run_cli
 
 from pipeline.audit import append, verify
@@ -92,3 +95,94 @@ def test_every_command_is_audited_and_verify_exits_1_on_tampering(tmp_path, tiny
         assert bad.returncode == 1 and "does not follow the previous entry" in bad.stderr
     finally:
         os.environ["PIPELINE_AUDIT_LOG"] = str(tmp_path / "elsewhere.jsonl")
+
+
+# --------------------------------------------------------------------------------------------------
+# A damaged log is reported, never a traceback; and a command still runs when its entry cannot be chained
+
+
+def _damage(log, how):
+    lines = lines_of(log)
+    if how == "not json":
+        lines[1] = lines[1][:40]  # a line cut short
+    elif how == "seq not a number":
+        entry = json.loads(lines[1])
+        entry["seq"] = "one"
+        lines[1] = json.dumps(entry, sort_keys=True)
+    elif how == "not an object":
+        lines[1] = "[1, 2]"
+    if how == "corrupt head":
+        log.with_name("audit.head").write_text("{not json")
+    elif how == "empty":
+        log.write_text("")
+    else:
+        log.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    "how,expected",
+    [
+        ("not json", "audit.jsonl:2: not an audit entry"),
+        ("seq not a number", "audit.jsonl:2: not an audit entry"),
+        ("not an object", "audit.jsonl:2: not an audit entry"),
+        ("corrupt head", "audit.head: not a head record"),
+        ("empty", "the log is empty"),
+    ],
+)
+def test_a_damaged_log_is_reported_with_the_line(tmp_path, how, expected):
+    log = make_log(tmp_path)
+    _damage(log, how)
+    problems = verify(log)
+    assert any(expected in p for p in problems), problems
+
+
+def test_audit_verify_exits_1_on_damage_and_commands_still_run_when_the_last_line_is_corrupt(tmp_path):
+    log = make_log(tmp_path)
+    _damage(log, "seq not a number")
+    verify_run = run_cli("audit", "verify", "--log", str(log))
+    assert verify_run.returncode == 1 and "audit.jsonl:2: not an audit entry" in verify_run.stderr
+    assert "Traceback" not in verify_run.stderr
+    empty = tmp_path / "empty" / "audit.jsonl"
+    empty.parent.mkdir()
+    empty.write_text("")
+    verify_empty = run_cli("audit", "verify", "--log", str(empty))
+    assert verify_empty.returncode == 1 and "the log is empty" in verify_empty.stderr
+
+    # The last line half-written (a crash mid-append, or an edit): the next command runs with its own exit code
+    # and one warning; nothing is chained to the damaged line.
+    log.write_text(log.read_text() + '{"seq": 4, "ha')
+    before = log.read_text()
+    env = {**os.environ, "PIPELINE_AUDIT_LOG": str(log)}
+    command = subprocess.run(
+        [sys.executable, "-m", "pipeline", "validate", "recipes/quickstart.yaml", "--set", "lora.alpah=1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert command.returncode == 2 and "Traceback" not in command.stderr
+    assert command.stderr.count("warning: this command was not added to the audit log") == 1
+    assert "audit.jsonl:5: the last line is not an audit entry" in command.stderr
+    assert log.read_text() == before
+
+
+def test_append_refuses_to_chain_to_a_corrupt_last_line(tmp_path):
+    from pipeline.audit import AuditLogCorrupt
+
+    log = make_log(tmp_path, n=2)
+    log.write_text(log.read_text() + "garbage\n")
+    with pytest.raises(AuditLogCorrupt, match=r"audit.jsonl:3: the last line is not an audit entry"):
+        append(log, {"command": "validate"})
+
+
+def test_a_user_without_a_passwd_entry_is_recorded_by_uid(tmp_path, monkeypatch):
+    import getpass
+
+    def no_passwd_entry():
+        raise KeyError("getpwuid(): uid not found: 12345")
+
+    monkeypatch.setattr(getpass, "getuser", no_passwd_entry)
+    entry = append(tmp_path / "audit.jsonl", {"command": "validate"})
+    assert entry["user"] == f"uid:{os.getuid()}"
+    assert verify(tmp_path / "audit.jsonl") == []

@@ -24,11 +24,36 @@ from pipeline.privacy import EgressBlocked, EgressGuard
         ("10.1.2.3", True),
         ("10.2.0.1", False),
         ("mlflow.internal", True),
+        ("10.20.30.40", True),  # the address the allowed name resolves to (below)
+        ("10.20.30.41", False),
     ],
 )
-def test_decision_function(host, allowed):
+def test_decision_function(host, allowed, monkeypatch):
+    import socket
+
+    lookups = []
+
+    def fake_getaddrinfo(name, port, *args, **kwargs):
+        # No DNS here: the allowed name resolves to a made-up private address, nothing leaves the machine.
+        lookups.append(name)
+        if name == "mlflow.internal":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.20.30.40", 0))]
+        raise socket.gaierror(socket.EAI_NONAME, name)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     guard = EgressGuard(("10.1.0.0/16", "mlflow.internal"))
     assert guard.decide(host)[0] is allowed
+    assert set(lookups) <= {"mlflow.internal"}  # only names on the allow-list are ever resolved
+
+
+def test_the_test_sandbox_refuses_names_and_addresses_beyond_loopback():
+    import socket
+
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo("mlflow.internal", 443)
+    with pytest.raises(OSError), socket.socket() as sock:
+        sock.connect(("192.0.2.1", 9))  # TEST-NET-1: refused by the sandbox before the system call
+    assert socket.getaddrinfo("127.0.0.1", 80)
 
 
 def test_refusal_names_the_destination_and_the_recipe_key():
@@ -104,16 +129,42 @@ def test_secrets_are_redacted_from_text_bound_for_tracking():
     assert redact_secrets("sqlite:///mlruns.db") == "sqlite:///mlruns.db"
 
 
-def test_recipe_params_never_carry_a_url_password(tmp_path):
-    from pipeline.recipe import load_recipe
-    from pipeline.tracking import params_for
+@pytest.mark.parametrize(
+    "override,instead",
+    [
+        ("tracking.uri=https://bob:hunter2@mlflow.internal/", "MLFLOW_TRACKING_PASSWORD"),
+        ("tracking.uri=https://mlflow.internal/?token=hunter2", "MLFLOW_TRACKING_PASSWORD"),
+        ("baseline={provider: openai, model: m, base_url: 'http://u:hunter2@127.0.0.1:9/v1'}", "api_key_env"),
+    ],
+)
+def test_a_recipe_refuses_credentials_in_urls_without_echoing_them(override, instead):
+    from pipeline.recipe import RecipeError, load_recipe
 
-    recipe = load_recipe(
-        ROOT / "recipes" / "quickstart.yaml",
-        ["tracking.uri=https://bob:hunter2@mlflow.internal/", "tracking.enabled=false"],
+    with pytest.raises(RecipeError) as err:
+        load_recipe(ROOT / "recipes" / "quickstart.yaml", [override])
+    message = "\n".join(err.value.errors)
+    assert "holds a credential" in message and instead in message
+    assert "hunter2" not in message
+    # A URL without credentials is fine.
+    load_recipe(ROOT / "recipes" / "quickstart.yaml", ["tracking.uri=https://mlflow.internal/"])
+
+
+def test_audit_argv_never_carries_a_url_password(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    code = (
+        "import sys\nfrom pipeline.cli import main\n"
+        "sys.argv = ['pipeline', 'validate', 'recipes/quickstart.yaml', '--set', "
+        "'tracking.uri=https://bob:hunter2@mlflow.internal/', '--run-dir', sys.argv[1]]\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
     )
-    params = params_for(recipe)
-    assert "hunter2" not in json.dumps(params) and params["tracking.uri"] == "https://bob:***@mlflow.internal/"
+    env = {**os.environ, "PIPELINE_AUDIT_LOG": str(log)}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "holds a credential" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert "hunter2" not in json.dumps(entry) and "tracking.uri=https://bob:***@mlflow.internal/" in entry["argv"]
 
 
 def test_ui_refuses_to_bind_beyond_loopback():
@@ -182,3 +233,76 @@ def test_pii_detector_is_not_imported_by_light_modules():
     code = "import sys, pipeline.contracts, pipeline.data, pipeline.privacy; print('presidio_analyzer' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands that take a run (sync, export) are guarded with the run's own allow-list
+
+RUN_COMMANDS = r"""
+import sys
+from pipeline import privacy
+
+# The guard main() would install, but with loopback refused too, so that a refusal can be watched on a
+# loopback address (127.0.0.2) without ever addressing another machine.
+privacy._GUARD = privacy.EgressGuard((), allow_loopback=False)
+sys.addaudithook(privacy._GUARD.audit_hook)
+from pipeline.cli import main
+
+for argv in (["sync", sys.argv[1]], ["export", sys.argv[1]]):
+    code = main(argv)
+    print("AFTER", argv[0], code, privacy._GUARD.allowed_hosts, privacy._GUARD.decide("127.0.0.3")[0],
+          privacy._GUARD.decide("127.0.0.2")[0], flush=True)
+"""
+
+
+def test_sync_and_export_apply_the_run_allow_list_and_their_audit_entries_record_recipe_inputs_and_refusals(tmp_path):
+    import socket
+
+    from pipeline.recipe import load_recipe
+
+    # A run allowed to reach 127.0.0.3 only, whose queued tracking calls are meant for 127.0.0.2.
+    run = tmp_path / "run"
+    (run / "tracking").mkdir(parents=True)
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["privacy.allowed_hosts=[127.0.0.3]"])
+    (run / "recipe.resolved.yaml").write_text(recipe.to_yaml())
+    (run / "validation").mkdir()
+    splits = {k: {"path": getattr(recipe.data, k), "sha256": k[0] * 64} for k in ("train", "eval")}
+    (run / "validation" / "report.json").write_text(json.dumps({"splits": splits}))
+    server = socket.create_server(("127.0.0.2", 0))
+    server.settimeout(0.5)
+    port = server.getsockname()[1]
+    start = {"op": "start", "uri": f"http://127.0.0.2:{port}", "experiment": "e", "run_name": "r", "run_id": None}
+    (run / "tracking" / "pending.jsonl").write_text(json.dumps(start) + "\n")
+    log = tmp_path / "audit.jsonl"
+    env = {**os.environ, "PIPELINE_AUDIT_LOG": str(log), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_COMMANDS, str(run)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    with pytest.raises(TimeoutError):
+        server.accept()  # the refused connection never reached the server
+    server.close()
+    # The run's allow-list is in force once each command has started: 127.0.0.3 allowed, 127.0.0.2 not.
+    assert "AFTER sync 1 ('127.0.0.3',) True False" in result.stdout, result.stderr[-3000:]
+    assert "AFTER export 2 ('127.0.0.3',) True False" in result.stdout, result.stderr[-3000:]
+    assert f"sync failed, {run / 'tracking' / 'pending.jsonl'} is kept" in result.stderr
+    assert f"EgressBlocked: egress guard: refused outbound connection to 127.0.0.2:{port}" in result.stderr
+    sync_entry, export_entry = (json.loads(line) for line in log.read_text().splitlines())
+    refused = sync_entry["egress"][f"127.0.0.2:{port}"]
+    assert refused["allowed"] is False and refused["count"] >= 1 and "allowed_hosts" in refused["reason"]
+    # Both entries name the run's recipe and its hash (the resolved recipe of the run, not a recipe argument).
+    for entry in (sync_entry, export_entry):
+        assert entry["recipe"] == str(run / "recipe.resolved.yaml") and len(entry["recipe_sha256"]) == 64
+        # ... and the input data hashes the run's validation recorded.
+        assert entry["inputs"][f"data.train:{recipe.data.train}"] == "t" * 64
+        assert entry["inputs"][f"data.eval:{recipe.data.eval}"] == "e" * 64
+
+
+def test_runs_without_a_recipe_refuses_a_remote_store_up_front_and_says_what_allows_it():
+    # The store's host is decided before MLflow is asked (no name lookup: nothing is on the allow-list).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "https://mlflow.internal.example:5000"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "runs"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "refused outbound connection to mlflow.internal.example:5000" in result.stderr
+    assert "pass the recipe (runs RECIPE)" in result.stderr

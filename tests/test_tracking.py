@@ -188,3 +188,77 @@ def test_a_refused_call_is_reported_as_refused_and_the_run_keeps_logging(tmp_pat
     assert rejected == [{"op": "params", "keys": ["lora.r"], "reason": rejected[0]["reason"]}]
     run = MlflowClient(tracking_uri=uri).get_run(tracker.run_id)
     assert run.data.params["lora.r"] == "8" and run.data.metrics["loss"] == 1.5 and run.info.status == "FINISHED"
+
+
+# --------------------------------------------------------------------------------------------------
+# sync survives a torn queue and resumes where a failed sync stopped (a local SQLite store, no server)
+
+
+def _queue(tmp_path, steps=4):
+    """A run's offline queue as the Tracker writes it: start, params, one metrics line per step."""
+    run = tmp_path / "run"
+    (run / "tracking").mkdir(parents=True)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    lines = [{"op": "start", "uri": uri, "experiment": "sync-test", "run_name": "r", "run_id": None}]
+    lines.append({"op": "params", "lora.r": "8"})
+    lines += [
+        {"op": "metrics", "values": {"train.loss": 2.0 - s / 10}, "step": s, "time": 1000 + s} for s in range(steps)
+    ]
+    pending = run / "tracking" / "pending.jsonl"
+    pending.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run, pending, uri
+
+
+def test_sync_skips_a_line_cut_short_by_kill_9(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import sync
+
+    run, pending, uri = _queue(tmp_path)
+    with pending.open("a") as handle:
+        handle.write('{"op": "metrics", "values": {"train.lo')  # the write kill -9 interrupted
+    run_id, sent = sync(run)
+    assert sent == 5 and "skipped line(s) 7: cut short by a crash" in capsys.readouterr().err
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train.loss")
+    assert [m.step for m in history] == [0, 1, 2, 3]
+
+
+def test_a_queue_written_after_a_torn_line_keeps_every_later_operation(tmp_path):
+    from pipeline.tracking import Tracker, read_pending
+
+    run, pending, _ = _queue(tmp_path, steps=1)
+    with pending.open("a") as handle:
+        handle.write('{"op": "metr')  # kill -9, then train --resume appends to the same queue
+    tracker = Tracker.__new__(Tracker)  # only the queue writer: no store is contacted
+    tracker._pending = pending
+    tracker._queue("metrics", {"values": {"train.loss": 1.0}, "step": 9, "time": 1})
+    ops, torn = read_pending(pending)
+    assert torn == [4] and ops[-1]["step"] == 9
+
+
+def test_a_sync_that_stops_partway_resumes_without_sending_twice(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import pipeline.tracking as tracking
+
+    run, pending, uri = _queue(tmp_path)
+    real_apply, calls = tracking.apply_op, []
+
+    def store_goes_down_after_three(client, run_id, kind, payload):
+        if len(calls) == 3:
+            raise ConnectionError("the store went down again")
+        calls.append(kind)
+        real_apply(client, run_id, kind, payload)
+
+    monkeypatch.setattr(tracking, "apply_op", store_goes_down_after_three)
+    with pytest.raises(ConnectionError):
+        tracking.sync(run)
+    assert pending.is_file()
+    progress = json.loads((run / "tracking" / "sync_progress.json").read_text())
+    assert progress["done"] == 3
+    monkeypatch.setattr(tracking, "apply_op", real_apply)
+    run_id, sent = tracking.sync(run)
+    assert run_id == progress["run_id"] and sent == 2  # 5 operations after start: 3 then 2
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train.loss")
+    assert [m.step for m in history] == [0, 1, 2, 3]  # each step once
+    assert not (run / "tracking" / "sync_progress.json").exists() and (run / "tracking" / "synced.jsonl").is_file()
