@@ -165,9 +165,17 @@ def test_verification_catches_a_deliberately_wrong_merge(exported, trained_run, 
 
 
 def test_original_merge_base_goes_through_verification(trained_run, tmp_path):
-    args = [str(trained_run.run_dir), "--merge", "--merge-base", "original", "--out", str(tmp_path)]
-    assert export_cli(*args, "--set", "model.license_accepted=true", "--set", "export.verify_examples=2") == 0
+    """Also: a recipe-set export.model_name is the registered name of the merged model."""
+    args = [str(trained_run.run_dir), "--merge", "--merge-base", "original", "--out", str(tmp_path), "--register"]
+    named = ["--set", "export.model_name=tiny-coder", "--set", "export.verify_examples=2"]
+    assert export_cli(*args, "--set", "model.license_accepted=true", *named) == 0
     report = json.loads((tmp_path / "export_report.json").read_text())
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=trained_run.summary["tracking_uri"])
+    (version,) = client.search_model_versions("name='tiny-coder'")
+    assert report["tracking"]["registered"] == {"name": "tiny-coder", "version": str(version.version)}
+    assert version.tags["export.merge_base"] == "original" and version.tags["base_model.license"] == "apache-2.0"
     v = report["verification"]
     assert v["passed"] and report["merge"]["merge_base"] == "original" and v["examples"] == 2 and v["positions"] > 2
     # The adapter never saw the 16-bit weights: the merged logits drift from the 4-bit reference by the NF4 error
