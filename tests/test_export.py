@@ -129,6 +129,11 @@ def test_export_accepts_an_mlflow_run_id(trained_run, tmp_path, capsys):
     assert "neither a run directory nor an MLflow run id" in capsys.readouterr().err
 
 
+def _files(out: Path) -> dict:
+    """Every file under out, relative path -> bytes."""
+    return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
 def _merged_versions(trained_run) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -142,7 +147,7 @@ def test_verification_catches_a_deliberately_wrong_merge(exported, trained_run, 
     versions = _merged_versions(trained_run)
     out = tmp_path / "out"
     shutil.copytree(exported[0], out)  # a previous, good export in the same place
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = _files(out)
     right = export.lora_delta
     monkeypatch.setattr(export, "lora_delta", lambda a, b, scale, rows: -right(a, b, scale, rows))  # sign flipped
     code = export_cli(str(trained_run.run_dir), "--merge", "--out", str(out), "--register", *ACCEPT)
@@ -159,8 +164,7 @@ def test_verification_catches_a_deliberately_wrong_merge(exported, trained_run, 
     assert "Verification FAILED" in card and f"next-token agreement {v['next_token_agreement']:.4f}" in card
     assert "Verified against" not in card
     # The previous good export is byte for byte as it was; no staging directory is left behind.
-    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and failed not in p.parents}
-    assert after == before
+    assert {k: v for k, v in _files(out).items() if k.parts[0] != failed.name} == before
     assert not list(out.glob(".export-staging-*"))
 
 
@@ -213,22 +217,31 @@ def test_register_without_merge_is_refused(trained_run, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_an_export_failing_midway_leaves_the_previous_one_intact(trained_run, tmp_path, monkeypatch):
+def test_an_export_failing_midway_leaves_the_previous_one_intact(exported, trained_run, tmp_path, monkeypatch):
     from pipeline import export
 
-    out = tmp_path / "out"
-    assert export_cli(str(trained_run.run_dir), "--out", str(out), *ACCEPT) == 0
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert Path("adapter/adapter_model.safetensors") in before and Path("export_report.json") in before
-
     def crash(*args, **kwargs):
-        raise OSError(28, "No space left on device")  # after the adapter weights and tokenizer were written
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export, "model_card", crash)
+    # Adapter-only re-export dying after the adapter weights and tokenizer were written (at the model card).
+    out = tmp_path / "adapter-only"
+    assert export_cli(str(trained_run.run_dir), "--out", str(out), *ACCEPT) == 0
+    before = _files(out)
+    assert Path("adapter/adapter_model.safetensors") in before and Path("export_report.json") in before
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "model_card", crash)
+        with pytest.raises(OSError, match="No space left"):
+            export.export_run(str(trained_run.run_dir), out=out, overrides=ACCEPT[1::2])
+    assert _files(out) == before  # nothing truncated, nothing half-replaced, no staging left
+
+    # A merged re-export dying after every shard was written (at config/tokenizer/generation config).
+    out = tmp_path / "merged"
+    shutil.copytree(exported[0], out)
+    before = _files(out)
+    monkeypatch.setattr(export, "write_model_files", crash)
     with pytest.raises(OSError, match="No space left"):
-        export.export_run(str(trained_run.run_dir), out=out, overrides=ACCEPT[1::2])
-    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert after == before  # nothing truncated, nothing half-replaced, no staging left
+        export.export_run(str(trained_run.run_dir), merge=True, out=out, overrides=ACCEPT[1::2])
+    assert _files(out) == before
 
 
 def test_model_card_renders_the_baseline_and_cost_as_tables(trained_run, tmp_path):
