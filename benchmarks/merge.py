@@ -1,7 +1,8 @@
 """Benchmark: pipeline's streaming merge versus peft's ``merge_and_unload`` on a several-shard model (CPU).
 
 A random-weight Llama of ~320M parameters is saved in bf16 in 100 MB shards with a random rank-16 adapter on
-every linear layer. Each method runs in its own process, so its peak resident memory (ru_maxrss) is its own:
+every linear layer. Each method runs in its own process, so its peak resident memory is its own: VmHWM from
+/proc/self/status (``pipeline.export.peak_rss_mb``), reset through /proc/self/clear_refs after the imports:
 
 - stream: ``pipeline.export.stream_merge`` (merge_base original), one tensor at a time;
 - peft:   load the whole base in bf16, ``PeftModel.from_pretrained``, ``merge_and_unload``, ``save_pretrained``.

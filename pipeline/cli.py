@@ -114,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override the run's resolved recipe, e.g. --set model.license_accepted=true",
     )
-    p.add_argument("--register", action="store_true", help="upload the merged model to MLflow and register it")
+    p.add_argument(
+        "--register",
+        action="store_true",
+        help="with --merge: upload the merged model to MLflow and register it (only when it passed verification)",
+    )
     p.add_argument("--tracking-uri", help="MLflow store of an MLflow run id (default MLFLOW_TRACKING_URI)")
     p.set_defaults(handler=cmd_export)
 

@@ -53,10 +53,12 @@ TOKENIZER_FILES = (
 LICENSE_FILE_PREFIXES = ("LICENSE", "LICENCE", "USE_POLICY", "NOTICE")
 # Rows of a weight matrix merged at once: 4,096 x 8,192 fp32 = 128 MiB of temporary memory on a 70B.
 ROW_CHUNK = 4096
+FAILED_DIR = "failed-verification"  # where an export that failed verification is kept, inside OUT
+STAGING_PREFIX = ".export-staging-"
 
 
 class ExportInputError(Exception):
-    """A file the export needs is missing or corrupt (exit code 2). The message names it and the fix."""
+    """A file the export needs is missing or corrupt, or the arguments conflict (exit code 2); says the fix."""
 
 
 class VerificationFailed(Exception):
@@ -540,7 +542,7 @@ def _greedy_with_logits(model: Any, prompts: list[list[int]], max_new_tokens: in
     """Per prompt: the greedy continuation (cut at EOS) and the logits that predicted each of its tokens."""
     import torch
 
-    device = next(model.parameters()).device
+    device = _input_device(model)
     for ids in prompts:
         with torch.inference_mode():
             out = model.generate(
@@ -560,10 +562,40 @@ def _position_logits(model: Any, sequence: list[int], prompt_len: int) -> Any:
     """Logits (float32, CPU) at the positions that predict the tokens after the prompt."""
     import torch
 
-    device = next(model.parameters()).device
+    device = _input_device(model)
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([sequence], device=device)).logits[0]
     return logits[prompt_len - 1 : len(sequence) - 1].float().cpu()
+
+
+def _input_device(model: Any) -> Any:
+    """Where a model's inputs go: its first placed device (an offloaded model's parameters sit on 'meta')."""
+    placed = [d for d in (getattr(model, "hf_device_map", None) or {}).values() if d != "disk"]
+    if placed:
+        first = placed[0]
+        return f"cuda:{first}" if isinstance(first, int) else first
+    device = next(model.parameters()).device
+    return "cpu" if device.type == "meta" else device
+
+
+def merged_placement(recipe: Recipe, device: str, offload_dir: Path) -> dict[str, Any]:
+    """``from_pretrained`` arguments that place the merged model for verification within the recipe's RAM budget.
+
+    Without ``export.verify_max_cpu_memory_gb`` the merged model is loaded like any model: on a GPU machine across
+    the GPUs, the rest in CPU RAM; on a CPU machine all in RAM (a 70B in bf16: 141 GB). With it, accelerate fills
+    the GPUs, then at most that much CPU RAM, and leaves the remaining layers on disk: their weights are read from
+    the merged safetensors when the layer runs, so RAM holds the budget plus about one decoder layer, at the cost
+    of reading those layers from disk on every forward pass. A Llama-3-70B layer: q and o 8,192 x 8,192, k and v
+    8,192 x 1,024, three MLP matrices 8,192 x 28,672 = 856M parameters = 1.7 GB in bf16.
+    """
+    budget = recipe.export.verify_max_cpu_memory_gb
+    if budget is None:
+        return {"device_map": "auto" if device == "cuda" else {"": "cpu"}}
+    from accelerate.utils import get_max_memory
+
+    max_memory = get_max_memory()  # free memory of each GPU, and the available RAM
+    max_memory["cpu"] = int(budget * 2**30)
+    return {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(offload_dir)}
 
 
 def verify(
@@ -613,9 +645,13 @@ def verify(
 
     print("  ... and the merged model", flush=True)
     dtype = getattr(torch, recipe.quantization.compute_dtype)
+    offload_dir = Path(tempfile.mkdtemp(prefix=".offload-", dir=merged_dir.parent))
     merged = AutoModelForCausalLM.from_pretrained(
-        merged_dir, dtype=dtype, device_map="auto" if device == "cuda" else {"": "cpu"}
+        merged_dir, dtype=dtype, **merged_placement(recipe, device, offload_dir)
     ).eval()
+    placement: dict[str, int] = {}
+    for where in (getattr(merged, "hf_device_map", None) or {"": device}).values():
+        placement[str(where)] = placement.get(str(where), 0) + 1
     max_diff, abs_sum, positions, agree = 0.0, 0.0, 0, 0
     merged_answers = []
     for ids, sequence, expected, (answer, stopped) in zip(
@@ -630,6 +666,7 @@ def verify(
         merged_answers.append({"tokens": answer, "stopped": stopped})
     del merged
     _free(device)
+    shutil.rmtree(offload_dir, ignore_errors=True)
 
     def score(answers: list[dict[str, Any]]) -> float:
         golds = [task.gold(row) for row in rows]
@@ -654,6 +691,8 @@ def verify(
         "task_metric_merged": round(merged_metric, 6),
         "min_next_token_agreement": threshold,
         "passed": agreement >= threshold,
+        "merged_placement": placement,  # modules of the merged model per device ('disk': read when run)
+        "max_cpu_memory_gb": recipe.export.verify_max_cpu_memory_gb,
     }
 
 
@@ -709,14 +748,9 @@ def _eval_section(metrics_json: dict[str, Any]) -> list[str]:
         lines += [f"Baseline: {baseline.get('status')} ({baseline.get('reason', '')}).", ""]
     cost = metrics_json.get("cost")
     if cost:
-        lines += ["### Cost", ""]
-        if all(isinstance(v, dict) for v in cost.values()):
-            keys = list(dict.fromkeys(k for v in cost.values() for k in v))
-            lines += ["| system | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-            lines += [f"| {s} | " + " | ".join(_fmt(v.get(k, "-")) for k in keys) + " |" for s, v in cost.items()]
-        else:
-            lines += [f"- {k}: {_fmt(v)}" for k, v in cost.items()]
-        lines.append("")
+        from pipeline.evaluate import render_cost_lines  # the same table as the run's eval/report.md
+
+        lines += ["### Cost", "", *render_cost_lines(cost), ""]
     return lines
 
 
@@ -836,7 +870,18 @@ def model_card(
             + ".",
             "",
         ]
-    if verification:
+    if verification and not verification["passed"]:
+        v = verification
+        lines += [
+            f"**Verification FAILED: do not deploy these weights.** Against base-in-4-bit + adapter on {v['examples']} "
+            f"eval prompts ({v['positions']} positions): next-token agreement {v['next_token_agreement']:.4f}, below "
+            f"the required {v['min_next_token_agreement']} (export.min_next_token_agreement); max |logit difference| "
+            f"{v['max_abs_logit_diff']:.4g}, mean {v['mean_abs_logit_diff']:.4g}; {v['task_metric']} "
+            f"{v['task_metric_reference']:.4f} (4-bit + adapter) vs {v['task_metric_merged']:.4f} (merged). "
+            "This export was kept for inspection only and was not registered.",
+            "",
+        ]
+    elif verification:
         v = verification
         lines += [
             f"Verified against base-in-4-bit + adapter on {v['examples']} eval prompts ({v['positions']} positions): "
@@ -917,13 +962,20 @@ def export_run(
 ) -> dict[str, Any]:
     """Export a trained run: the adapter in PEFT format, and with ``merge`` the verified merged model.
 
+    Everything is written into a staging directory inside ``out`` (``.export-staging-<random>``, same file
+    system) and moved into place only once complete, so a crash or an error midway leaves the previous export
+    in ``out`` as it was. An export whose merge fails verification publishes nothing in its place either: it is
+    kept whole in ``out/failed-verification/`` (its merged model card says FAILED with the numbers) and is never
+    registered.
+
     Args:
         run: Run directory or MLflow run id.
         merge: Also write merged weights (streamed) and verify them.
         out: Output directory (default ``<run_dir>/export``).
         merge_base: 'dequantized' or 'original' (default: the recipe's export.merge_base).
         overrides: ``--set`` values applied to the run's resolved recipe (e.g. model.license_accepted=true).
-        register: Upload the merged model to the MLflow run and register it as '<registered name>-merged'.
+        register: Upload the merged model to the MLflow run and register it (only when it passed verification);
+            requires ``merge`` (train already registered the adapter).
         tracking_uri: Store for an MLflow run id (default MLFLOW_TRACKING_URI, then sqlite:///mlruns.db).
         delta: The LoRA update; ``lora_delta`` when None (tests inject a wrong one to see verification catch it).
 
@@ -931,7 +983,7 @@ def export_run(
         The export report (also written to ``export_report.json``), including ``license_acknowledgment``.
 
     Raises:
-        ExportInputError: Missing or corrupt adapter/base files (exit 2).
+        ExportInputError: Missing or corrupt adapter/base files, or ``register`` without ``merge`` (exit 2).
         licenses.LicenseError: The license is not accepted or the name breaks it (exit 2).
         VerificationFailed: The merged model disagrees with the evaluated one (exit 1), after the report is written.
     """
@@ -941,6 +993,11 @@ def export_run(
     from pipeline.recipe import load_recipe
     from pipeline.tracking import tracking_uri as recipe_tracking_uri
 
+    if register and not merge:
+        raise ExportInputError(
+            "--register registers the merged model and needs --merge; the adapter was already registered by "
+            "train (tracking.register_adapter). Add --merge, or drop --register for an adapter-only export."
+        )
     run_dir, mlflow_run_id = resolve_run(run, tracking_uri)
     recipe = load_recipe(run_dir / "recipe.resolved.yaml", overrides)
     update_allowed_hosts(recipe.privacy.allowed_hosts)  # the run's tracking server, for --register and the audit
@@ -956,11 +1013,102 @@ def export_run(
     adapter = load_adapter(adapter_dir)  # checks the files before anything is written
     out = Path(out) if out else run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
-    base_kind = merge_base or recipe.export.merge_base
+    stage = _new_staging_dir(out)
+    try:
+        report = _write_export(
+            stage,
+            out,
+            recipe,
+            run_dir,
+            model_dir,
+            adapter,
+            adapter_dir,
+            lic,
+            license_name,
+            ack,
+            mlflow_run_id,
+            merge=merge,
+            base_kind=merge_base or recipe.export.merge_base,
+            delta=delta,
+        )
+        verification = report.get("verification")
+        passed = verification is None or verification["passed"]
+        final = out if passed else out / FAILED_DIR
+        _publish(stage, out, final)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone already unless something failed before the publish
+
+    # The same numbers (and the report) on the training run in MLflow; the merged model registered if it passed.
+    if mlflow_run_id and recipe.tracking.enabled:
+        uri = tracking_uri or recipe_tracking_uri(recipe)
+        report["tracking_uri"] = redact_secrets(uri)
+        report["tracking"] = _track_export(uri, mlflow_run_id, recipe, report, final, register and passed, lic)
+        rundir.write_json(final / "export_report.json", report)
+    if not passed:
+        raise VerificationFailed(
+            f"the merged model agrees with base-in-4-bit + adapter on {verification['next_token_agreement']:.2%} of "
+            f"next tokens, below export.min_next_token_agreement {verification['min_next_token_agreement']:.2%}. "
+            f"Nothing was registered and the previous export in {out} (if any) is untouched; this one is kept for "
+            f"inspection in {final} (report: {final / 'export_report.json'}). Try --merge-base dequantized (the "
+            "weights the adapter was trained against), or check that model.path is the base the adapter was trained "
+            "on.",
+            report,
+        )
+    return report
+
+
+def _new_staging_dir(out: Path) -> Path:
+    """A fresh staging directory inside ``out``; staging left by an export that was killed is removed first."""
+    for stale in out.glob(f"{STAGING_PREFIX}*"):
+        print(f"Removing {stale}, left by an export that did not finish", flush=True)
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    os.chmod(stage, 0o755)  # mkdtemp makes 0700; a failed export is published as this very directory
+    return stage
+
+
+def _publish(stage: Path, out: Path, final: Path) -> None:
+    """Move a complete export from ``stage`` into place.
+
+    A passing export replaces ``out``'s ``adapter/``, ``merged/``, ``verification/`` and ``export_report.json``
+    one entry at a time, each by a rename (other files a user keeps in ``out`` are left alone). An export that
+    failed verification becomes ``out/failed-verification/`` as a whole, replacing an older failed one.
+    """
+    if final != out:
+        rundir.replace_dir(stage, final)
+        return
+    for entry in sorted(stage.iterdir()):
+        if entry.is_dir():
+            rundir.replace_dir(entry, out / entry.name)
+        else:
+            os.replace(entry, out / entry.name)
+
+
+def _write_export(
+    stage: Path,
+    out: Path,
+    recipe: Recipe,
+    run_dir: Path,
+    model_dir: Path,
+    adapter: Adapter,
+    adapter_dir: Path,
+    lic: Any,
+    license_name: str,
+    ack: dict[str, Any],
+    mlflow_run_id: str | None,
+    *,
+    merge: bool,
+    base_kind: str,
+    delta: Callable[[Any, Any, float, slice], Any] | None,
+) -> dict[str, Any]:
+    """Write the whole export into ``stage``; paths in the report are where ``_publish`` puts them."""
+    from pipeline import licenses
+
+    model_name = ack["model_name"]
     card = dict(recipe=recipe, run_dir=run_dir, model_name=model_name, ack=ack, lic=lic, mlflow_run_id=mlflow_run_id)
 
     # 1. Adapter only, PEFT format: what vLLM and TGI load next to the base.
-    adapter_out = out / "adapter"
+    adapter_out = stage / "adapter"
     adapter_out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(adapter_dir / ADAPTER_WEIGHTS, adapter_out / ADAPTER_WEIGHTS)
     config = {**adapter.config, "base_model_name_or_path": recipe.model.path, "revision": recipe.model.revision}
@@ -976,15 +1124,14 @@ def export_run(
         "out": str(out),
         "mlflow_run_id": mlflow_run_id,
         "model_name": model_name,
-        "adapter_dir": str(adapter_out),
+        "adapter_dir": str(out / "adapter"),
         "license_acknowledgment": ack,
     }
     print(f"Adapter (PEFT format) written to {adapter_out}")
 
     # 2. Merged weights, streamed shard by shard, then verified against what was evaluated.
-    verification = None
     if merge:
-        merged_out = out / "merged"
+        merged_out = stage / "merged"
         print(f"Merging into the {base_kind} base weights of {model_dir}, one shard at a time ...", flush=True)
         merge_report = stream_merge(
             model_dir, adapter, merged_out, base_kind, recipe.quantization, delta=delta or lora_delta
@@ -992,36 +1139,29 @@ def export_run(
         merge_report.update(write_model_files(model_dir, adapter_dir, merged_out, merge_report["untied"]))
         copied = _copy_license_files(model_dir, merged_out)
         rundir.write_text(merged_out / "NOTICE", licenses.notice_text(lic, license_name, recipe.model.path, copied))
-        del adapter
-        rows, examples = _verification_examples(recipe, out)
+        adapter.lora.clear()  # the caller still holds the Adapter: free its tensors before verification loads models
+        adapter.replaced.clear()
+        rows, examples = _verification_examples(recipe, stage)
         verification = verify(recipe, model_dir, adapter_dir, merged_out, rows, examples)
         rundir.write_text(
             merged_out / "README.md",
             model_card(kind="merged", merge_report=merge_report, verification=verification, **card),
         )
-        report.update(merged_dir=str(merged_out), merge=merge_report, verification=verification)
+        final = out if verification["passed"] else out / FAILED_DIR
+        report.update(
+            out=str(final),
+            adapter_dir=str(final / "adapter"),
+            merged_dir=str(final / "merged"),
+            merge=merge_report,
+            verification=verification,
+        )
         print(
             f"Verification: next-token agreement {verification['next_token_agreement']:.4f} (required "
             f"{verification['min_next_token_agreement']}), max |logit diff| {verification['max_abs_logit_diff']:.4g}, "
             f"{verification['task_metric']} {verification['task_metric_reference']:.4f} -> "
-            f"{verification['task_metric_merged']:.4f}"
+            f"{verification['task_metric_merged']:.4f}" + ("" if verification["passed"] else ": FAILED")
         )
-
-    # 3. Report, and the same numbers (and the report) on the training run in MLflow.
-    rundir.write_json(out / "export_report.json", report)
-    if mlflow_run_id and recipe.tracking.enabled:
-        uri = tracking_uri or recipe_tracking_uri(recipe)
-        report["tracking_uri"] = redact_secrets(uri)
-        report["tracking"] = _track_export(uri, mlflow_run_id, recipe, report, out, register and merge)
-        rundir.write_json(out / "export_report.json", report)
-    if verification is not None and not verification["passed"]:
-        raise VerificationFailed(
-            f"the merged model agrees with base-in-4-bit + adapter on {verification['next_token_agreement']:.2%} of "
-            f"next tokens, below export.min_next_token_agreement {verification['min_next_token_agreement']:.2%}. "
-            f"Report: {out / 'export_report.json'}. Try --merge-base dequantized (the weights the adapter was trained "
-            "against), or check that model.path is the base the adapter was trained on.",
-            report,
-        )
+    rundir.write_json(stage / "export_report.json", report)
     return report
 
 
@@ -1040,9 +1180,16 @@ def _verification_examples(recipe: Recipe, out: Path) -> tuple[list[dict[str, An
 
 
 def _track_export(
-    uri: str, run_id: str, recipe: Recipe, report: dict[str, Any], out: Path, register: bool
+    uri: str, run_id: str, recipe: Recipe, report: dict[str, Any], out: Path, register: bool, lic: Any
 ) -> dict[str, Any]:
-    """Verification metrics and export tags on the training run; optionally register the merged model."""
+    """Verification metrics and export tags on the training run; with ``register`` the merged model registered.
+
+    ``register`` is only ever true for a merge that passed verification. The registered name is
+    ``export.model_name`` (license-checked) when the recipe sets it, else ``<registered_model or recipe
+    name>-merged`` with the prefix the license requires; the version carries the run's lineage tags and eval
+    metrics, like the adapter's version.
+    """
+    from pipeline import licenses
     from pipeline.privacy import redact_secrets
     from pipeline.tracking import annotate_export, register_export
 
@@ -1063,9 +1210,14 @@ def _track_export(
     try:
         annotate_export(uri, run_id, metrics, tags, [out / "export_report.json"])
         result["logged"] = True
-        if register and v:
-            name = f"{recipe.tracking.registered_model or recipe.name}-merged"
+        if register:
+            if recipe.export.model_name:
+                name = report["model_name"]
+            else:
+                default = f"{recipe.tracking.registered_model or recipe.name}-merged"
+                name = licenses.derived_name(None, default, lic)
             version_tags = {**tags, **{k: str(val) for k, val in metrics.items()}, "kind": "merged"}
+            version_tags["task"] = recipe.task
             result["registered"] = {
                 "name": name,
                 "version": register_export(uri, run_id, name, out / "merged", version_tags),

@@ -147,23 +147,32 @@ def require_acceptance(accepted: bool, lic: License | None, name: str, source: s
     )
 
 
+def _name_key(name: str) -> str:
+    """A name with spaces and hyphens counted alike: 'Llama 3' and 'Llama-3' begin 'Llama-3-medcode' equally."""
+    return re.sub(r"[\s-]+", "-", name.strip())
+
+
 def derived_name(requested: str | None, default: str, lic: License | None) -> str:
     """The exported model's name, with the prefix the license requires.
+
+    The prefix is compared with spaces and hyphens counted alike (the Llama 3 license's "Llama 3" is met by
+    ``Llama-3-medcode``, the name this function derives itself), case-sensitively.
 
     Raises:
         LicenseError: ``export.model_name`` was set and does not begin with the required prefix.
     """
     prefix = lic.name_prefix if lic else None
+    if not prefix:
+        return requested or default
+    hyphenated = _name_key(prefix)
     if requested:
-        if prefix and not requested.startswith(prefix):
+        if not _name_key(requested).startswith(hyphenated):
             raise LicenseError(
                 f"export.model_name: {requested!r} must begin with {prefix!r} under the {lic.name}; "
-                f"use e.g. {prefix}-{requested}"
+                f"use e.g. {hyphenated}-{requested}"
             )
         return requested
-    if prefix and not default.startswith(prefix):
-        return f"{prefix.replace(' ', '-')}-{default}"
-    return default
+    return default if _name_key(default).startswith(hyphenated) else f"{hyphenated}-{default}"
 
 
 def acknowledgment(lic: License | None, name: str, source: str, model_name: str) -> dict[str, Any]:

@@ -278,7 +278,8 @@ class TrackingSection(_Section):
     registered_model: str | None = Field(
         default=None,
         description="MLflow Model Registry name the adapter is registered under after training (the merged model "
-        "from `export --register` goes to '<name>-merged'); the recipe name if unset.",
+        "from `export --merge --register` goes to export.model_name, or when that is unset to '<name>-merged' "
+        "prefixed as the base license requires); the recipe name if unset.",
     )
     register_adapter: bool = Field(
         default=True, description="Register the trained adapter as a new version of registered_model."
@@ -437,10 +438,20 @@ class ExportSection(_Section):
     verify_examples: int = Field(
         default=16, gt=0, description="Eval rows the merged model is checked on (logits and the task metric)."
     )
+    verify_max_cpu_memory_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="CPU RAM (GiB) the merged model may take while `export --merge` verifies it; layers that fit "
+        "neither the GPUs nor this budget stay on disk and are read when they run (slower, bounded). Unset: the "
+        "merged model is loaded whole across GPUs and RAM (a 70B in bf16 needs 141 GB between them). The merge "
+        "itself is always streamed.",
+    )
     model_name: str | None = Field(
         default=None,
-        description="Name of the exported model (model card, registry). Unset: the recipe name, prefixed as the "
-        "base license requires (Llama 3.x: 'Llama-').",
+        description="Name of the exported model (model card title; registered name of the merged model from "
+        "`export --merge --register`). Must begin with the prefix the base license requires (Llama 3.x: 'Llama'; "
+        "spaces and hyphens count alike). Unset: the recipe name, prefixed as the license requires (card), and "
+        "'<tracking.registered_model>-merged', prefixed likewise (registry).",
     )
 
 

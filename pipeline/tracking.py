@@ -632,10 +632,21 @@ def annotate_export(uri: str, run_id: str, metrics: dict[str, float], tags: dict
 
 
 def register_export(uri: str, run_id: str, name: str, local_dir: Path, tags: dict[str, str]) -> str:
-    """Upload a merged model directory to the run (artifact ``export/merged``) and register it; returns the version."""
+    """Upload a merged model directory to the run (artifact ``export/merged``) and register it; returns the version.
+
+    The version carries what the adapter's version does: the run's lineage tags (``pipeline.*``, ``base_model*``,
+    from ``lineage_tags``) and its ``eval.*`` metrics and tags, read back from the training run; ``tags`` win.
+    """
     client = client_for(uri)
+    run = client.get_run(run_id)
+    carried = {
+        k: v for k, v in run.data.tags.items() if k.split(".")[0] in ("pipeline", "base_model") or k.startswith("eval.")
+    }
+    carried.update({k: str(v) for k, v in run.data.metrics.items() if k.startswith("eval.")})
     client.log_artifacts(run_id, str(local_dir), artifact_path="export/merged")
-    return register_version(client, run_id, name, "export/merged", tags, description="merged weights (pipeline export)")
+    return register_version(
+        client, run_id, name, "export/merged", {**carried, **tags}, description="merged weights (pipeline export)"
+    )
 
 
 def download_run(uri: str, run_id: str, dest: Path) -> Path:

@@ -52,6 +52,24 @@ def test_acceptance_gate_and_derived_names():
     assert "Built with Llama" in notice and llama.notice in notice and "LICENSE, USE_POLICY.md" in notice
 
 
+def test_llama3_prefix_counts_spaces_and_hyphens_alike():
+    """'Llama 3' (the license's words) is met by the hyphenated name the export derives itself, and only by it."""
+    from pipeline.licenses import LicenseError, derived_name, lookup
+
+    llama3 = lookup("llama3")
+    assert llama3.name_prefix == "Llama 3"
+    derived = derived_name(None, "medcode", llama3)
+    assert derived == "Llama-3-medcode"
+    assert derived_name(derived, "x", llama3) == "Llama-3-medcode"  # the default, set by hand, is accepted
+    assert derived_name("Llama 3 medcode", "x", llama3) == "Llama 3 medcode"
+    assert derived_name(None, "Llama 3-medcode", llama3) == "Llama 3-medcode"  # already prefixed: unchanged
+    with pytest.raises(LicenseError, match=r"must begin with 'Llama 3'.*use e\.g\. Llama-3-medcode$"):
+        derived_name("medcode", "x", llama3)
+    with pytest.raises(LicenseError):
+        derived_name("Llama-medcode", "x", llama3)  # 'Llama' alone is not 'Llama 3'
+    assert derived_name("Llama-coder", "x", lookup("llama3.3")) == "Llama-coder"
+
+
 def test_shipped_recipes_do_not_accept_licenses_by_default():
     from conftest import ROOT
 
