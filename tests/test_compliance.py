@@ -108,8 +108,9 @@ def test_planted_phi_and_secrets_never_leave_train_evaluate_or_export(
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
     assert client.get_run(run_id).data.tags["audit.entry_hash"] == mine[-1]["hash"]
-    assert [a.path for a in client.list_artifacts(run_id, "audit")] == ["audit/audit.jsonl"]
-    attached = Path(client.download_artifacts(run_id, "audit/audit.jsonl", str(tmp_path / "dl"))).read_text()
+    # The log is attached under its own file name (the suite points PIPELINE_AUDIT_LOG at temporary files).
+    assert [a.path for a in client.list_artifacts(run_id, "audit")] == [f"audit/{audit_log.name}"]
+    attached = Path(client.download_artifacts(run_id, f"audit/{audit_log.name}", str(tmp_path / "dl"))).read_text()
     assert all(e["hash"] in attached for e in mine)
 
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name not in ("train.jsonl", "eval.jsonl")]

@@ -56,13 +56,13 @@ def test_invalid_utf8_and_bom_and_crlf(tmp_path):
 
 
 def test_counts_reconcile_and_nothing_is_lost_through_the_cli(tmp_path):
-    from test_recipe import run_cli
+    from test_recipe import run_main
 
     good = [json.dumps({**GOOD, "id": f"g{i}", "note": note_row(i)["note"]}) for i in range(25)]
     train = write_lines(tmp_path / "train.jsonl", good[:10] + [p[0] for p in PLANTED] + good[10:20])
     evalf = write_lines(tmp_path / "eval.jsonl", good[20:])
     run_dir = tmp_path / "run"
-    result = run_cli(
+    result = run_main(
         "validate",
         "recipes/quickstart.yaml",
         "--set",
@@ -85,10 +85,10 @@ def test_counts_reconcile_and_nothing_is_lost_through_the_cli(tmp_path):
 
 
 def test_validate_passes_on_clean_data(tmp_path, tiny_assets):
-    from test_recipe import run_cli
+    from test_recipe import run_main
 
     data = tiny_assets["data"]
-    result = run_cli(
+    result = run_main(
         "validate",
         "recipes/quickstart.yaml",
         "--set",

@@ -73,7 +73,7 @@ def test_chat_template_path_trains_with_eos_closed_completions(tiny_assets, tiny
 
 
 def test_chat_format_without_template_is_a_recipe_error(tiny_assets, tiny_recipe_data, tmp_path):
-    from test_recipe import run_cli
+    from test_recipe import run_main
 
     path = write_recipe(
         tmp_path / "chat.yaml",
@@ -83,7 +83,7 @@ def test_chat_format_without_template_is_a_recipe_error(tiny_assets, tiny_recipe
             "tracking": {"enabled": False},
         },
     )
-    result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    result = run_main("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "data.prompt_format: 'chat' needs a chat template" in result.stderr
 

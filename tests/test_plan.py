@@ -292,10 +292,12 @@ def test_checkpointing_and_optimizer_choices_move_the_estimate():
 
 def test_a_recipe_that_does_not_fit_is_refused_with_suggestions(tmp_path, tiny_recipe_data):
     from conftest import write_recipe
-    from test_recipe import run_cli
+    from test_recipe import run_main
 
     out = tmp_path / "plan"
-    result = run_cli("plan", "recipes/medical_coding.yaml", "--set", "training.max_length=32768", "--run-dir", str(out))
+    result = run_main(
+        "plan", "recipes/medical_coding.yaml", "--set", "training.max_length=32768", "--run-dir", str(out)
+    )
     assert result.returncode == 1
     assert "does not fit: " in result.stdout and "training.max_length 32768 -> 8192: " in result.stdout
     assert json.loads((out / "plan.json").read_text())["fit"]["fits"] is False
@@ -304,7 +306,7 @@ def test_a_recipe_that_does_not_fit_is_refused_with_suggestions(tmp_path, tiny_r
         tmp_path / "big.yaml",
         {**tiny_recipe_data, "hardware": {"device": "auto", "gpu_memory_gb": 0.001}, "tracking": {"enabled": False}},
     )
-    refused = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    refused = run_main("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert refused.returncode == 1
     assert "does not fit" in refused.stderr and "Refused before loading any weights" in refused.stderr
     assert "Base loaded" not in refused.stdout and not (tmp_path / "run" / "adapter").exists()

@@ -32,6 +32,29 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """``pipeline.cli.main`` in this process, returned like ``run_cli``.
+
+    For commands whose test needs the exit code and the output but not a separate process: a subprocess pays
+    the torch/transformers/trl import again (~15 s on 2 cores). An exception main does not handle propagates
+    and fails the test, as a traceback would.
+    """
+    import contextlib
+    import io
+    import os
+
+    from pipeline.cli import main
+
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_loads_and_builds_library_configs(path, tmp_path, monkeypatch):
     import transformers.training_args

@@ -47,13 +47,13 @@ def test_precision_auto_follows_the_machine(tiny_recipe_path):
 
 
 def test_flash_attention_is_refused_clearly_where_it_cannot_run(tiny_recipe_data, tmp_path):
-    from test_recipe import run_cli
+    from test_recipe import run_main
 
     path = write_recipe(
         tmp_path / "fa.yaml",
         {**tiny_recipe_data, "model": {**tiny_recipe_data["model"], "attn_implementation": "flash_attention_2"}},
     )
-    result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    result = run_main("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "model.attn_implementation is 'flash_attention_2' but" in result.stderr
     assert "it needs a CUDA GPU and this run is on cpu" in result.stderr
