@@ -220,6 +220,8 @@ def describe_os_error(exc: OSError) -> tuple[str, int]:
     """
     import errno
 
+    from pipeline.audit import current_user
+
     # No file named (a library's error rebuilt by wrapped_os_error, or a bare OSError): the run directory is.
     where = exc.filename or (f"{_CONTEXT['run_dir']}/..." if _CONTEXT.get("run_dir") else "(unknown file)")
     if exc.filename2:
@@ -236,13 +238,13 @@ def describe_os_error(exc: OSError) -> tuple[str, int]:
     if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename and not _is_output(exc.filename):
         # An input (recipe, contract, data, base model): --run-dir cannot help; the file's mode or owner can.
         return (
-            f"{where}: permission denied for user {_user()}: this user cannot read it. Fix the file's owner or "
+            f"{where}: permission denied for user {current_user()}: this user cannot read it. Fix the file's owner or "
             "mode (chown, chmod), or point the recipe at a copy this user can read; nothing was written.",
             EXIT_USAGE,
         )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return (
-            f"{where}: permission denied for user {_user()}; {kept}. Fix the directory's owner or mode, "
+            f"{where}: permission denied for user {current_user()}; {kept}. Fix the directory's owner or mode, "
             "or pass --run-dir somewhere this user can write.",
             EXIT_USAGE,
         )
@@ -260,12 +262,6 @@ def _is_output(filename: str | os.PathLike) -> bool:
     path = Path(os.path.abspath(filename))
     roots = [RUNS_ROOT, *_CONTEXT.get("output_roots", ()), _CONTEXT.get("run_dir")]
     return any(path.is_relative_to(os.path.abspath(root)) for root in roots if root)
-
-
-def _user() -> str:
-    from pipeline.audit import current_user
-
-    return current_user()
 
 
 # What the running command touched, filled in by the handlers for the audit entry.
