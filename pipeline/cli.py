@@ -758,26 +758,25 @@ def cmd_runs(args: argparse.Namespace) -> int:
     """Tracked runs in the terminal, newest first."""
     import os
 
-    from pipeline.tracking import list_runs, render_runs, tracking_uri
+    from pipeline.privacy import EgressBlocked, redact_secrets
+    from pipeline.tracking import list_runs, probe_store, render_runs, tracking_uri
 
     if args.recipe:
         recipe = _load(args_with_no_overrides(args))
         uri, experiment = tracking_uri(recipe), recipe.tracking.experiment or recipe.name
     else:
         uri, experiment = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db", None
-    from urllib.parse import urlparse
-
-    from pipeline.privacy import EgressBlocked, install_egress_guard
-
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https") and parsed.hostname:
-        # Decided here, once, rather than inside MLflow's HTTP client (which would retry a refusal for minutes).
-        try:
-            install_egress_guard().check("runs", parsed.hostname, parsed.port)
-        except EgressBlocked as exc:
-            hint = "" if args.recipe else " Without a recipe only loopback is allowed: pass the recipe (runs RECIPE)."
-            print(f"error: {exc}{hint}", file=sys.stderr)
-            return EXIT_FAILED
+    try:
+        # Decided here, once, rather than inside MLflow's HTTP client (which retries for minutes): the egress
+        # guard refuses a host that is not allowed at its name lookup, and a server that is down is said at once.
+        probe_store(uri)
+    except EgressBlocked as exc:
+        hint = "" if args.recipe else " Without a recipe only loopback is allowed: pass the recipe (runs RECIPE)."
+        print(f"error: {exc}{hint}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"error: the tracking store {redact_secrets(uri)} does not answer: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     print(render_runs(list_runs(uri, experiment, args.limit)))
     return EXIT_OK
 

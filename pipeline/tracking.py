@@ -104,7 +104,7 @@ class Tracker:
         self._run_name = run_name
         self.run_id = run_id  # kept if the store is down, so `sync` adds to this run rather than a new one
         try:
-            _probe(self.uri)
+            probe_store(self.uri)
             self._client = _client(self.uri)
             if run_id is not None:  # add to an existing run (``evaluate --run``)
                 self.run_id = self._client.get_run(run_id).info.run_id
@@ -225,8 +225,13 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _probe(uri: str, timeout: float = 3.0) -> None:
-    """Fail fast when an HTTP tracking server does not accept connections (MLflow itself retries for minutes)."""
+def probe_store(uri: str, timeout: float = 3.0) -> None:
+    """Fail fast when an HTTP tracking server does not accept connections (MLflow itself retries for minutes).
+
+    Raises:
+        privacy.EgressBlocked: The egress guard refuses the host (at its name lookup, before any packet).
+        OSError: The server does not answer.
+    """
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https") and parsed.hostname:
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -342,7 +347,7 @@ def sync(run_dir: str | Path, uri: str | None = None) -> tuple[str, int]:
         )
     start = ops[0]
     target = os.environ.get("MLFLOW_TRACKING_URI") or uri or start["uri"]
-    _probe(target)  # a store still down, or refused by the egress guard, is said at once (MLflow retries minutes)
+    probe_store(target)  # a store still down, or refused by the egress guard, is said at once (MLflow retries minutes)
     client = _client(target)
     progress_file = pending.with_name("sync_progress.json")
     progress = json.loads(progress_file.read_text(encoding="utf-8")) if progress_file.is_file() else {}
