@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import JobFailed
 from pipeline.rundir import sha256_file  # noqa: F401 - re-exported: the audit hashes inputs and outputs
 
 DEFAULT_LOG = Path("runs") / "audit.jsonl"
@@ -46,7 +47,7 @@ def hash_outputs(run_dir: Path | None) -> dict[str, str]:
     return hashes
 
 
-class AuditLogCorrupt(Exception):
+class AuditLogCorrupt(JobFailed):
     """The log's last entry cannot be read, so no new entry can be chained to it (``audit verify`` says more)."""
 
 

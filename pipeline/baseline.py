@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline import rundir
+from pipeline.errors import JobFailed
 from pipeline.privacy import EgressGuard, redact_secrets
 from pipeline.recipe import BaselineSection
 from pipeline.tasks import Task
@@ -46,7 +47,7 @@ STOP_STATUS = {401, 403}  # the key is wrong or lacks access: stop sending for t
 SENT_LOG = "baseline_sent.jsonl"
 
 
-class MalformedAnswer(Exception):
+class MalformedAnswer(JobFailed):
     """The provider answered 2xx but without a usable text answer (no choice, no text block)."""
 
 

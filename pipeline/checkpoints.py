@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import rundir
+from pipeline.errors import UsageError
 from pipeline.recipe import flatten
 
 SEAL = "pipeline_checkpoint.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-class ResumeError(Exception):
+class ResumeError(UsageError):
     """A run cannot be resumed (nothing valid to resume from, a finished run, a changed recipe or data)."""
 
 

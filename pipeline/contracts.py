@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline import icd10cm
 from pipeline.dedup import LshIndex, MinHasher, normalize, pairs_within, text_hash
+from pipeline.errors import JobFailed
 from pipeline.privacy import PII_ENTITIES, redact
 from pipeline.recipe import RecipeError, format_validation_errors
 from pipeline.rundir import sha256_file
@@ -236,8 +237,12 @@ class DataContract(BaseModel):
         return self
 
 
-class ContractFailed(Exception):
+class ContractFailed(JobFailed):
     """The data broke the contract badly enough to stop the job (exit code 1)."""
+
+    def lines(self) -> list[str]:
+        """The contract's findings under one heading."""
+        return [f"data contract failed:\n{self}"]
 
 
 def load_contract(path: str | Path) -> DataContract:

@@ -21,6 +21,7 @@ from pipeline.contracts import (
     load_contract,
     over_threshold,
 )
+from pipeline.errors import JobFailed
 from pipeline.recipe import Recipe, RecipeError, check_data_files
 from pipeline.tasks import Task, get_task
 
@@ -366,7 +367,7 @@ def to_dataset(examples: list[dict[str, Any]]) -> Any:
     return Dataset.from_list(examples)
 
 
-class LossMaskError(Exception):
+class LossMaskError(JobFailed):
     """Some examples would train on nothing, or would never learn to stop (exit code 1)."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from pipeline import rundir
 from pipeline.data import ValidatedData, prompt_input_ids, sft_example
+from pipeline.errors import UsageError
 from pipeline.recipe import EvalSection, Recipe
 from pipeline.tasks import Task
 
@@ -835,7 +836,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 # Re-scoring an existing run (`python -m pipeline evaluate RECIPE --run RUN`)
 
 
-class RunNotFound(Exception):
+class RunNotFound(UsageError):
     """``--run`` names neither a run directory nor an MLflow run with a run directory (exit code 2)."""
 
 

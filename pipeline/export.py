@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import rundir
+from pipeline.errors import JobFailed, UsageError
 from pipeline.recipe import QuantizationSection, Recipe
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -57,16 +58,20 @@ FAILED_DIR = "failed-verification"  # where an export that failed verification i
 STAGING_PREFIX = ".export-staging-"
 
 
-class ExportInputError(Exception):
+class ExportInputError(UsageError):
     """A file the export needs is missing or corrupt, or the arguments conflict (exit code 2); says the fix."""
 
 
-class VerificationFailed(Exception):
+class VerificationFailed(JobFailed):
     """The merged model does not behave like base-in-4-bit + adapter (exit code 1); ``report`` is the export's."""
 
     def __init__(self, message: str, report: dict[str, Any]):
         super().__init__(message)
         self.report = report
+
+    def lines(self) -> list[str]:
+        """The verification's numbers, under what failed."""
+        return [f"export verification failed: {self}"]
 
 
 # --------------------------------------------------------------------------------------------------

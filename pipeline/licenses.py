@@ -20,10 +20,12 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import UsageError
+
 TABLE = Path(__file__).with_name("licenses.yaml")
 
 
-class LicenseError(Exception):
+class LicenseError(UsageError):
     """The license is unknown, not accepted, or the export's name breaks it (exit code 2)."""
 
 

@@ -11,18 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.env import Env
+from pipeline.errors import UsageError
 from pipeline.recipe import LoraSection, QuantizationSection, Recipe
 
 
-class ModelNotFound(Exception):
+class ModelNotFound(UsageError):
     """The recipe's model.path is neither a local model directory nor in the local Hugging Face cache."""
 
 
-class RevisionMismatch(Exception):
+class RevisionMismatch(UsageError):
     """The base model's files are not those of the recipe's ``model.revision`` (or cannot be shown to be)."""
 
 
-class DeviceUnavailable(Exception):
+class DeviceUnavailable(UsageError):
     """The recipe asks for hardware this machine does not have."""
 
 

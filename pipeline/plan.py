@@ -33,6 +33,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import JobFailed
 from pipeline.recipe import Recipe
 
 NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4.127 bits per weight (QLoRA section 3)
@@ -249,7 +250,7 @@ def count_parameters_meta(config: dict[str, Any], recipe: Recipe) -> dict[str, i
     }
 
 
-class DoesNotFit(Exception):
+class DoesNotFit(JobFailed):
     """The memory estimate exceeds the GPU: refused before any weights load (exit 1; --force overrides)."""
 
 

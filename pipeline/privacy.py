@@ -14,6 +14,8 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
+from pipeline.errors import JobFailed
+
 # Each variable switches off a network call a library would otherwise make on its own.
 OFFLINE_ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1",  # huggingface_hub: never resolve or download from the Hub
@@ -29,7 +31,7 @@ OFFLINE_ENVIRONMENT = {
 }
 
 
-class EgressBlocked(ConnectionRefusedError):
+class EgressBlocked(JobFailed, ConnectionRefusedError):
     """An outbound connection was refused by the egress guard before any packet left the machine."""
 
 

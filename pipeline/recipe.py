@@ -24,17 +24,22 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from pipeline.errors import UsageError
 from pipeline.privacy import redact_secrets
 
 RECIPE_KEYS_ALLOWED_OUTSIDE_SCHEMA = ("extends",)
 
 
-class RecipeError(Exception):
+class RecipeError(UsageError):
     """A recipe (or an override) is wrong. ``errors`` holds one readable line per problem."""
 
     def __init__(self, errors: list[str]):
         self.errors = errors
         super().__init__("\n".join(errors))
+
+    def lines(self) -> list[str]:
+        """One ``error:`` line per problem."""
+        return list(self.errors)
 
 
 class _Section(BaseModel):
