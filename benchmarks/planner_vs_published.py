@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.plan import count_parameters, estimate_memory, find_model_config  # noqa: E402
+from pipeline.memory import estimate_memory  # noqa: E402
+from pipeline.plan import count_parameters, find_model_config  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "medical_coding.yaml"

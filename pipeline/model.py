@@ -1,4 +1,7 @@
-"""The base model: find it offline, load it in 4 bits, attach LoRA.
+"""The base model: find it offline, build it on the meta device, load it in 4 bits, attach LoRA.
+
+Every library object of the base is built here, the meta-device model included (``build_meta_model``: the
+planner's exact parameter count and the GPU probe's random base start from it).
 
 ``bnb_config()`` and ``lora_config()`` are the only places a recipe becomes a ``BitsAndBytesConfig`` or a
 ``LoraConfig``, field by field, so a library rename changes one line here and nothing in recipes.
@@ -167,6 +170,100 @@ def lora_config(lora: LoraSection) -> Any:
     )
 
 
+def transformers_config(config: dict[str, Any]) -> Any:
+    """A transformers ``PretrainedConfig`` from a config.json dict (keys starting with '_' are notes, dropped).
+
+    Raises:
+        ValueError: When transformers does not know the model_type.
+    """
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.items() if not k.startswith("_") and k != "model_type"}
+    return AutoConfig.for_model(config.get("model_type"), **fields)
+
+
+def build_meta_model(config: dict[str, Any], recipe: Recipe) -> Any:
+    """The base architecture on the meta device (no storage), with 4-bit layers where training would have them.
+
+    transformers' own bitsandbytes pass (``replace_with_bnb_linear`` with the modules it would skip: the
+    output head and tied weights) swaps ``nn.Linear`` for ``bnb.nn.Linear4bit``, so what counts as quantized
+    here is exactly what ``from_pretrained(quantization_config=...)`` quantizes. Used by the exact count and by
+    the GPU probe, which fills each 4-bit layer with random data on the device.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    cfg = transformers_config(config)
+    cfg.use_cache = False
+    dtype = getattr(torch, recipe.quantization.compute_dtype)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
+    # from_pretrained ties the head to the embeddings when the config says so. Outside init_empty_weights, whose
+    # register_parameter hook would re-create the parameter and so untie it again.
+    model.tie_weights()
+    if recipe.quantization.load_in_4bit:
+        from transformers.integrations import replace_with_bnb_linear
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        skip = list(set(get_keys_to_not_convert(model)) | set(getattr(model, "_keep_in_fp32_modules", None) or []))
+        model = replace_with_bnb_linear(
+            model, modules_to_not_convert=skip, quantization_config=bnb_config(recipe.quantization)
+        )
+        model.is_loaded_in_4bit = True  # what transformers sets after loading; peft's k-bit preparation reads it
+    return model
+
+
+def count_parameters_meta(config: dict[str, Any], recipe: Recipe) -> dict[str, int]:
+    """Exact counts from the architecture built on the meta device, with the recipe's LoRA applied by peft.
+
+    Same keys as ``plan.count_parameters`` (the analytic count, which the tests hold equal to this one).
+    ``all-linear`` is resolved by peft itself, as in training.
+
+    Raises:
+        ValueError: When transformers cannot build the architecture from this config.
+    """
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+
+    # Parameters do not depend on the attention kernel; eager is the one every architecture has (docs/planner.md
+    # section 2), so counting never fails over a kernel the recipe could change.
+    eager = recipe.model_copy(update={"model": recipe.model.model_copy(update={"attn_implementation": "eager"})})
+    model = build_meta_model(config, eager)
+    total = quantized = vectors = largest = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(module).__name__ == "Linear4bit":
+            quantized += weight.numel()
+            largest = max(largest, weight.numel())
+    for param in model.parameters():
+        total += param.numel()
+        vectors += param.numel() if param.ndim == 1 else 0
+    if not recipe.quantization.load_in_4bit:
+        largest = max(
+            (m.weight.numel() for n, m in model.named_modules() if type(m).__name__ == "Linear" and "lm_head" not in n),
+            default=0,
+        )
+    with init_empty_weights():  # adapters are created on the meta device too
+        peft_model = get_peft_model(model, lora_config(recipe.lora))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    lora_a = {n: m.in_features for n, m in peft_model.named_modules() if n.endswith("lora_A.default")}
+    output_projection = ("o_proj.", "out_proj.")  # the attention output projection: its input is bf16
+    return {
+        "total": total,
+        "quantized": quantized,
+        "kept_16bit": total - quantized,
+        "vectors": vectors,
+        "lora": lora,
+        "trainable": trainable,
+        "largest_linear": largest,
+        "adapted_inputs": sum(lora_a.values()),
+        "adapted_output_inputs": sum(v for n, v in lora_a.items() if any(p in n for p in output_projection)),
+        "adapted_modules": len(lora_a),
+    }
+
+
 def device_for(recipe: Recipe, env: Env) -> str:
     """'cuda' or 'cpu', failing clearly when the recipe demands a GPU that is not there."""
     wanted = recipe.hardware.device
@@ -289,8 +386,7 @@ def attach_lora(model: Any, recipe: Recipe) -> Any:
     with warnings.catch_warnings():
         # With modules_to_save=[embed_tokens] on a base with tied embeddings (the demo model), peft warns that
         # the trained input copy and the frozen output head stop being tied. That is the intent: tying them
-        # (ensure_weight_tying) made demo steps 25% slower, and at equal training time micro-F1 was lower
-        # (0.69 after 500 tied steps vs 0.72 after 625 untied steps, both ~155 s).
+        # (ensure_weight_tying) was slower and scored lower at equal training time (benchmarks/gpu_probe.md).
         warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
         return get_peft_model(model, lora_config(recipe.lora))
 
@@ -299,8 +395,8 @@ def restore_adapter_dtype(model: Any, recipe: Recipe) -> int:
     """Put trainable weights back in fp32 when the recipe computes in fp32.
 
     TRL casts every trainable parameter of a 4-bit model to bf16 (the QLoRA paper's choice for bf16
-    compute on a GPU). With fp32 compute on a CPU that only costs: a CPU without native bf16 ran our demo
-    4.6x slower, and bf16 embeddings lose small updates. Returns the number of tensors cast.
+    compute on a GPU). With fp32 compute on a CPU that only costs: a CPU without native bf16 runs it much
+    slower (benchmarks/gpu_probe.md), and bf16 embeddings lose small updates. Returns the number of tensors cast.
     """
     import torch
 
@@ -345,63 +441,3 @@ def _local_rank() -> int:
     import os
 
     return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def build_random_base(config: dict[str, Any], recipe: Recipe, device: str, seed: int = 0) -> Any:
-    """The base with random weights (``model.init: random``), created in 4 bits layer by layer on ``device``.
-
-    The architecture is built on the meta device with the same 4-bit layers as a real load
-    (``plan.build_meta_model``); then each ``Linear4bit`` gets a random 16-bit weight on the device that is
-    quantized at once, so the 16-bit model never exists in memory (a 70B peaks at one 235M-weight matrix,
-    0.44 GiB, on top of the 4-bit weights). Embeddings, norms and the head are created in the compute dtype.
-    Values follow N(0, initializer_range) (norm weights 1): meaningless for quality, exact for memory and speed.
-
-    Args:
-        config: The base's config.json.
-        recipe: The recipe (quantization, attention, compute dtype).
-        device: ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
-        seed: Seed of the random weights.
-
-    Returns:
-        The model, ready for ``attach_lora``.
-    """
-    import torch
-    from torch import nn
-
-    from pipeline.plan import build_meta_model
-
-    model = build_meta_model(config, recipe)
-    dtype = getattr(torch, recipe.quantization.compute_dtype)
-    std = float(config.get("initializer_range", 0.02))
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def random(shape: tuple[int, ...], fill: float | None = None) -> torch.Tensor:
-        tensor = torch.empty(shape, device=device, dtype=dtype)
-        return tensor.fill_(fill) if fill is not None else tensor.normal_(0.0, std, generator=generator)
-
-    q = recipe.quantization
-    for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
-            import bitsandbytes as bnb
-
-            weight = bnb.nn.Params4bit(
-                random((module.out_features, module.in_features)),
-                requires_grad=False,
-                compress_statistics=q.double_quant,
-                quant_type=q.quant_type,
-                module=module,
-            )
-            module.weight = weight._quantize(device)  # 16-bit matrix -> 4 bits now; the 16-bit copy is dropped
-            module.compute_dtype = dtype
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.device.type == "meta":
-                fill = 1.0 if param.ndim == 1 and "norm" in type(module).__name__.lower() else None
-                fill = 0.0 if name == "bias" else fill
-                setattr(module, name, nn.Parameter(random(tuple(param.shape), fill), requires_grad=False))
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer is not None:
-                module._buffers[name] = buffer.to(device)  # rotary inverse frequencies are built on the CPU
-    if model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    model.config.use_cache = False
-    return model

@@ -12,7 +12,7 @@ Run as:
 No weights are read or downloaded: the architecture comes from the base's config.json (the model directory,
 a config shipped with pipeline, or --config), is built on the meta device, and every linear layer that a real
 load would store in 4 bits is filled with random data quantized on the device one layer at a time
-(``model.init: random``; ``pipeline.model.build_random_base``). Then the same code paths as ``pipeline train``
+(``model.init: random``; ``build_random_base`` below). Then the same code paths as ``pipeline train``
 run: ``attach_lora`` (k-bit preparation, the recipe's LoRA), what TRL's SFTTrainer adds (adapter cast to bf16,
 input gradients for checkpointing, its fused LM head), the optimizer transformers builds for
 ``training.optim``, bf16 autocast. Each step is one micro-batch of ``micro_batch_size x max_length`` random
@@ -38,9 +38,7 @@ than pyproject.toml asks, and pyarrow when the image's is older than datasets ne
         -d wheels/ bitsandbytes trl datasets dill multiprocess pydantic pydantic-core annotated-types \
         typing-inspection                                     # on a machine with network access
     pip install --no-index --no-deps --target /tmp/site wheels/*.whl && export PYTHONPATH=/tmp/site
-Measured on an H200 (benchmarks/gpu_probe.md): the whole probe of the 70B takes 43 s at 2,048 tokens and
-46 s at 4,096, each in a fresh process. Building the random 4-bit model takes about 20 s (80 x 7 matrices
-quantized on the device) and each step 2.6 s or 4.8 s.
+Timings of the 70B on an H200 (whole process, building the random model, each step): benchmarks/gpu_probe.md.
 Exit codes: 0 measured; 1 the run failed (e.g. out of memory: recorded in the JSON); 2 bad arguments.
 """
 
@@ -152,7 +150,7 @@ def probe(
     try:
         started = time.perf_counter()
         if cuda:
-            # In use right after the CUDA context exists, before any tensor: calibrates plan.CUDA_CONTEXT_GIB.
+            # In use right after the CUDA context exists, before any tensor: calibrates memory.CUDA_CONTEXT_GIB.
             free, total = torch.cuda.mem_get_info(device)
             result["device_used_at_start_gib"] = round((total - free) / gib, 3)
             torch.cuda.reset_peak_memory_stats(device)
@@ -241,7 +239,7 @@ def training_model(config: dict[str, Any], recipe: Any, device: str, loss: str =
     """
     import torch
 
-    from pipeline.model import attach_lora, build_random_base
+    from pipeline.model import attach_lora
 
     t = recipe.training
     base = build_random_base(config, recipe, device, seed=t.seed)
@@ -258,6 +256,66 @@ def training_model(config: dict[str, Any], recipe: Any, device: str, loss: str =
         from trl.trainer.utils import add_fused_lm_head
 
         add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+    return model
+
+
+def build_random_base(config: dict[str, Any], recipe: Any, device: str, seed: int = 0) -> Any:
+    """The base with random weights (``model.init: random``), created in 4 bits layer by layer on ``device``.
+
+    The architecture is built on the meta device with the same 4-bit layers as a real load
+    (``pipeline.model.build_meta_model``); then each ``Linear4bit`` gets a random 16-bit weight on the device that is
+    quantized at once, so the 16-bit model never exists in memory (a 70B peaks at one 235M-weight matrix,
+    0.44 GiB, on top of the 4-bit weights). Embeddings, norms and the head are created in the compute dtype.
+    Values follow N(0, initializer_range) (norm weights 1): meaningless for quality, exact for memory and speed.
+
+    Args:
+        config: The base's config.json.
+        recipe: The recipe (quantization, attention, compute dtype).
+        device: ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
+        seed: Seed of the random weights.
+
+    Returns:
+        The model, ready for ``attach_lora``.
+    """
+    import torch
+    from torch import nn
+
+    from pipeline.model import build_meta_model
+
+    model = build_meta_model(config, recipe)
+    dtype = getattr(torch, recipe.quantization.compute_dtype)
+    std = float(config.get("initializer_range", 0.02))
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def random(shape: tuple[int, ...], fill: float | None = None) -> torch.Tensor:
+        tensor = torch.empty(shape, device=device, dtype=dtype)
+        return tensor.fill_(fill) if fill is not None else tensor.normal_(0.0, std, generator=generator)
+
+    q = recipe.quantization
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            import bitsandbytes as bnb
+
+            weight = bnb.nn.Params4bit(
+                random((module.out_features, module.in_features)),
+                requires_grad=False,
+                compress_statistics=q.double_quant,
+                quant_type=q.quant_type,
+                module=module,
+            )
+            module.weight = weight._quantize(device)  # 16-bit matrix -> 4 bits now; the 16-bit copy is dropped
+            module.compute_dtype = dtype
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type == "meta":
+                fill = 1.0 if param.ndim == 1 and "norm" in type(module).__name__.lower() else None
+                fill = 0.0 if name == "bias" else fill
+                setattr(module, name, nn.Parameter(random(tuple(param.shape), fill), requires_grad=False))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)  # rotary inverse frequencies are built on the CPU
+    if model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model.config.use_cache = False
     return model
 
 

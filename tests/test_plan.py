@@ -4,13 +4,10 @@ import math
 import pytest
 from conftest import ROOT
 
+from pipeline.memory import CUDA_CONTEXT_GIB, NF4_DQ_BITS, estimate_host, estimate_memory
+from pipeline.model import count_parameters_meta
 from pipeline.plan import (
-    CUDA_CONTEXT_GIB,
-    NF4_DQ_BITS,
     count_parameters,
-    count_parameters_meta,
-    estimate_host,
-    estimate_memory,
     find_model_config,
     make_plan,
     render_plan,
@@ -499,7 +496,7 @@ def test_activation_terms_match_the_tensors_autograd_saves(case):
     One more decoder layer adds exactly the planner's bytes per token. On the CPU the dropout mask is kept in
     the input's dtype (2 bytes) instead of CUDA's bool (1 byte), which the comparison adds back.
     """
-    from pipeline.plan import architecture, layer_activation_bytes
+    from pipeline.memory import architecture, layer_activation_bytes
 
     config = {
         "model_type": "llama",
@@ -541,8 +538,7 @@ def test_meta_device_counts_an_architecture_the_analytic_count_does_not_know():
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    from pipeline.model import lora_config
-    from pipeline.plan import transformers_config
+    from pipeline.model import lora_config, transformers_config
 
     config = {
         "model_type": "qwen3",
