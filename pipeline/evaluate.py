@@ -907,7 +907,7 @@ def check_adapter_files(adapter: Path) -> None:
     Raises:
         RunNotFound: Naming the file, what is wrong and what to do (exit 2).
     """
-    from pipeline.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExportInputError, ShardReader
+    from pipeline.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ExportInputError, ShardReader
 
     fix = f"re-run training, or restore {adapter} from the MLflow run's 'adapter' artifact"
     try:

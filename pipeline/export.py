@@ -3,9 +3,9 @@
 The merge streams: it reads the base one safetensors shard at a time, and within a shard one tensor at a time,
 adds ``scale * B @ A`` to the weights the adapter targets and writes the tensor straight into the output shard,
 so peak memory is about the largest tensor plus the adapter, not the model (a Llama-3 70B's largest tensor, the
-128,256 x 8,192 embedding, is 2.1 GB in bf16; the whole model is 141 GB). The safetensors files are read and
-written here with plain file I/O rather than memory maps, so pages of a shard already merged never stay
-resident.
+128,256 x 8,192 embedding, is 2.1 GB in bf16; the whole model is 141 GB). The shards are read and written by
+``pipeline.weights`` (into fresh memory, not memory maps), so pages of a shard already merged never stay
+resident; the model card is ``pipeline.card``.
 
 Two merge bases:
 
@@ -22,25 +22,34 @@ merged model with base-in-4-bit + adapter on eval prompts and the export fails b
 from __future__ import annotations
 
 import json
-import math
 import os
-import resource
 import shutil
-import struct
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import rundir
-from pipeline.errors import JobFailed, UsageError
+from pipeline.card import model_card
+from pipeline.errors import JobFailed
 from pipeline.recipe import QuantizationSection, Recipe
+from pipeline.weights import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    ROW_CHUNK,
+    Adapter,
+    ExportInputError,
+    ShardReader,
+    base_shards,
+    load_adapter,
+    peak_rss_mb,
+    release_freed_memory,
+    write_shard,
+)
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -52,14 +61,8 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 LICENSE_FILE_PREFIXES = ("LICENSE", "LICENCE", "USE_POLICY", "NOTICE")
-# Rows of a weight matrix merged at once: 4,096 x 8,192 fp32 = 128 MiB of temporary memory on a 70B.
-ROW_CHUNK = 4096
 FAILED_DIR = "failed-verification"  # where an export that failed verification is kept, inside OUT
 STAGING_PREFIX = ".export-staging-"
-
-
-class ExportInputError(UsageError):
-    """A file the export needs is missing or corrupt, or the arguments conflict (exit code 2); says the fix."""
 
 
 class VerificationFailed(JobFailed):
@@ -72,223 +75,6 @@ class VerificationFailed(JobFailed):
     def lines(self) -> list[str]:
         """The verification's numbers, under what failed."""
         return [f"export verification failed: {self}"]
-
-
-# --------------------------------------------------------------------------------------------------
-# safetensors, streamed. Format: 8-byte little-endian header length N, N bytes of JSON
-# {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw tensor bytes.
-
-_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-
-
-def _torch_dtype(code: str) -> Any:
-    import torch
-
-    return getattr(torch, _DTYPES[code])
-
-
-def _dtype_code(dtype: Any) -> str:
-    name = str(dtype).removeprefix("torch.")
-    return next(code for code, torch_name in _DTYPES.items() if torch_name == name)
-
-
-class ShardReader:
-    """Reads tensors of one safetensors file on demand, checking the header against the file size."""
-
-    def __init__(self, path: str | Path, what: str, fix: str):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ExportInputError(f"{self.path}: {what} not found; {fix}")
-        size = self.path.stat().st_size
-        self._handle = self.path.open("rb")
-        try:
-            if size < 8:
-                raise ValueError(f"{size} bytes, too short for a safetensors header")
-            (length,) = struct.unpack("<Q", self._handle.read(8))
-            if length > size - 8 or length > 100_000_000:
-                raise ValueError(f"header claims {length:,} bytes, the file has {size:,}")
-            header = json.loads(self._handle.read(length))
-            self.metadata = header.pop("__metadata__", {}) or {}
-            self.start = 8 + length
-            self.tensors: dict[str, dict[str, Any]] = header
-            end = max((t["data_offsets"][1] for t in header.values()), default=0)
-            if self.start + end != size:
-                raise ValueError(f"tensors end at byte {self.start + end:,} but the file has {size:,} (truncated?)")
-            for name, info in header.items():
-                if info["dtype"] not in _DTYPES:
-                    raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
-        except (ValueError, KeyError, TypeError, struct.error) as exc:
-            self._handle.close()
-            raise ExportInputError(f"{self.path}: {what} is corrupt or truncated ({exc}); {fix}") from None
-
-    def keys(self) -> list[str]:
-        """Tensor names in file order."""
-        return sorted(self.tensors, key=lambda n: self.tensors[n]["data_offsets"][0])
-
-    def read(self, name: str) -> Any:
-        """One tensor, read into fresh memory (nothing else of the file stays resident)."""
-        import torch
-
-        info = self.tensors[name]
-        begin, end = info["data_offsets"]
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
-        self._handle.seek(self.start + begin)
-        if self._handle.readinto(memoryview(buffer.numpy())) != end - begin:
-            raise ExportInputError(f"{self.path}: tensor {name} is truncated; copy the file again")
-        return buffer.view(_torch_dtype(info["dtype"])).reshape(info["shape"])
-
-    def close(self) -> None:
-        """Close the file."""
-        self._handle.close()
-
-    def __enter__(self) -> ShardReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def write_shard(
-    path: str | Path,
-    entries: list[tuple[str, str, list[int]]],
-    produce: Callable[[str], Any],
-    metadata: dict[str, str] | None = None,
-) -> int:
-    """Write a safetensors file tensor by tensor, atomically (temporary file, then rename).
-
-    Args:
-        path: Output file.
-        entries: ``(name, dtype code, shape)`` of every tensor, in the order they are written.
-        produce: Returns the tensor for a name; it is written and dropped before the next is produced.
-        metadata: The ``__metadata__`` strings (``format: pt`` is added).
-
-    Returns:
-        Bytes of tensor data written.
-    """
-    import torch
-
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
-    for name, code, shape in entries:
-        nbytes = math.prod(shape) * torch.empty(0, dtype=_torch_dtype(code)).element_size()
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # pad so tensor data starts 8-byte aligned
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(struct.pack("<Q", len(raw)))
-            handle.write(raw)
-            for name, code, shape in entries:
-                tensor = produce(name)
-                if tensor.dtype != _torch_dtype(code) or list(tensor.shape) != list(shape):
-                    raise ValueError(f"{name}: produced {tensor.dtype} {list(tensor.shape)}, expected {code} {shape}")
-                handle.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-                del tensor
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return offset
-
-
-def base_shards(model_dir: Path) -> list[Path]:
-    """The base's safetensors files, in index order."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise ExportInputError(
-                f"{index}: not a valid safetensors index ({exc}); copy the base model again"
-            ) from None
-        return [model_dir / name for name in dict.fromkeys(weight_map.values())]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise ExportInputError(
-        f"{model_dir}: no model.safetensors or model.safetensors.index.json. The merge reads safetensors only; "
-        "convert .bin weights first (transformers: model.save_pretrained(dir, safe_serialization=True))."
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# The adapter
-
-
-@dataclass
-class Adapter:
-    """LoRA factors by target module, whole replacement tensors (modules_to_save), and the scale."""
-
-    config: dict[str, Any]
-    scale: float
-    lora: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # module -> (A [r, in], B [out, r])
-    replaced: dict[str, Any] = field(default_factory=dict)  # parameter name -> tensor
-
-    @property
-    def nbytes(self) -> int:
-        """Memory the adapter holds."""
-        tensors = [t for pair in self.lora.values() for t in pair] + list(self.replaced.values())
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def load_adapter(adapter_dir: str | Path) -> Adapter:
-    """Read a PEFT LoRA adapter directory, with a clear error for anything missing, corrupt or unsupported."""
-    adapter_dir = Path(adapter_dir)
-    fix = f"re-run training, or restore {adapter_dir} from the MLflow run's 'adapter' artifact"
-    config_path = adapter_dir / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise ExportInputError(f"{config_path}: adapter config not found; {fix}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        r, alpha = int(config["r"]), float(config["lora_alpha"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ExportInputError(f"{config_path}: adapter config is corrupt ({exc}); {fix}") from None
-    unsupported = [
-        key for key in ("use_dora", "fan_in_fan_out", "lora_bias", "rank_pattern", "alpha_pattern") if config.get(key)
-    ]
-    if config.get("peft_type", "LORA") != "LORA" or unsupported:
-        raise ExportInputError(
-            f"{config_path}: the streaming merge handles plain LoRA; this adapter uses "
-            f"{', '.join(unsupported) or config.get('peft_type')}. Export the adapter only (without --merge)."
-        )
-    # rsLoRA scales by alpha / sqrt(r) instead of alpha / r (peft's LoraLayer.update_layer).
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    adapter = Adapter(config=config, scale=scale)
-    factors: dict[str, dict[str, Any]] = {}
-    with ShardReader(adapter_dir / ADAPTER_WEIGHTS, "adapter weights", fix) as reader:
-        for key in reader.keys():
-            name = key.removeprefix("base_model.model.")
-            for part in ("lora_A", "lora_B"):
-                marker = f".{part}."
-                if marker in name:
-                    factors.setdefault(name.split(marker)[0], {})[part] = reader.read(key)
-                    break
-            else:
-                adapter.replaced[name] = reader.read(key)
-    for module, pair in factors.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise ExportInputError(f"{adapter_dir / ADAPTER_WEIGHTS}: {module} lacks lora_A or lora_B; {fix}")
-        adapter.lora[module] = (pair["lora_A"], pair["lora_B"])
-    return adapter
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,7 +227,7 @@ def stream_merge(
         for name, code, _ in entries:
             weight_map[name] = shard.name
             dtypes[code] = dtypes.get(code, 0) + 1
-        _release_freed_memory()
+        release_freed_memory()
         print(f"  merged shard {number}/{len(shards)} {shard.name} ({time.time() - started:.0f}s)", flush=True)
     missing = sorted(pending_lora) + sorted(pending_replaced)
     if missing:
@@ -463,47 +249,6 @@ def stream_merge(
         "seconds": round(time.time() - started, 2),
         "peak_rss_mb": peak_rss_mb(),
     }
-
-
-def _release_freed_memory() -> None:
-    """Give freed heap memory back to the OS between shards (glibc ``malloc_trim``; a no-op elsewhere).
-
-    glibc serves allocations below its dynamic mmap threshold (up to 32 MB) from the heap and keeps them after
-    they are freed, so on a model with mid-sized tensors RSS would creep upward shard after shard.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process, in MiB: since the last ``reset_peak_rss`` where Linux allows it.
-
-    Reads VmHWM from /proc/self/status; elsewhere ru_maxrss (KiB on Linux, bytes on macOS), the lifetime peak.
-    """
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
-
-
-def reset_peak_rss() -> bool:
-    """Reset the peak-RSS mark to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs).
-
-    Imports alone can leave a transient peak above what a merge adds, which would hide the merge's own peak.
-    """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def write_model_files(model_dir: Path, tokenizer_dir: Path, out_dir: Path, untie: bool) -> dict[str, Any]:
@@ -712,214 +457,11 @@ def _free(device: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model card
+# The command
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        return ", ".join(_fmt(v) for v in value)
-    return str(value)
-
-
-def _eval_section(metrics_json: dict[str, Any]) -> list[str]:
-    """The evaluation table (systems x metrics, main metric first), the baseline verdict, and the cost."""
-    systems = metrics_json.get("systems") or {}
-    if not systems:
-        return ["No evaluation results were found in the run.", ""]
-    main = metrics_json.get("main_metric")
-    names = [
-        m for m in dict.fromkeys([main, *next(iter(systems.values()))]) if m and all(m in v for v in systems.values())
-    ]
-    names = [m for m in names if all(isinstance(v[m], (int, float)) for v in systems.values())][:8]
-    lines = ["| system | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {s} | " + " | ".join(_fmt(float(v[m])) for m in names) + " |" for s, v in systems.items()]
-    lines.append("")
-    comparison = metrics_json.get("comparison")
-    if comparison:
-        lines.append(
-            f"Against the baseline on {comparison.get('metric', main)}: {comparison.get('a', 'finetuned')} minus "
-            f"{comparison.get('b', 'baseline')} = {_fmt(comparison.get('difference'))} (95% CI "
-            f"{_fmt(comparison.get('ci95'))}): **{comparison.get('verdict')}**."
-        )
-        lines.append("")
-    baseline = metrics_json.get("baseline")
-    if baseline and baseline.get("status") != "ok":
-        lines += [f"Baseline: {baseline.get('status')} ({baseline.get('reason', '')}).", ""]
-    cost = metrics_json.get("cost")
-    if cost:
-        from pipeline.evaluate import render_cost_lines  # the same table as the run's eval/report.md
-
-        lines += ["### Cost", "", *render_cost_lines(cost), ""]
-    return lines
-
-
-def model_card(
-    recipe: Recipe,
-    run_dir: Path,
-    *,
-    model_name: str,
-    kind: str,
-    ack: dict[str, Any],
-    lic: Any,
-    mlflow_run_id: str | None,
-    merge_report: dict[str, Any] | None = None,
-    verification: dict[str, Any] | None = None,
-) -> str:
-    """README.md of an export.
-
-    Sections: base, license and obligations, data contract summary (counts only, no rows), training settings,
-    evaluation incl. baseline and cost, merge verification, intended use, limitations, the MLflow run id.
-    """
-    from pipeline import __version__
-
-    validation = _read_json(run_dir / "validation" / "report.json")
-    metrics_json = _read_json(run_dir / "eval" / "metrics.json")
-    summary = _read_json(run_dir / "summary.json")
-    t, lora, q = recipe.training, recipe.lora, recipe.quantization
-    license_tag = lic.id if lic else "other"
-    lines = [
-        "---",
-        f"license: {license_tag}",
-        f"base_model: {recipe.model.path}",
-        f"library_name: {'peft' if kind == 'adapter' else 'transformers'}",
-        f"tags: [pipeline, qlora, {recipe.task}]",
-        "---",
-        "",
-        f"# {model_name}",
-        "",
-    ]
-    if lic and lic.attribution:
-        lines += [f"**{lic.attribution}**", ""]
-    what = "A LoRA adapter (PEFT format)" if kind == "adapter" else "Merged weights (base + LoRA adapter)"
-    lines += [
-        f"{what}, fine-tuned from `{recipe.model.path}` for the `{recipe.task}` task with pipeline {__version__} "
-        f"(4-bit QLoRA). {recipe.description or ''}".rstrip(),
-        "",
-        f"- MLflow run: `{mlflow_run_id or 'not tracked'}`",
-        f"- Base model revision: `{recipe.model.revision or 'local copy'}`",
-        "",
-        "## License",
-        "",
-        f"Base model license: {ack['license_name']} (`{ack['license']}`)"
-        + (f", full text at {ack['license_url']}" if ack.get("license_url") else "")
-        + ". The license files of the base and a NOTICE file are shipped next to the weights.",
-        "",
-    ]
-    if ack["obligations"]:
-        lines += ["Obligations of anyone who uses or shares this model:", ""]
-        lines += [f"- {item}" for item in ack["obligations"]]
-        lines.append("")
-    if lic and lic.usage_policy:
-        lines += [f"Use policy: {lic.usage_policy}", ""]
-    lines += [f"Accepted by the recipe (`model.license_accepted: true`) on {ack['accepted_at']}.", ""]
-    lines += ["## Training data", ""]
-    if validation:
-        contract = validation["contract"]
-        lines += [
-            f"Checked against data contract `{contract['name']}` v{contract['version']} "
-            f"(sha256 `{contract['sha256'][:16]}`). Counts only; no rows are included in this card.",
-            "",
-            "| split | rows in | accepted | quarantined | failed checks | file sha256 |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, split in validation["splits"].items():
-            failed = ", ".join(f"{k}: {v}" for k, v in split["failed_checks"].items()) or "none"
-            lines.append(
-                f"| {name} | {split['rows_in']:,} | {split['rows_accepted']:,} | {split['rows_quarantined']:,} | "
-                f"{failed} | `{split['sha256'][:16]}` |"
-            )
-        lines.append("")
-    else:
-        lines += ["The run's validation report was not found.", ""]
-    steps = summary.get("optimizer_steps")
-    storage = f"4-bit {q.quant_type}" + (" + double quant" if q.double_quant else "") if q.load_in_4bit else "16-bit"
-    lines += [
-        "## Training settings",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| base storage | {storage}, compute {q.compute_dtype} |",
-        f"| LoRA | r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout}, targets {_fmt(lora.target_modules)}"
-        + (f", trained in full: {_fmt(lora.modules_to_save)}" if lora.modules_to_save else "")
-        + " |",
-        f"| optimizer | {t.optim}, learning rate {t.learning_rate:g} ({t.lr_scheduler_type}), "
-        f"warmup {t.warmup_ratio:g} |",
-        f"| batch | {t.micro_batch_size} x {t.gradient_accumulation_steps} accumulation per device |",
-        f"| length | max {t.max_length} tokens |",
-        f"| duration | {t.max_steps or t.num_epochs} {'steps' if t.max_steps else 'epochs'}"
-        + (f" ({steps} optimizer steps, final loss {summary.get('train_loss', 0):.4f})" if steps else "")
-        + " |",
-        f"| seed | {t.seed} |",
-        "",
-        "## Evaluation",
-        "",
-        *_eval_section(metrics_json),
-    ]
-    if merge_report:
-        into = "dequantized NF4" if merge_report["merge_base"] == "dequantized" else "original 16-bit"
-        lines += [
-            "## Merge",
-            "",
-            f"Merged into the {into} base weights, {merge_report['shards']} shard(s), dtypes {merge_report['dtypes']}"
-            + (
-                ", embeddings untied (the input embeddings were trained, the output head was not)"
-                if merge_report["untied"]
-                else ""
-            )
-            + ".",
-            "",
-        ]
-    if verification and not verification["passed"]:
-        v = verification
-        lines += [
-            f"**Verification FAILED: do not deploy these weights.** Against base-in-4-bit + adapter on {v['examples']} "
-            f"eval prompts ({v['positions']} positions): next-token agreement {v['next_token_agreement']:.4f}, below "
-            f"the required {v['min_next_token_agreement']} (export.min_next_token_agreement); max |logit difference| "
-            f"{v['max_abs_logit_diff']:.4g}, mean {v['mean_abs_logit_diff']:.4g}; {v['task_metric']} "
-            f"{v['task_metric_reference']:.4f} (4-bit + adapter) vs {v['task_metric_merged']:.4f} (merged). "
-            "This export was kept for inspection only and was not registered.",
-            "",
-        ]
-    elif verification:
-        v = verification
-        lines += [
-            f"Verified against base-in-4-bit + adapter on {v['examples']} eval prompts ({v['positions']} positions): "
-            f"next-token agreement {v['next_token_agreement']:.4f} (required {v['min_next_token_agreement']}), "
-            f"max |logit difference| {v['max_abs_logit_diff']:.4g}, mean {v['mean_abs_logit_diff']:.4g}; "
-            f"{v['task_metric']} {v['task_metric_reference']:.4f} (4-bit + adapter) vs {v['task_metric_merged']:.4f} "
-            "(merged).",
-            "",
-        ]
-    worst = sorted((metrics_json.get("per_label") or {}).get("finetuned", {}).items(), key=lambda kv: kv[1]["f1"])
-    weak = [label for label, s in worst if s.get("support", 0) > 0][:5]
-    lines += [
-        "## Intended use",
-        "",
-        f"Assisting people with `{recipe.task}` on data like the training split (the contract above describes it), "
-        "with a person reviewing each output. Evaluate it on your own held-out data before relying on it.",
-        "",
-        "## Limitations",
-        "",
-        f"- Evaluated on {(validation.get('splits', {}).get('eval') or {}).get('rows_accepted', 'the')} held-out rows "
-        "from the same source as the training data; quality on other sources, formats or time periods is unknown.",
-        "- Only the task it was fine-tuned for was evaluated; it inherits the base model's biases and failure modes.",
-        "- Outputs can be wrong with confidence; they are suggestions, not decisions.",
-    ]
-    if weak:
-        lines.append(f"- Weakest labels on the eval split: {', '.join(weak)}.")
-    if kind == "merged":
-        lines.append("- Merged weights differ slightly from the evaluated 4-bit model; see the verification above.")
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------------
-# The command
 
 
 def resolve_run(run: str, tracking_uri: str | None) -> tuple[Path, str | None]:

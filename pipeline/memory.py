@@ -417,7 +417,7 @@ def merge_working_set(config: dict[str, Any], recipe: Recipe, counts: dict[str, 
     trip; 8 B + a 4,096-row slice of its widest input, 4,096 x 28,672 x 10 B = 1.09 GiB, while the update is
     added: 2.84 GiB). Llama-3-70B: 2.84 GiB, not the 131.4 GiB of the whole base.
     """
-    from pipeline.export import ROW_CHUNK  # light module: torch is imported inside its functions
+    from pipeline.weights import ROW_CHUNK  # light module: torch is imported inside its functions
 
     dims = architecture(config)
     base = recipe.export.merge_base

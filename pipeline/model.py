@@ -356,7 +356,28 @@ def load_base(recipe: Recipe, model_dir: Path, device: str) -> Any:
         revision=None,  # model_dir is already the resolved snapshot
     )
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    keep_compute_dtype_on_cpu(model, recipe.quantization.compute_dtype)
     return model
+
+
+def keep_compute_dtype_on_cpu(model: Any, compute_dtype: str) -> int:
+    """Keep bitsandbytes' 4-bit layers computing in the recipe's dtype on CPUs with AVX512-BF16.
+
+    On such CPUs (Intel Sapphire Rapids and later) ``Linear4bit.forward`` in eval mode repacks the weight in
+    place and switches to a fused kernel that casts the input to bfloat16 whatever the compute dtype: a
+    float32 recipe is then evaluated in bf16 (logits off by ~2e-3 against the same weights in fp32, so export
+    verification compares two different computations) and the stored 4-bit codes change layout. The switch is
+    the layer's ``support_avx512bf16_for_cpu`` attribute (bitsandbytes 0.49-0.50; no public option exists);
+    ``tests/test_model.py`` fails loudly if a bitsandbytes release drops it. Returns the layers switched off.
+    """
+    if compute_dtype == "bfloat16":
+        return 0  # the fused kernel computes in the recipe's own dtype: keep its speed
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def attach_lora(model: Any, recipe: Recipe) -> Any:

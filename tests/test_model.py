@@ -173,3 +173,26 @@ def test_train_with_a_mismatched_revision_stops_before_loading_weights(tmp_path,
     assert result.returncode == 2, result.stderr
     assert "model.revision: deadbeef cannot be verified" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_4bit_layers_keep_a_float32_compute_dtype_on_avx512_bf16_cpus():
+    """bitsandbytes' CPU fast path (AVX512-BF16) repacks weights and computes in bf16; a float32 recipe turns it off."""
+    import bitsandbytes as bnb
+    import torch
+
+    from pipeline.model import keep_compute_dtype_on_cpu
+
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")).to("cpu")
+    layer = model[0]
+    assert hasattr(layer, "support_avx512bf16_for_cpu"), (
+        f"bitsandbytes {bnb.__version__} no longer has Linear4bit.support_avx512bf16_for_cpu: find its new switch "
+        "for the CPU bf16 fast path and update pipeline.model.keep_compute_dtype_on_cpu"
+    )
+    assert keep_compute_dtype_on_cpu(model, "bfloat16") == 0
+    assert keep_compute_dtype_on_cpu(model, "float32") == 1 and layer.support_avx512bf16_for_cpu is False
+    codes = layer.weight.data.clone()
+    with torch.no_grad():
+        model.eval()(torch.randn(3, 64))
+    # Not repacked (the fast path would change the codes' layout in place), and the fp32 path gave the answer.
+    assert torch.equal(layer.weight.data, codes)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
