@@ -383,8 +383,8 @@ def cmd_train(args: argparse.Namespace, outcome: Outcome) -> int:
             "(scripts/gpu_probe.py); training needs the real weights: set model.init: pretrained"
         )
     outcome.name_recipe(args.recipe, ModelNotFound, RevisionMismatch)
-    # A missing base or a wrong revision is found here in well under a second, before torch, transformers
-    # and trl are imported (15 s on 2 cores) and before the data contract reads the splits.
+    # A missing base or a wrong revision is found here, before the slow torch/transformers/trl import
+    # (benchmarks/cli.md) and before the data contract reads the splits.
     resolve_model_path(recipe.model.path, recipe.model.revision)
     run_dir = _train_run_dir(args, recipe)
     processes = _num_processes(args, recipe)  # its DeviceUnavailable is about the command line, not the recipe
