@@ -1,7 +1,20 @@
-"""``python -m pipeline``: validate, plan, train, ui.
+"""``python -m pipeline``: the commands, one YAML recipe each.
 
-Exit codes: 0 success; 1 the job ran and failed (contract broken, training or evaluation failed);
-2 the request itself is wrong (recipe, arguments, a missing file or model).
+* ``validate``: check the recipe and the data against its contract (no model); writes ``validation/``.
+* ``plan``: the derived numbers (batch, steps, tokens, parameters, memory) without loading weights.
+* ``train``: validate, train the adapter, evaluate, log to MLflow; several GPUs or nodes through torchrun.
+* ``evaluate``: re-score a run (base, fine-tune, the commercial baseline) with a CI and the cost.
+* ``sync``: upload what a run kept locally while the tracking server was down.
+* ``audit``: verify the hash-chained audit log that every command appends to.
+* ``ui``: the MLflow UI for the recipe's (or the default) store, on loopback only.
+* ``export``: the adapter (PEFT format), and with ``--merge`` verified merged weights and a model card.
+* ``runs``: tracked runs, each system's main metric and the verdict against the baseline.
+
+Exit codes: 0 success; 1 the job ran and failed (``errors.JobFailed``: a contract broken, training or
+evaluation failed); 2 the request itself is wrong (``errors.UsageError``: recipe, arguments, a missing file or
+model). ``main`` maps them, and file-system errors, in one place; any other exception is a bug and keeps its
+traceback. Each command fills an ``Outcome`` that ``main`` creates and passes it: what the command touched,
+for its audit entry, also when it fails midway.
 
 Stage modules are imported inside each handler, so ``--help`` and ``validate`` never load torch.
 """
@@ -10,13 +23,67 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline import __version__
+from pipeline.errors import JobFailed, UsageError
+from pipeline.os_errors import describe_os_error, wrapped_os_error
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass
+class Outcome:
+    """What one command touched, for its audit entry: created by ``main``, filled by the command's handler.
+
+    Facts are set as soon as they are known (the recipe once loaded, the run directory once created), so the
+    entry of a command that fails midway still records them.
+    """
+
+    output_roots: list[str] = field(default_factory=list)  # --run-dir, --out: where this command writes
+    recipe_path: str | None = None
+    recipe_sha256: str | None = None
+    recipe: Any = None  # pipeline.recipe.Recipe: its data files are hashed for the entry
+    inputs_run_dir: Path | None = None  # the run whose validation report holds the input hashes (default run_dir)
+    run_dir: Path | None = None
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    license_acknowledged: Any = None
+    recipe_label: str | None = None  # the recipe the errors in ``names_recipe`` are about
+    names_recipe: tuple[type[BaseException], ...] = ()
+
+    def update(self, **facts: Any) -> None:
+        """Set known facts by name (``train``'s ``on_start`` calls it with run_dir, mlflow_run_id, tracking_uri)."""
+        for key, value in facts.items():
+            if not hasattr(self, key):
+                raise TypeError(f"Outcome has no field {key!r}")
+            setattr(self, key, value)
+
+    def name_recipe(self, label: str, *errors: type[BaseException]) -> None:
+        """From now on, an error of one of these types is printed after ``label`` (the recipe it is about)."""
+        self.recipe_label, self.names_recipe = label, errors
+
+    def error_lines(self, exc: UsageError | JobFailed) -> list[str]:
+        """The ``error:`` lines for a project error: its own, the first after the recipe when it is about it."""
+        lines = exc.lines()
+        if self.recipe_label and lines and isinstance(exc, self.names_recipe):
+            return [f"{self.recipe_label}: {lines[0]}", *lines[1:]]
+        return lines
+
+
+class AuditChainBroken(JobFailed):
+    """The audit log was edited, truncated or reordered: one ``error:`` line per finding."""
+
+    def __init__(self, findings: list[str]) -> None:
+        super().__init__("\n".join(findings))
+        self.findings = list(findings)
+
+    def lines(self) -> list[str]:
+        """One line per finding of ``audit.verify``."""
+        return self.findings
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -130,40 +197,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code. Every command that runs is appended to the audit log."""
-    from pipeline.privacy import EgressBlocked, install_egress_guard, offline_environment
+    """Entry point; returns the exit code. Every command that runs is appended to the audit log.
+
+    Each handler is called as ``handler(args, outcome)`` and returns the exit code; a project error it raises
+    is printed here (``error:`` lines) and gives its own exit code.
+    """
+    from pipeline.privacy import install_egress_guard, offline_environment
 
     offline_environment()  # before any library that could reach the network is imported
     guard = install_egress_guard(())  # loopback only until a recipe allows more
     parser = build_parser()
     args = parser.parse_args(argv)
-    from pipeline.contracts import ContractFailed
-    from pipeline.recipe import RecipeError
-
-    _CONTEXT.clear()
-    _CONTEXT["output_roots"] = [p for p in (getattr(args, "run_dir", None), getattr(args, "out", None)) if p]
+    outcome = Outcome(output_roots=[p for p in (getattr(args, "run_dir", None), getattr(args, "out", None)) if p])
     if _rank() > 0:
         # A worker of a multi-process launch: rank 0 prints and records; the others would only repeat it.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     code = EXIT_FAILED
     try:
-        code = args.handler(args)
-    except RecipeError as exc:
-        for line in exc.errors:
+        code = args.handler(args, outcome)
+    except (UsageError, JobFailed) as exc:
+        for line in outcome.error_lines(exc):
             print(f"error: {line}", file=sys.stderr)
-        code = EXIT_USAGE
-    except ContractFailed as exc:
-        print(f"error: data contract failed:\n{exc}", file=sys.stderr)
-        code = EXIT_FAILED
-    except EgressBlocked as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = EXIT_FAILED
+        code = exc.exit_code
     except OSError as exc:
         # Disk full, a read-only or foreign-owned output directory: one line naming the file, not a traceback.
         # Outputs are written to a temporary file and renamed (rundir.write_text), so what was already
         # written is intact; the message says so.
-        message, code = describe_os_error(exc)
-        print(f"error: {message}", file=sys.stderr)
+        code = _print_os_error(exc, outcome)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
@@ -171,101 +231,17 @@ def main(argv: list[str] | None = None) -> int:
         failure = wrapped_os_error(exc)
         if failure is None:
             raise  # a bug: the traceback is what its report needs
-        message, code = describe_os_error(failure)
-        print(f"error: {message}", file=sys.stderr)
+        code = _print_os_error(failure, outcome)
     finally:
         if _rank() == 0:
-            _audit(args, code, guard)
+            _audit(args, outcome, code, guard)
     return code
 
 
-_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)|code: (\d+), kind:")
-# torch.save's C++ writer reports a failed write (a full disk, mostly) without an errno.
-_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed writing", "unexpected pos", "file write failed")
-
-
-def wrapped_os_error(exc: BaseException) -> OSError | None:
-    """The file-system error behind a library's exception, or None when there is none.
-
-    Saving a checkpoint or the adapter on a full disk does not raise ``OSError``: safetensors raises
-    ``SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')`` and
-    ``torch.save`` a ``RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos ...')``. The
-    error is rebuilt here so it gets the same one-line explanation as any other (neither message names the file:
-    ``describe_os_error`` names the run directory).
-    """
-    import errno
-
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, OSError):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    text = str(exc)
-    found = _OS_ERROR_CODE.search(text)
-    if found:
-        number = int(found.group(1) or found.group(2))
-        return OSError(number, os.strerror(number))
-    if any(marker in text for marker in _TORCH_WRITE_FAILED):
-        return OSError(errno.ENOSPC, f"a file could not be written completely ({text[:120]})")
-    return None
-
-
-def describe_os_error(exc: OSError) -> tuple[str, int]:
-    """A one-line explanation of a file-system error with what to do, and its exit code.
-
-    Disk full is a failure of the job (1); a path the user pointed at that cannot be written is a bad
-    request (2).
-    """
-    import errno
-
-    from pipeline.audit import current_user
-
-    # No file named (a library's error rebuilt by wrapped_os_error, or a bare OSError): the run directory is.
-    where = exc.filename or (f"{_CONTEXT['run_dir']}/..." if _CONTEXT.get("run_dir") else "(unknown file)")
-    if exc.filename2:
-        where = f"{where} -> {exc.filename2}"
-    kept = "files written before it are intact (outputs are written to a temporary file, then renamed)"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (
-            f"{where}: no space left on the device (or quota exceeded); {kept}. Free space or point "
-            "--run-dir at a larger disk, then rerun (train --resume continues from the last complete checkpoint).",
-            EXIT_FAILED,
-        )
-    if exc.errno == errno.EROFS:
-        return f"{where}: the file system is read-only; {kept}. Pass --run-dir on a writable disk.", EXIT_USAGE
-    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename and not _is_output(exc.filename):
-        # An input (recipe, contract, data, base model): --run-dir cannot help; the file's mode or owner can.
-        return (
-            f"{where}: permission denied for user {current_user()}: this user cannot read it. Fix the file's owner or "
-            "mode (chown, chmod), or point the recipe at a copy this user can read; nothing was written.",
-            EXIT_USAGE,
-        )
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return (
-            f"{where}: permission denied for user {current_user()}; {kept}. Fix the directory's owner or mode, "
-            "or pass --run-dir somewhere this user can write.",
-            EXIT_USAGE,
-        )
-    if exc.errno == errno.ENOENT:
-        return f"{where}: no such file or directory; check the path in the recipe or command line.", EXIT_USAGE
-    if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
-        return f"{where}: {exc.strerror}: a file and a directory share the name; pick another --run-dir.", EXIT_USAGE
-    return f"{where}: {exc.strerror or type(exc).__name__}; {kept}.", EXIT_FAILED
-
-
-def _is_output(filename: str | os.PathLike) -> bool:
-    """True for a path inside what this command writes: its run directory, --run-dir, --out, or runs/."""
-    from pipeline.rundir import RUNS_ROOT
-
-    path = Path(os.path.abspath(filename))
-    roots = [RUNS_ROOT, *_CONTEXT.get("output_roots", ()), _CONTEXT.get("run_dir")]
-    return any(path.is_relative_to(os.path.abspath(root)) for root in roots if root)
-
-
-# What the running command touched, filled in by the handlers for the audit entry.
-_CONTEXT: dict = {}
+def _print_os_error(exc: OSError, outcome: Outcome) -> int:
+    message, code = describe_os_error(exc, run_dir=outcome.run_dir, output_roots=outcome.output_roots)
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 def audit_log_path() -> Path:
@@ -277,24 +253,25 @@ def audit_log_path() -> Path:
     return Path(os.environ.get("PIPELINE_AUDIT_LOG") or DEFAULT_LOG)
 
 
-def _audit(args: argparse.Namespace, code: int, guard) -> None:  # noqa: ANN001 - privacy.EgressGuard
+def _audit(args: argparse.Namespace, outcome: Outcome, code: int, guard) -> None:  # noqa: ANN001 - EgressGuard
     from pipeline import audit
     from pipeline.privacy import redact_secrets
 
-    run_dir = _CONTEXT.get("run_dir")
+    run_dir = outcome.run_dir
+    inputs_run_dir = outcome.inputs_run_dir if outcome.inputs_run_dir is not None else run_dir
     record = {
         "command": args.command,
         # A password typed into a URL (--set tracking.uri=..., --tracking-uri, sync --uri) is masked.
         "argv": [redact_secrets(a) for a in sys.argv[1:]] if sys.argv and sys.argv[0] else [],
         "exit_code": code,
-        "recipe": _CONTEXT.get("recipe_path"),
-        "recipe_sha256": _CONTEXT.get("recipe_sha256"),
-        "inputs": _input_hashes(_CONTEXT.get("recipe"), _CONTEXT.get("inputs_run_dir", run_dir)),
+        "recipe": outcome.recipe_path,
+        "recipe_sha256": outcome.recipe_sha256,
+        "inputs": _input_hashes(outcome.recipe, inputs_run_dir),
         "run_dir": str(run_dir) if run_dir else None,
         "outputs": audit.hash_outputs(Path(run_dir)) if run_dir else {},
         "egress": guard.decisions,
-        "mlflow_run_id": _CONTEXT.get("mlflow_run_id"),
-        "license_acknowledged": _CONTEXT.get("license_acknowledged"),
+        "mlflow_run_id": outcome.mlflow_run_id,
+        "license_acknowledged": outcome.license_acknowledged,
     }
     try:
         entry = audit.append(audit_log_path(), record)
@@ -304,35 +281,37 @@ def _audit(args: argparse.Namespace, code: int, guard) -> None:  # noqa: ANN001 
     except OSError as exc:
         print(f"warning: could not append to the audit log {audit_log_path()}: {exc}", file=sys.stderr)
         return
-    if _CONTEXT.get("mlflow_run_id") and _CONTEXT.get("tracking_uri"):
+    if outcome.mlflow_run_id and outcome.tracking_uri:
         from pipeline.tracking import annotate_run
 
         try:
             annotate_run(
-                _CONTEXT["tracking_uri"],
-                _CONTEXT["mlflow_run_id"],
+                outcome.tracking_uri,
+                outcome.mlflow_run_id,
                 {"audit.entry_hash": entry["hash"], "audit.entry_seq": str(entry["seq"])},
                 files=[audit_log_path()],
             )
         except Exception as exc:  # noqa: BLE001 - the entry is safe in the log; MLflow is a copy
             print(
-                f"warning: could not attach the audit entry to MLflow run {_CONTEXT['mlflow_run_id']}: "
+                f"warning: could not attach the audit entry to MLflow run {outcome.mlflow_run_id}: "
                 f"{type(exc).__name__}",
                 file=sys.stderr,
             )
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202 - returns pipeline.recipe.Recipe
+def _load(args: argparse.Namespace, outcome: Outcome):  # noqa: ANN202 - returns pipeline.recipe.Recipe
     from pipeline.privacy import install_egress_guard
     from pipeline.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     install_egress_guard(recipe.privacy.allowed_hosts)
-    _CONTEXT.update(recipe_path=args.recipe, recipe_sha256=_sha256_text(recipe.to_yaml()), recipe=recipe)
+    outcome.update(recipe_path=args.recipe, recipe_sha256=_sha256_text(recipe.to_yaml()), recipe=recipe)
     return recipe
 
 
-def _load_run_recipe(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()):  # noqa: ANN202 - Recipe | None
+def _load_run_recipe(  # noqa: ANN202 - Recipe | None
+    run_dir: Path, outcome: Outcome, overrides: list[str] | tuple[str, ...] = ()
+):
     """The recipe a run was made with (``RUN/recipe.resolved.yaml``): its allow-list guards this command.
 
     ``sync`` and ``export`` take a run, not a recipe; without this the tracking server the run was allowed to
@@ -347,7 +326,7 @@ def _load_run_recipe(run_dir: Path, overrides: list[str] | tuple[str, ...] = ())
         return None
     recipe = load_recipe(resolved, overrides)
     install_egress_guard(recipe.privacy.allowed_hosts)
-    _CONTEXT.update(
+    outcome.update(
         recipe_path=str(resolved),
         recipe_sha256=_sha256_text(recipe.to_yaml()),
         recipe=recipe,
@@ -356,26 +335,26 @@ def _load_run_recipe(run_dir: Path, overrides: list[str] | tuple[str, ...] = ())
     return recipe
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def cmd_validate(args: argparse.Namespace, outcome: Outcome) -> int:
     """Recipe schema, input files, and every row against the contract; writes validation/ in the run dir."""
     from pipeline import rundir
     from pipeline.data import validate_data
 
-    recipe = _load(args)
+    recipe = _load(args, outcome)
     out = rundir.new_run_dir(recipe.name, args.run_dir)
-    _CONTEXT["run_dir"] = out
+    outcome.run_dir = out
     rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
     validate_data(recipe, out, args.recipe, keep_rows=False)  # only the reports: the rows are not held
     print(f"Recipe {args.recipe} is valid; data meets the contract. Reports: {out / 'validation'}")
     return EXIT_OK
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def cmd_plan(args: argparse.Namespace, outcome: Outcome) -> int:
     """Derived numbers from the recipe, the base's config.json and the train file's row count."""
     from pipeline import rundir
     from pipeline.plan import find_model_config, make_plan, render_plan
 
-    recipe = _load(args)
+    recipe = _load(args, outcome)
     train_file = Path(recipe.data.train)
     rows = _count_lines(train_file) if train_file.is_file() else 0
     config, source = find_model_config(recipe.model.path)
@@ -388,64 +367,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  (rows counted as non-blank lines of {train_file}; `validate` counts accepted rows)")
     out = rundir.new_run_dir(recipe.name, args.run_dir)
     rundir.write_json(out / "plan.json", {**plan, "model_config_source": source})
-    _CONTEXT["run_dir"] = out
+    outcome.run_dir = out
     print(f"Plan: {out / 'plan.json'}")
     return EXIT_FAILED if (plan.get("fit") or {}).get("fits") is False else EXIT_OK
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, outcome: Outcome) -> int:
     """The whole job. The last line names the run directory and the MLflow run id."""
-    from pipeline.checkpoints import ResumeError
-    from pipeline.data import LossMaskError
     from pipeline.model import DeviceUnavailable, ModelNotFound, RevisionMismatch, resolve_model_path
-    from pipeline.plan import DoesNotFit
 
-    recipe = _load(args)
+    recipe = _load(args, outcome)
     if recipe.model.init == "random":
-        print(
-            f"error: {args.recipe}: model.init: random builds random 4-bit weights to measure memory and speed "
-            "(scripts/gpu_probe.py); training needs the real weights: set model.init: pretrained",
-            file=sys.stderr,
+        raise UsageError(
+            f"{args.recipe}: model.init: random builds random 4-bit weights to measure memory and speed "
+            "(scripts/gpu_probe.py); training needs the real weights: set model.init: pretrained"
         )
-        return EXIT_USAGE
-    try:
-        # A missing base or a wrong revision is found here in well under a second, before torch, transformers
-        # and trl are imported (15 s on 2 cores) and before the data contract reads the splits.
-        resolve_model_path(recipe.model.path, recipe.model.revision)
-    except (ModelNotFound, RevisionMismatch) as exc:
-        print(f"error: {args.recipe}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        run_dir = _train_run_dir(args, recipe)
-        processes = _num_processes(args, recipe)
-    except (ResumeError, DeviceUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    outcome.name_recipe(args.recipe, ModelNotFound, RevisionMismatch)
+    # A missing base or a wrong revision is found here, before the slow torch/transformers/trl import
+    # (benchmarks/cli.md) and before the data contract reads the splits.
+    resolve_model_path(recipe.model.path, recipe.model.revision)
+    run_dir = _train_run_dir(args, recipe)
+    processes = _num_processes(args, recipe)  # its DeviceUnavailable is about the command line, not the recipe
     if (processes > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
-        return _launch(args, recipe, run_dir, processes)
+        return _launch(args, recipe, run_dir, processes, outcome)
     from pipeline.train import train  # heavy: torch, transformers, trl
 
-    try:
-        result = train(
-            recipe,
-            recipe_source=args.recipe,
-            run_dir=run_dir,
-            on_start=_CONTEXT.update,
-            force=args.force,
-            resume=args.resume is not None,
-        )
-    except ResumeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ModelNotFound, RevisionMismatch, DeviceUnavailable) as exc:
-        print(f"error: {args.recipe}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except DoesNotFit as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except LossMaskError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    outcome.name_recipe(args.recipe, ModelNotFound, RevisionMismatch, DeviceUnavailable)
+    result = train(
+        recipe,
+        recipe_source=args.recipe,
+        run_dir=run_dir,
+        on_start=outcome.update,
+        force=args.force,
+        resume=args.resume is not None,
+    )
     print(f"Run directory: {result.run_dir}  MLflow run: {result.mlflow_run_id or '(tracking disabled)'}")
     return EXIT_OK
 
@@ -453,39 +408,31 @@ def cmd_train(args: argparse.Namespace) -> int:
 SYSTEMS = ("base", "finetuned", "baseline")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_evaluate(args: argparse.Namespace, outcome: Outcome) -> int:
     """Re-score an existing run; the last line names the run directory and the MLflow run id."""
-    recipe = _load(args)
+    recipe = _load(args, outcome)
     run = args.run or args.run_dir
     if not run:
-        print("error: evaluate: pass --run RUN (a run directory or an MLflow run id)", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError("evaluate: pass --run RUN (a run directory or an MLflow run id)")
     if args.systems:
         systems = [s.strip() for s in args.systems.split(",") if s.strip()]
         unknown = [s for s in systems if s not in SYSTEMS]
         if unknown or not systems:
-            print(
-                f"error: --systems {args.systems}: unknown {', '.join(unknown) or '(empty)'}; choose from "
-                f"{', '.join(SYSTEMS)}",
-                file=sys.stderr,
+            raise UsageError(
+                f"--systems {args.systems}: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(SYSTEMS)}"
             )
-            return EXIT_USAGE
     else:
         systems = None  # evaluate.default_systems, the rule train uses too
     if systems and "baseline" in systems and recipe.baseline is None:
-        print(f"error: {args.recipe}: --systems baseline needs a baseline section in the recipe", file=sys.stderr)
-        return EXIT_USAGE
-    from pipeline.evaluate import RunNotFound, evaluate_existing
-    from pipeline.model import DeviceUnavailable, ModelNotFound
+        raise UsageError(f"{args.recipe}: --systems baseline needs a baseline section in the recipe")
+    from pipeline.evaluate import evaluate_existing
+    from pipeline.model import ModelNotFound, RevisionMismatch
 
-    try:
-        result, run_dir, run_id = evaluate_existing(recipe, run, systems=systems, recipe_source=args.recipe)
-    except (RunNotFound, ModelNotFound, DeviceUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    outcome.name_recipe(args.recipe, ModelNotFound, RevisionMismatch)
+    result, run_dir, run_id = evaluate_existing(recipe, run, systems=systems, recipe_source=args.recipe)
     from pipeline.tracking import tracking_uri
 
-    _CONTEXT.update(run_dir=run_dir, mlflow_run_id=run_id, tracking_uri=tracking_uri(recipe) if run_id else None)
+    outcome.update(run_dir=run_dir, mlflow_run_id=run_id, tracking_uri=tracking_uri(recipe) if run_id else None)
     print(f"Evaluation: {result.eval_dir / 'report.md'}")
     print(f"Run directory: {run_dir}  MLflow run: {run_id or '(tracking disabled)'}")
     return EXIT_OK
@@ -577,7 +524,9 @@ def _num_processes(args: argparse.Namespace, recipe) -> int:  # noqa: ANN001 - p
     return wanted
 
 
-def _launch(args: argparse.Namespace, recipe, run_dir: Path | None, processes: int) -> int:  # noqa: ANN001
+def _launch(  # noqa: ANN001 - recipe: pipeline.recipe.Recipe
+    args: argparse.Namespace, recipe, run_dir: Path | None, processes: int, outcome: Outcome
+) -> int:
     """Run this same train command as ``processes`` workers under torchrun and wait for them.
 
     torchrun (``torch.distributed.run``) starts the workers, gives each its RANK / LOCAL_RANK / WORLD_SIZE and
@@ -590,7 +539,7 @@ def _launch(args: argparse.Namespace, recipe, run_dir: Path | None, processes: i
 
     if run_dir is None:
         run_dir = rundir.new_run_dir(recipe.name, None)
-    _CONTEXT["run_dir"] = run_dir
+    outcome.run_dir = run_dir
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
     if args.nnodes > 1:
         command += [
@@ -611,13 +560,12 @@ def _launch(args: argparse.Namespace, recipe, run_dir: Path | None, processes: i
     print(f"Launching {processes} x {args.nnodes} training processes ({kind}) with torchrun; run directory {run_dir}")
     code = subprocess.call(command)
     if code != 0:
-        print(f"error: a training process failed (torchrun exit code {code}); see the messages above", file=sys.stderr)
-        return EXIT_FAILED
+        raise JobFailed(f"a training process failed (torchrun exit code {code}); see the messages above")
     print(f"Run directory: {run_dir}")
     return EXIT_OK
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
+def cmd_ui(args: argparse.Namespace, outcome: Outcome) -> int:
     """Start the MLflow UI for the configured store, on 127.0.0.1 unless told otherwise."""
     import os
 
@@ -625,26 +573,24 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from pipeline.tracking import tracking_uri, ui_command
 
     if args.recipe:
-        uri = tracking_uri(_load(args_with_no_overrides(args)))
+        uri = tracking_uri(_load(args_with_no_overrides(args), outcome))
     else:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
     from pipeline.privacy import EgressGuard
 
     if not EgressGuard().decide(args.host)[0]:
-        print(
-            f"error: ui --host {args.host}: the UI binds loopback addresses only (127.0.0.1, ::1), because "
+        raise UsageError(
+            f"ui --host {args.host}: the UI binds loopback addresses only (127.0.0.1, ::1), because "
             "it serves run data without authentication. For a team, run an authenticated MLflow server and "
-            "point tracking.uri at it.",
-            file=sys.stderr,
+            "point tracking.uri at it."
         )
-        return EXIT_USAGE
     command = ui_command(uri, args.host, args.port)
     print(f"MLflow UI for {redact_secrets(uri)} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     # Replace this process with the server, so Ctrl-C and kill reach it directly and nothing is orphaned.
     # The audit entry is written first: after exec this process no longer runs our code.
     from pipeline.privacy import install_egress_guard
 
-    _audit(args, EXIT_OK, install_egress_guard())
+    _audit(args, outcome, EXIT_OK, install_egress_guard())
     os.execv(command[0], command)
     return EXIT_OK  # not reached
 
@@ -654,7 +600,7 @@ def args_with_no_overrides(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(recipe=args.recipe, overrides=[])
 
 
-def cmd_sync(args: argparse.Namespace) -> int:
+def cmd_sync(args: argparse.Namespace, outcome: Outcome) -> int:
     """Replay a run's queued tracking calls to the MLflow store."""
     from pipeline.privacy import redact_secrets
     from pipeline.tracking import sync
@@ -666,8 +612,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    _CONTEXT["run_dir"] = Path(args.run_dir)
-    _load_run_recipe(Path(args.run_dir))
+    outcome.run_dir = Path(args.run_dir)
+    _load_run_recipe(Path(args.run_dir), outcome)
     try:
         run_id, sent = sync(args.run_dir, args.uri)
     except Exception as exc:  # noqa: BLE001 - the store is still unreachable: say so, keep the queue
@@ -678,12 +624,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    _CONTEXT["mlflow_run_id"] = run_id
+    outcome.mlflow_run_id = run_id
     print(f"Synced {sent} tracking operations from {args.run_dir} to MLflow run {run_id}")
     return EXIT_OK
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
+def cmd_audit(args: argparse.Namespace, outcome: Outcome) -> int:
     """Verify the audit chain; exit 1 when any entry was edited, removed or reordered."""
     import json
 
@@ -692,25 +638,25 @@ def cmd_audit(args: argparse.Namespace) -> int:
     log = Path(args.log) if args.log else audit_log_path()
     problems = verify(log)
     if problems:
-        for line in problems:
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_FAILED
+        raise AuditChainBroken(problems)
     lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
     entries, last = len(lines), json.loads(lines[-1])  # verify() reports an empty log, so there is a last one
     print(f"Audit log {log}: {entries} entries, chain intact (last entry {last['seq']}, hash {last['hash'][:16]}...)")
     return EXIT_OK
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(args: argparse.Namespace, outcome: Outcome) -> int:
     """Adapter-only export, and with --merge the streamed, verified merge; exit 1 when verification fails."""
-    from pipeline.export import ExportInputError, VerificationFailed, export_run  # heavy: torch
-    from pipeline.licenses import LicenseError
-    from pipeline.model import ModelNotFound
+    from pipeline.export import VerificationFailed, export_run  # heavy: torch
+    from pipeline.model import ModelNotFound, RevisionMismatch
 
     if Path(args.run).is_dir():
         # A run directory: its allow-list from the start. An MLflow run id: export_run applies the downloaded
         # recipe's allow-list once it has it (the store itself is reached as MLFLOW_TRACKING_URI allows).
-        _load_run_recipe(Path(args.run), args.overrides)
+        _load_run_recipe(Path(args.run), outcome, args.overrides)
+    outcome.name_recipe(
+        outcome.recipe_path or f"recipe.resolved.yaml of MLflow run {args.run}", ModelNotFound, RevisionMismatch
+    )
     try:
         report = export_run(
             args.run,
@@ -721,14 +667,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             register=args.register,
             tracking_uri=args.tracking_uri,
         )
-    except (ExportInputError, LicenseError, ModelNotFound) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except VerificationFailed as exc:
-        print(f"error: export verification failed: {exc}", file=sys.stderr)
-        _export_context(exc.report, args.overrides)
-        return EXIT_FAILED
-    _export_context(report, args.overrides)
+        _record_export(outcome, exc.report, args.overrides)  # what failed is kept, and is in the audit entry
+        raise
+    _record_export(outcome, report, args.overrides)
     where = report.get("merged_dir") or report["adapter_dir"]
     print(
         f"Export: {where}  report: {Path(report['out']) / 'export_report.json'}  MLflow run: {report['mlflow_run_id']}"
@@ -736,17 +678,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _export_context(report: dict, overrides: list[str]) -> None:
+def _record_export(outcome: Outcome, report: dict, overrides: list[str]) -> None:
     """The export's audit entry: the run's recipe, recipe and input hashes, output hashes, license acknowledgment.
 
     With the training run tracked, the entry is attached to that MLflow run like train's and evaluate's. The
     report's store URI has any inline password redacted; such a store then refuses the attachment and says so,
     and the entry stays in the audit log.
     """
-    if "recipe" not in _CONTEXT and report.get("run_dir"):
+    if outcome.recipe is None and report.get("run_dir"):
         # An MLflow run id: export_run fetched the run and loaded its recipe (with the same --set) a moment ago.
-        _load_run_recipe(Path(report["run_dir"]), overrides)
-    _CONTEXT.update(
+        _load_run_recipe(Path(report["run_dir"]), outcome, overrides)
+    outcome.update(
         run_dir=Path(report["out"]),
         mlflow_run_id=report["mlflow_run_id"],
         license_acknowledged=report["license_acknowledgment"],
@@ -754,7 +696,7 @@ def _export_context(report: dict, overrides: list[str]) -> None:
     )
 
 
-def cmd_runs(args: argparse.Namespace) -> int:
+def cmd_runs(args: argparse.Namespace, outcome: Outcome) -> int:
     """Tracked runs in the terminal, newest first."""
     import os
 
@@ -762,7 +704,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from pipeline.tracking import list_runs, probe_store, render_runs, tracking_uri
 
     if args.recipe:
-        recipe = _load(args_with_no_overrides(args))
+        recipe = _load(args_with_no_overrides(args), outcome)
         uri, experiment = tracking_uri(recipe), recipe.tracking.experiment or recipe.name
     else:
         uri, experiment = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db", None
@@ -772,11 +714,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         probe_store(uri)
     except EgressBlocked as exc:
         hint = "" if args.recipe else " Without a recipe only loopback is allowed: pass the recipe (runs RECIPE)."
-        print(f"error: {exc}{hint}", file=sys.stderr)
-        return EXIT_FAILED
+        raise JobFailed(f"{exc}{hint}") from exc
     except OSError as exc:
-        print(f"error: the tracking store {redact_secrets(uri)} does not answer: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        raise JobFailed(f"the tracking store {redact_secrets(uri)} does not answer: {exc}") from exc
     print(render_runs(list_runs(uri, experiment, args.limit)))
     return EXIT_OK
 

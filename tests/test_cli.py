@@ -58,3 +58,34 @@ def test_version_and_usage_errors():
     assert run_cli("--version").stdout.startswith("pipeline ")
     result = run_cli("train")
     assert result.returncode == 2 and "recipe" in result.stderr
+
+
+def test_a_missing_base_names_the_recipe_at_train_evaluate_and_export(trained_run, tiny_recipe_path, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from pipeline.cli import main
+
+    missing = tmp_path / "no-such-base"
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.run_dir, run)
+    (run / "summary.json").unlink()  # no MLflow run to reopen: this copy is scored on its own
+    resolved = run / "recipe.resolved.yaml"
+    ran = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    ran["model"]["path"] = str(missing)  # the run's base has been removed since it trained
+    resolved.write_text(yaml.safe_dump(ran, sort_keys=False), encoding="utf-8")
+    gone = f"model.path: {missing}: no such directory"
+
+    def errors(*argv: str) -> tuple[int, list[str]]:
+        code = main(list(argv))
+        return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+    new_base = ("--set", f"model.path={missing}")
+    code, lines = errors("train", str(tiny_recipe_path), *new_base, "--run-dir", str(tmp_path / "train"))
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {tiny_recipe_path}: {gone}"), lines
+    rescore = ("--set", "tracking.enabled=false", "--run", str(run), "--systems", "base")
+    code, lines = errors("evaluate", str(tiny_recipe_path), *new_base, *rescore)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {tiny_recipe_path}: {gone}"), lines
+    code, lines = errors("export", str(run), "--out", str(tmp_path / "export"))
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {resolved}: {gone}"), lines

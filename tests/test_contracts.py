@@ -611,8 +611,7 @@ def test_validate_command_does_not_keep_the_rows(tmp_path, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(pipeline.data, "validate_data", lambda *args, **kwargs: seen.update(kwargs))
-    monkeypatch.setattr(cli, "_CONTEXT", {})  # the module's per-command context, not shared with other tests
     recipe = str(ROOT / "recipes" / "quickstart.yaml")
     args = argparse.Namespace(recipe=recipe, overrides=[], run_dir=str(tmp_path / "run"))
-    assert cli.cmd_validate(args) == cli.EXIT_OK
+    assert cli.cmd_validate(args, cli.Outcome()) == cli.EXIT_OK
     assert seen == {"keep_rows": False}  # train keeps its rows for TRL; validate only writes the reports
