@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code. Every command that runs is appended to the audit log."""
-    from pipeline.privacy import EgressBlocked, install_egress_guard, offline_environment
+    from pipeline.egress import EgressBlocked, install_egress_guard, offline_environment
 
     offline_environment()  # before any library that could reach the network is imported
     guard = install_egress_guard(())  # loopback only until a recipe allows more
@@ -279,7 +279,7 @@ def audit_log_path() -> Path:
 
 def _audit(args: argparse.Namespace, code: int, guard) -> None:  # noqa: ANN001 - privacy.EgressGuard
     from pipeline import audit
-    from pipeline.privacy import redact_secrets
+    from pipeline.egress import redact_secrets
 
     run_dir = _CONTEXT.get("run_dir")
     record = {
@@ -323,7 +323,7 @@ def _audit(args: argparse.Namespace, code: int, guard) -> None:  # noqa: ANN001 
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - returns pipeline.recipe.Recipe
-    from pipeline.privacy import install_egress_guard
+    from pipeline.egress import install_egress_guard
     from pipeline.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -339,7 +339,7 @@ def _load_run_recipe(run_dir: Path, overrides: list[str] | tuple[str, ...] = ())
     reach would be refused when its queue is uploaded or its export attached. The recipe, its hash and its
     input hashes also go in the command's audit entry. None when the run has no resolved recipe.
     """
-    from pipeline.privacy import install_egress_guard
+    from pipeline.egress import install_egress_guard
     from pipeline.recipe import load_recipe
 
     resolved = Path(run_dir) / "recipe.resolved.yaml"
@@ -360,12 +360,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Recipe schema, input files, and every row against the contract; writes validation/ in the run dir."""
     from pipeline import rundir
     from pipeline.data import validate_data
+    from pipeline.model import tokenizer_or_reason
 
     recipe = _load(args)
     out = rundir.new_run_dir(recipe.name, args.run_dir)
     _CONTEXT["run_dir"] = out
     rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
-    validate_data(recipe, out, args.recipe, keep_rows=False)  # only the reports: the rows are not held
+    validate_data(recipe, out, tokenizer_or_reason, args.recipe, keep_rows=False)  # only the reports, not the rows
     print(f"Recipe {args.recipe} is valid; data meets the contract. Reports: {out / 'validation'}")
     return EXIT_OK
 
@@ -566,7 +567,7 @@ def _num_processes(args: argparse.Namespace, recipe) -> int:  # noqa: ANN001 - p
         if not env.cuda and recipe.hardware.device == "cuda":
             raise DeviceUnavailable(f"{wanted} GPU processes requested but no CUDA GPU is visible")
     if args.nnodes > 1:
-        from pipeline.privacy import install_egress_guard
+        from pipeline.egress import install_egress_guard
 
         allowed, _ = install_egress_guard(None).decide(args.master_addr)
         if not allowed:
@@ -621,14 +622,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
     """Start the MLflow UI for the configured store, on 127.0.0.1 unless told otherwise."""
     import os
 
-    from pipeline.privacy import redact_secrets
+    from pipeline.egress import redact_secrets
     from pipeline.tracking import tracking_uri, ui_command
 
     if args.recipe:
         uri = tracking_uri(_load(args_with_no_overrides(args)))
     else:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
-    from pipeline.privacy import EgressGuard
+    from pipeline.egress import EgressGuard
 
     if not EgressGuard().decide(args.host)[0]:
         print(
@@ -642,7 +643,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI for {redact_secrets(uri)} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     # Replace this process with the server, so Ctrl-C and kill reach it directly and nothing is orphaned.
     # The audit entry is written first: after exec this process no longer runs our code.
-    from pipeline.privacy import install_egress_guard
+    from pipeline.egress import install_egress_guard
 
     _audit(args, EXIT_OK, install_egress_guard())
     os.execv(command[0], command)
@@ -656,7 +657,7 @@ def args_with_no_overrides(args: argparse.Namespace) -> argparse.Namespace:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Replay a run's queued tracking calls to the MLflow store."""
-    from pipeline.privacy import redact_secrets
+    from pipeline.egress import redact_secrets
     from pipeline.tracking import sync
 
     pending = Path(args.run_dir) / "tracking" / "pending.jsonl"
@@ -758,7 +759,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     """Tracked runs in the terminal, newest first."""
     import os
 
-    from pipeline.privacy import EgressBlocked, redact_secrets
+    from pipeline.egress import EgressBlocked, redact_secrets
     from pipeline.tracking import list_runs, probe_store, render_runs, tracking_uri
 
     if args.recipe:

@@ -405,3 +405,15 @@ def build_random_base(config: dict[str, Any], recipe: Recipe, device: str, seed:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.config.use_cache = False
     return model
+
+
+def tokenizer_or_reason(recipe: Recipe) -> tuple[Any, str | None]:
+    """The recipe's tokenizer and None, or None and why it is not available (the base is not on this machine).
+
+    What ``data.validate_data`` is given for the contract's token checks: ``validate`` may run where the base is
+    not (a laptop checking data for a 70B run), and then skips them with a warning instead of failing.
+    """
+    try:
+        return load_tokenizer(resolve_model_path(recipe.model.path, recipe.model.revision)), None
+    except ModelNotFound as exc:
+        return None, f"tokenizer not available: {exc}"
