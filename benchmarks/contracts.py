@@ -82,7 +82,8 @@ def peak_rss_mb() -> float:
 def measure(mode: str, train: Path, evaluation: Path, sample: int) -> dict:
     """One measurement, in this process."""
     from pipeline import icd10cm
-    from pipeline.contracts import ContractRun, load_contract
+    from pipeline.contracts import load_contract
+    from pipeline.splits import ContractRun
 
     # One-time cost outside the timing: simple-icd-10-cm parses its table on import (3-12 s here, by load).
     loaded = time.perf_counter()
@@ -125,7 +126,7 @@ def measure(mode: str, train: Path, evaluation: Path, sample: int) -> dict:
         return validate_measure(mode, train, evaluation, table_seconds)
     lines = read_sample(train, sample)
     if mode == "pii":
-        from pipeline.privacy import PiiScanner
+        from pipeline.pii import PiiScanner
 
         scanner = PiiScanner(contract.pii.entities, contract.pii.min_score)
         notes = [json.loads(line)["note"] for line in lines]
@@ -170,7 +171,7 @@ def load_contract_tokens():  # noqa: ANN201, D103 - contracts.TokenRules
     return TokenRules(min_tokens=8)
 
 
-def tiny_token_counter():  # noqa: ANN201 - contracts.TokenCounter
+def tiny_token_counter():  # noqa: ANN201 - splits.TokenCounter
     """A 1,024-token byte-level BPE trained on demo notes (the quickstart's tokenizer kind), plain prompts."""
     from transformers import PreTrainedTokenizerFast
 

@@ -34,9 +34,9 @@ def main() -> None:
 
     from pipeline.data import sft_example
     from pipeline.demo import TinyModelSpec, build_demo_dataset, build_tiny_base
+    from pipeline.egress import offline_environment
     from pipeline.evaluate import generate
     from pipeline.model import eos_token_ids, load_base, load_tokenizer
-    from pipeline.privacy import offline_environment
     from pipeline.recipe import load_recipe
     from pipeline.tasks import get_task
 

@@ -77,12 +77,12 @@ def build_assets(root: Path) -> Path:
 def export_examples(recipe_path: Path, out: Path) -> None:
     """The rendered prompt/completion pairs the pipeline trains on, as JSON Lines for the plain script."""
     from pipeline.data import prompt_format, sft_example, validate_data
-    from pipeline.model import load_tokenizer
+    from pipeline.model import load_tokenizer, tokenizer_or_reason
     from pipeline.recipe import load_recipe
     from pipeline.tasks import get_task
 
     recipe = load_recipe(recipe_path)
-    data = validate_data(recipe, out.parent / "validation-export")
+    data = validate_data(recipe, out.parent / "validation-export", tokenizer_or_reason)
     fmt = prompt_format(recipe, load_tokenizer(Path(recipe.model.path)))
     task = get_task(recipe.task)
     with out.open("w", encoding="utf-8") as handle:
@@ -231,7 +231,7 @@ def main() -> None:
         print(json.dumps(plain(args.examples, args.model, args.out, args.mode, args.packing)))
         return
 
-    from pipeline.privacy import offline_environment
+    from pipeline.egress import offline_environment
 
     offline_environment()
     started = time.time()

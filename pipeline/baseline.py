@@ -33,8 +33,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline import rundir
+from pipeline.egress import EgressGuard, redact_secrets
 from pipeline.errors import JobFailed
-from pipeline.privacy import EgressGuard, redact_secrets
 from pipeline.recipe import BaselineSection
 from pipeline.tasks import Task
 

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     Each handler is called as ``handler(args, outcome)`` and returns the exit code; a project error it raises
     is printed here (``error:`` lines) and gives its own exit code.
     """
-    from pipeline.privacy import install_egress_guard, offline_environment
+    from pipeline.egress import install_egress_guard, offline_environment
 
     offline_environment()  # before any library that could reach the network is imported
     guard = install_egress_guard(())  # loopback only until a recipe allows more
@@ -255,7 +255,7 @@ def audit_log_path() -> Path:
 
 def _audit(args: argparse.Namespace, outcome: Outcome, code: int, guard) -> None:  # noqa: ANN001 - EgressGuard
     from pipeline import audit
-    from pipeline.privacy import redact_secrets
+    from pipeline.egress import redact_secrets
 
     run_dir = outcome.run_dir
     inputs_run_dir = outcome.inputs_run_dir if outcome.inputs_run_dir is not None else run_dir
@@ -300,7 +300,7 @@ def _audit(args: argparse.Namespace, outcome: Outcome, code: int, guard) -> None
 
 
 def _load(args: argparse.Namespace, outcome: Outcome):  # noqa: ANN202 - returns pipeline.recipe.Recipe
-    from pipeline.privacy import install_egress_guard
+    from pipeline.egress import install_egress_guard
     from pipeline.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -318,7 +318,7 @@ def _load_run_recipe(  # noqa: ANN202 - Recipe | None
     reach would be refused when its queue is uploaded or its export attached. The recipe, its hash and its
     input hashes also go in the command's audit entry. None when the run has no resolved recipe.
     """
-    from pipeline.privacy import install_egress_guard
+    from pipeline.egress import install_egress_guard
     from pipeline.recipe import load_recipe
 
     resolved = Path(run_dir) / "recipe.resolved.yaml"
@@ -339,12 +339,13 @@ def cmd_validate(args: argparse.Namespace, outcome: Outcome) -> int:
     """Recipe schema, input files, and every row against the contract; writes validation/ in the run dir."""
     from pipeline import rundir
     from pipeline.data import validate_data
+    from pipeline.model import tokenizer_or_reason
 
     recipe = _load(args, outcome)
     out = rundir.new_run_dir(recipe.name, args.run_dir)
     outcome.run_dir = out
     rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
-    validate_data(recipe, out, args.recipe, keep_rows=False)  # only the reports: the rows are not held
+    validate_data(recipe, out, tokenizer_or_reason, args.recipe, keep_rows=False)  # only the reports, not the rows
     print(f"Recipe {args.recipe} is valid; data meets the contract. Reports: {out / 'validation'}")
     return EXIT_OK
 
@@ -513,7 +514,7 @@ def _num_processes(args: argparse.Namespace, recipe) -> int:  # noqa: ANN001 - p
         if not env.cuda and recipe.hardware.device == "cuda":
             raise DeviceUnavailable(f"{wanted} GPU processes requested but no CUDA GPU is visible")
     if args.nnodes > 1:
-        from pipeline.privacy import install_egress_guard
+        from pipeline.egress import install_egress_guard
 
         allowed, _ = install_egress_guard(None).decide(args.master_addr)
         if not allowed:
@@ -569,14 +570,14 @@ def cmd_ui(args: argparse.Namespace, outcome: Outcome) -> int:
     """Start the MLflow UI for the configured store, on 127.0.0.1 unless told otherwise."""
     import os
 
-    from pipeline.privacy import redact_secrets
+    from pipeline.egress import redact_secrets
     from pipeline.tracking import tracking_uri, ui_command
 
     if args.recipe:
         uri = tracking_uri(_load(args_with_no_overrides(args), outcome))
     else:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
-    from pipeline.privacy import EgressGuard
+    from pipeline.egress import EgressGuard
 
     if not EgressGuard().decide(args.host)[0]:
         raise UsageError(
@@ -588,7 +589,7 @@ def cmd_ui(args: argparse.Namespace, outcome: Outcome) -> int:
     print(f"MLflow UI for {redact_secrets(uri)} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     # Replace this process with the server, so Ctrl-C and kill reach it directly and nothing is orphaned.
     # The audit entry is written first: after exec this process no longer runs our code.
-    from pipeline.privacy import install_egress_guard
+    from pipeline.egress import install_egress_guard
 
     _audit(args, outcome, EXIT_OK, install_egress_guard())
     os.execv(command[0], command)
@@ -602,7 +603,7 @@ def args_with_no_overrides(args: argparse.Namespace) -> argparse.Namespace:
 
 def cmd_sync(args: argparse.Namespace, outcome: Outcome) -> int:
     """Replay a run's queued tracking calls to the MLflow store."""
-    from pipeline.privacy import redact_secrets
+    from pipeline.egress import redact_secrets
     from pipeline.tracking import sync
 
     pending = Path(args.run_dir) / "tracking" / "pending.jsonl"
@@ -700,7 +701,7 @@ def cmd_runs(args: argparse.Namespace, outcome: Outcome) -> int:
     """Tracked runs in the terminal, newest first."""
     import os
 
-    from pipeline.privacy import EgressBlocked, redact_secrets
+    from pipeline.egress import EgressBlocked, redact_secrets
     from pipeline.tracking import list_runs, probe_store, render_runs, tracking_uri
 
     if args.recipe:

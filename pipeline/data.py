@@ -6,23 +6,17 @@ tokenizer or a ``datasets.Dataset`` import those libraries inside.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import rundir
-from pipeline.contracts import (
-    ContractFailed,
-    ContractRun,
-    DataContract,
-    SplitResult,
-    TokenCounter,
-    build_report,
-    load_contract,
-    over_threshold,
-)
+from pipeline.contracts import DataContract, load_contract
 from pipeline.errors import JobFailed
 from pipeline.recipe import Recipe, RecipeError, check_data_files
+from pipeline.records import ContractFailed
+from pipeline.splits import ContractRun, SplitResult, TokenCounter, build_report, over_threshold
 from pipeline.tasks import Task, get_task
 
 
@@ -36,8 +30,16 @@ class ValidatedData:
     report: dict[str, Any]
 
 
+# tokenizer_for(recipe) -> (tokenizer, None), or (None, why it is not available): model.tokenizer_or_reason.
+TokenizerSource = Callable[[Recipe], tuple[Any, str | None]]
+
+
 def validate_data(
-    recipe: Recipe, out_dir: str | Path, recipe_source: str | Path = "recipe", keep_rows: bool = True
+    recipe: Recipe,
+    out_dir: str | Path,
+    tokenizer_for: TokenizerSource | None = None,
+    recipe_source: str | Path = "recipe",
+    keep_rows: bool = True,
 ) -> ValidatedData:
     """Check both splits against the recipe's contract and write ``validation/`` in ``out_dir``.
 
@@ -51,6 +53,11 @@ def validate_data(
     Args:
         recipe: The recipe (its data files, contract and ``training.max_length``).
         out_dir: The run directory; reports go to ``validation/`` inside it.
+        tokenizer_for: Gives the recipe's tokenizer for the contract's ``tokens`` checks
+            (``model.tokenizer_or_reason``). Called only when the contract has a ``tokens`` section, after the
+            contract is loaded: a tokenizer takes seconds to load. When it gives (None, reason), the token
+            checks are skipped with a warning and the reason in the report. Only a contract without
+            ``tokens`` may be checked without it.
         recipe_source: The recipe file, for error messages and relative paths.
         keep_rows: Return the accepted rows (training needs them). ``validate`` passes False: memory then holds
             only the per-row state the dataset checks need, not the rows.
@@ -64,7 +71,7 @@ def validate_data(
     contract = load_contract(recipe.data.contract)
     counter, token_status = None, None
     if contract.tokens is not None:
-        counter, token_status = _token_counter(recipe, recipe_source)
+        counter, token_status = _token_counter(recipe, recipe_source, tokenizer_for)
     run = ContractRun(contract, measure_tokens=counter, max_length=recipe.training.max_length, keep_rows=keep_rows)
     splits = [run.split(name, getattr(recipe.data, name)) for name in ("train", "eval")]
     dataset = run.finish()
@@ -84,19 +91,20 @@ def validate_data(
     return ValidatedData(contract=contract, train=splits[0], eval=splits[1], report=report)
 
 
-def _token_counter(recipe: Recipe, recipe_source: str | Path) -> tuple[TokenCounter | None, dict[str, Any]]:
+def _token_counter(
+    recipe: Recipe, recipe_source: str | Path, tokenizer_for: TokenizerSource | None
+) -> tuple[TokenCounter | None, dict[str, Any]]:
     """The recipe's tokenizer as a batch token counter, or a 'skipped' status when the model is not here.
 
     ``validate`` runs where the base may not be (a laptop checking data for a 70B run): token checks are then
     skipped with a warning in the terminal and the report. ``train`` always has the model, so they always run.
     """
-    from pipeline.model import ModelNotFound, load_tokenizer, resolve_model_path
-    from pipeline.tasks import get_task
-
-    try:
-        tokenizer = load_tokenizer(resolve_model_path(recipe.model.path, recipe.model.revision))
-    except ModelNotFound as exc:
-        reason = f"tokenizer not available: {exc}"
+    if tokenizer_for is None:
+        raise ValueError(
+            f"{recipe.data.contract} has token checks: validate_data needs tokenizer_for (model.tokenizer_or_reason)"
+        )
+    tokenizer, reason = tokenizer_for(recipe)
+    if tokenizer is None:
         print(f"warning: {recipe_source}: token-length checks skipped: {reason}")
         return None, {"status": "skipped", "reason": reason}
     task = get_task(recipe.task)

@@ -950,11 +950,12 @@ def evaluate_existing(
     import tempfile
 
     from pipeline.data import task_for, validate_data
+    from pipeline.model import tokenizer_or_reason
     from pipeline.tracking import Tracker
 
     run_dir, run_id = resolve_run(recipe, run)
     with tempfile.TemporaryDirectory(prefix="pipeline-revalidate-") as scratch:
-        data = validate_data(recipe, scratch, recipe_source)
+        data = validate_data(recipe, scratch, tokenizer_or_reason, recipe_source)
     check_run_matches(recipe, run_dir, data)
     task = task_for(recipe, data.contract)
     plan_file = run_dir / "plan.json"

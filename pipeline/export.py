@@ -535,8 +535,8 @@ def export_run(
         VerificationFailed: The merged model disagrees with the evaluated one (exit 1), after the report is written.
     """
     from pipeline import licenses
+    from pipeline.egress import redact_secrets, update_allowed_hosts
     from pipeline.model import resolve_model_path
-    from pipeline.privacy import redact_secrets, update_allowed_hosts
     from pipeline.recipe import load_recipe
     from pipeline.tracking import tracking_uri as recipe_tracking_uri
 
@@ -715,10 +715,10 @@ def _write_export(
 def _verification_examples(recipe: Recipe, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The first ``export.verify_examples`` accepted eval rows, validated like training saw them."""
     from pipeline.data import prompt_format, sft_example, validate_data
-    from pipeline.model import load_tokenizer, resolve_model_path
+    from pipeline.model import load_tokenizer, resolve_model_path, tokenizer_or_reason
     from pipeline.tasks import get_task
 
-    data = validate_data(recipe, out / "verification")
+    data = validate_data(recipe, out / "verification", tokenizer_or_reason)
     rows = data.eval.rows[: recipe.export.verify_examples]
     tokenizer = load_tokenizer(resolve_model_path(recipe.model.path, recipe.model.revision))
     fmt = prompt_format(recipe, tokenizer)
@@ -737,7 +737,7 @@ def _track_export(
     metrics, like the adapter's version.
     """
     from pipeline import licenses
-    from pipeline.privacy import redact_secrets
+    from pipeline.egress import redact_secrets
     from pipeline.tracking import annotate_export, register_export
 
     v = report.get("verification") or {}

@@ -462,3 +462,15 @@ def _local_rank() -> int:
     import os
 
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def tokenizer_or_reason(recipe: Recipe) -> tuple[Any, str | None]:
+    """The recipe's tokenizer and None, or None and why it is not available (the base is not on this machine).
+
+    What ``data.validate_data`` is given for the contract's token checks: ``validate`` may run where the base is
+    not (a laptop checking data for a 70B run), and then skips them with a warning instead of failing.
+    """
+    try:
+        return load_tokenizer(resolve_model_path(recipe.model.path, recipe.model.revision)), None
+    except ModelNotFound as exc:
+        return None, f"tokenizer not available: {exc}"

@@ -24,8 +24,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from pipeline.egress import redact_secrets
 from pipeline.errors import UsageError
-from pipeline.privacy import redact_secrets
 
 RECIPE_KEYS_ALLOWED_OUTSIDE_SCHEMA = ("extends",)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.privacy import redact_secrets
+from pipeline.egress import redact_secrets
 from pipeline.recipe import Recipe, flatten
 from pipeline.rundir import sha256_file
 

@@ -23,6 +23,7 @@ from trl import SFTConfig, SFTTrainer
 from pipeline import __version__, checkpoints, licenses, rundir
 from pipeline.contracts import ContractFailed
 from pipeline.data import check_loss_masks, prompt_format, sft_example, task_for, to_dataset, validate_data
+from pipeline.egress import redact_secrets
 from pipeline.env import Env, environment_report, gather
 from pipeline.evaluate import LocalModel, evaluate_run
 from pipeline.model import (
@@ -36,10 +37,10 @@ from pipeline.model import (
     load_tokenizer,
     resolve_model_path,
     restore_adapter_dtype,
+    tokenizer_or_reason,
     uses_fsdp,
 )
 from pipeline.plan import DoesNotFit, find_model_config, make_plan, render_plan
-from pipeline.privacy import redact_secrets
 from pipeline.recipe import Recipe
 from pipeline.tracking import LineageTracker, Tracker, dataset_inputs, lineage_tags, params_for
 
@@ -259,7 +260,7 @@ def _train(
 
         # 1. Data: the contract runs before any weights load; bad rows go to quarantine, not to training.
         try:
-            data = validate_data(recipe, reports_dir, recipe_source)
+            data = validate_data(recipe, reports_dir, tokenizer_or_reason, recipe_source)
         except ContractFailed:
             # The reviewer of a failed run in MLflow needs the reason: the report and the quarantine.
             if (out / "validation").is_dir():

@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="gpu_probe.json", help="JSON result (default gpu_probe.json)")
     args = parser.parse_args(argv)
 
-    from pipeline.privacy import offline_environment
+    from pipeline.egress import offline_environment
     from pipeline.recipe import RecipeError
     from pipeline.rundir import write_json
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Same as every command: no library may reach the network during tests.
-from pipeline.privacy import offline_environment  # noqa: E402
+from pipeline.egress import offline_environment  # noqa: E402
 
 offline_environment()
 os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -33,7 +33,7 @@ def test_help_is_fast_and_imports_no_heavy_library():
         "pipeline.cli",
         "pipeline.tasks",
         "pipeline.data",
-        "pipeline.privacy",
+        "pipeline.egress",
         "pipeline.licenses",
         "pipeline.checkpoints",
     ],

@@ -3,8 +3,9 @@ import json
 import pytest
 from conftest import ROOT
 
-from pipeline.contracts import check_row, load_contract, validate_split
+from pipeline.contracts import check_row, load_contract
 from pipeline.recipe import RecipeError
+from pipeline.splits import validate_split
 
 CONTRACT = load_contract(ROOT / "data_contracts" / "medical_coding.yaml")
 GOOD = {"id": "n1", "note": "Pt with h/o essential hypertension, stable.", "codes": ["I10"]}
@@ -127,7 +128,7 @@ def write_rows(path, rows):
 
 
 def run_contract(contract, train, evaluation, measure=None, max_length=None):
-    from pipeline.contracts import ContractRun
+    from pipeline.splits import ContractRun
 
     run = ContractRun(contract, measure_tokens=measure, max_length=max_length)
     splits = [run.split("train", train), run.split("eval", evaluation)]
@@ -241,13 +242,14 @@ def test_over_long_examples_are_quarantined_because_truncation_would_cut_the_cod
 
 def test_token_lengths_use_the_recipes_tokenizer(tmp_path, tiny_assets, tiny_recipe_path):
     from pipeline.data import validate_data
+    from pipeline.model import tokenizer_or_reason
     from pipeline.recipe import load_recipe
 
     rows = [json.loads(line) for line in (tiny_assets["data"] / "train.jsonl").read_text().splitlines()][:40]
     rows[7]["note"] = rows[7]["note"] + " Follow up in 3 months." * 80  # over 400 tokens
     train = write_rows(tmp_path / "train.jsonl", rows)
     recipe = load_recipe(tiny_recipe_path, [f"data.train={train}"])  # max_length 384
-    data = validate_data(recipe, tmp_path / "run")
+    data = validate_data(recipe, tmp_path / "run", tokenizer_or_reason)
     assert data.report["dataset"]["tokens"]["status"] == "measured"
     (q,) = data.train.quarantined
     assert q["row"] == 8 and q["reasons"][0]["check"] == "max_tokens"
@@ -258,8 +260,39 @@ def test_token_lengths_use_the_recipes_tokenizer(tmp_path, tiny_assets, tiny_rec
     assert "| train | max_tokens | quarantine | 1 | 8 |" in (out / "report.md").read_text()
 
 
+def test_token_checks_are_skipped_with_a_warning_when_the_model_is_not_here(tmp_path, tiny_assets, capsys):
+    from pipeline.data import validate_data
+    from pipeline.model import tokenizer_or_reason
+    from pipeline.recipe import load_recipe
+
+    train, evalf = tiny_assets["data"] / "train.jsonl", tiny_assets["data"] / "eval.jsonl"
+    overrides = [f"data.train={train}", f"data.eval={evalf}", f"model.path={tmp_path / 'absent-model'}"]
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
+    tokenizer, reason = tokenizer_or_reason(recipe)
+    assert tokenizer is None and reason.startswith("tokenizer not available: ") and "absent-model" in reason
+    data = validate_data(recipe, tmp_path / "run", tokenizer_or_reason, "r.yaml")
+    assert data.report["dataset"]["tokens"] == {"status": "skipped", "reason": reason}
+    assert f"warning: r.yaml: token-length checks skipped: {reason}" in capsys.readouterr().out
+    assert "tokens" not in data.report["splits"]["train"]
+
+
+def test_the_tokenizer_is_asked_for_only_when_the_contract_has_token_checks(tmp_path, tiny_assets):
+    from pipeline.data import validate_data
+    from pipeline.recipe import load_recipe
+
+    asked = []
+    overrides = [f"data.train={tiny_assets['data'] / 'train.jsonl'}", f"data.eval={tiny_assets['data'] / 'eval.jsonl'}"]
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
+    contract = str(light_contract(tmp_path))
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"contract": contract})})
+    data = validate_data(recipe, tmp_path / "run", lambda r: asked.append(r) or (None, "unused"))
+    assert asked == [] and "tokens" not in data.report["dataset"]
+    with pytest.raises(ValueError, match="needs tokenizer_for"):
+        validate_data(load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides), tmp_path / "run2")
+
+
 def test_min_rows_and_empty_file_stop_the_job(tmp_path):
-    from pipeline.contracts import over_threshold
+    from pipeline.splits import over_threshold
 
     rules = CONTRACT.dataset.model_copy(update={"min_rows": {"train": 5}})
     contract = CONTRACT.model_copy(update={"dataset": rules})
@@ -339,7 +372,7 @@ def test_parquet_input_streams_row_groups(tmp_path):
     assert result.rows_in == 10 and result.rows_accepted == 9
     assert reasons_of(result) == {5: {("required", "note"), ("billable", "codes[0]")}}
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
-    from pipeline.contracts import DataFileError
+    from pipeline.records import DataFileError
 
     with pytest.raises(DataFileError, match=r"bad\.parquet: not a readable Parquet file"):
         validate_split("train", tmp_path / "bad.parquet", CONTRACT)
@@ -399,7 +432,7 @@ def test_compiled_row_check_passes_exactly_the_rows_check_row_passes(row, extra)
 
 
 def test_fast_json_path_keeps_integers_beyond_64_bits_exact():
-    from pipeline.contracts import _parse_line
+    from pipeline.records import _parse_line
 
     big = 123456789012345678901234567890
     value, reasons = _parse_line(json.dumps({**GOOD, "id": big, "n": -9223372036854775809}).encode() + b"\n")
@@ -478,9 +511,9 @@ def light_contract(tmp_path, **changes):
 
 
 def test_report_lists_every_check_run_and_pairs_file_holds_every_pair(tmp_path, capsys):
-    from pipeline.contracts import PAIRS
     from pipeline.data import validate_data
     from pipeline.recipe import load_recipe
+    from pipeline.splits import PAIRS
 
     contract = light_contract(tmp_path, max_quarantine_fraction=1.0)
     train_rows = [note_row(i) for i in range(30)] + [{**note_row(i % 30), "id": f"c{i}"} for i in range(120)]

@@ -3,8 +3,9 @@ import json
 import pytest
 from conftest import ROOT
 
-from pipeline.contracts import load_contract, validate_split
+from pipeline.contracts import load_contract
 from pipeline.demo import build_demo_dataset, phrasings
+from pipeline.splits import validate_split
 
 
 def test_demo_data_is_deterministic_valid_and_leak_free(tmp_path):

@@ -15,9 +15,10 @@ from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.contracts import load_contract, validate_split
+from pipeline.contracts import load_contract
 from pipeline.plan import make_plan
 from pipeline.recipe import RecipeError, load_recipe
+from pipeline.splits import validate_split
 
 QUICK = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
 CONTRACT = yaml.safe_load((ROOT / "data_contracts" / "medical_coding.yaml").read_text())
@@ -228,7 +229,7 @@ csv_cells = st.one_of(
     copies=st.lists(st.integers(0, 14), max_size=4),
 )
 def test_train_and_eval_with_dataset_checks_reconcile(tmp_path_factory, train_lines, eval_lines, copies):
-    from pipeline.contracts import ContractRun
+    from pipeline.splits import ContractRun
 
     base = tmp_path_factory.mktemp("v2")
     good = [

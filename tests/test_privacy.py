@@ -1,4 +1,5 @@
-"""Egress guard and offline environment. Only loopback addresses are ever connected to here."""
+"""Egress guard and offline environment (``egress``), and the PII scanner (``pii``). Only loopback addresses are
+ever connected to here."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from pipeline.privacy import EgressBlocked, EgressGuard
+from pipeline.egress import EgressBlocked, EgressGuard
 
 
 @pytest.mark.parametrize(
@@ -68,7 +69,7 @@ def test_refusal_names_the_destination_and_the_recipe_key():
 
 GUARDED_CONNECT = r"""
 import socket, sys
-from pipeline.privacy import EgressBlocked, EgressGuard
+from pipeline.egress import EgressBlocked, EgressGuard
 
 open_server = socket.create_server(("127.0.0.1", 0))
 closed_server = socket.create_server(("127.0.0.2", 0))
@@ -107,9 +108,9 @@ def test_every_command_runs_offline_and_guarded_with_the_recipe_allow_list():
     code = (
         "import os\nfrom pipeline.cli import main\n"
         "main(['plan', 'recipes/quickstart.yaml', '--set', 'privacy.allowed_hosts=[10.9.9.9]'])\n"
-        "from pipeline import privacy\n"
-        "print('GUARD', privacy._GUARD.allowed_hosts, privacy._GUARD.decide('10.9.9.9')[0],"
-        " privacy._GUARD.decide('10.9.9.8')[0])\n"
+        "from pipeline import egress\n"
+        "print('GUARD', egress._GUARD.allowed_hosts, egress._GUARD.decide('10.9.9.9')[0],"
+        " egress._GUARD.decide('10.9.9.8')[0])\n"
         "print('ENV', os.environ['HF_HUB_OFFLINE'], os.environ['MLFLOW_DISABLE_TELEMETRY'],"
         " os.environ['HF_HUB_DISABLE_TELEMETRY'])\n"
     )
@@ -122,7 +123,7 @@ def test_every_command_runs_offline_and_guarded_with_the_recipe_allow_list():
 
 
 def test_secrets_are_redacted_from_text_bound_for_tracking():
-    from pipeline.privacy import redact_secrets
+    from pipeline.egress import redact_secrets
 
     assert redact_secrets("https://alice:s3cr3t@mlflow.internal:5000/x") == "https://alice:***@mlflow.internal:5000/x"
     assert redact_secrets("http://h/api?token=abc&x=1&api_key=zz") == "http://h/api?token=***&x=1&api_key=***"
@@ -190,13 +191,13 @@ def test_ui_refuses_to_bind_beyond_loopback():
 
 
 # --------------------------------------------------------------------------------------------------
-# PII/PHI detection (Presidio pattern recognizers, offline)
+# PII/PHI detection (pipeline.pii: Presidio pattern recognizers, offline)
 
 
 def test_pii_scanner_finds_each_entity_and_never_touches_the_network(monkeypatch):
     import socket
 
-    from pipeline.privacy import PiiScanner, redact
+    from pipeline.pii import PiiScanner, redact
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"network call attempted: {args}")
@@ -230,7 +231,10 @@ def test_pii_scanner_finds_each_entity_and_never_touches_the_network(monkeypatch
 
 
 def test_pii_detector_is_not_imported_by_light_modules():
-    code = "import sys, pipeline.contracts, pipeline.data, pipeline.privacy; print('presidio_analyzer' in sys.modules)"
+    code = (
+        "import sys, pipeline.contracts, pipeline.data, pipeline.egress, pipeline.pii; "
+        "print('presidio_analyzer' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -240,18 +244,18 @@ def test_pii_detector_is_not_imported_by_light_modules():
 
 RUN_COMMANDS = r"""
 import sys
-from pipeline import privacy
+from pipeline import egress
 
 # The guard main() would install, but with loopback refused too, so that a refusal can be watched on a
 # loopback address (127.0.0.2) without ever addressing another machine.
-privacy._GUARD = privacy.EgressGuard((), allow_loopback=False)
-sys.addaudithook(privacy._GUARD.audit_hook)
+egress._GUARD = egress.EgressGuard((), allow_loopback=False)
+sys.addaudithook(egress._GUARD.audit_hook)
 from pipeline.cli import main
 
 for argv in (["sync", sys.argv[1]], ["export", sys.argv[1]]):
     code = main(argv)
-    print("AFTER", argv[0], code, privacy._GUARD.allowed_hosts, privacy._GUARD.decide("127.0.0.3")[0],
-          privacy._GUARD.decide("127.0.0.2")[0], flush=True)
+    print("AFTER", argv[0], code, egress._GUARD.allowed_hosts, egress._GUARD.decide("127.0.0.3")[0],
+          egress._GUARD.decide("127.0.0.2")[0], flush=True)
 """
 
 
