@@ -11,21 +11,26 @@ worse, silently continues from a mix of two steps. So:
 - ``latest_valid(checkpoints_dir)`` walks the checkpoints newest first and returns the first whose files all
   match their seal. Each one skipped is named with the reason and, in the process that owns the run (rank 0),
   renamed to ``invalid-checkpoint-<step>`` so the trainer's rotation never counts it as a checkpoint again.
+- ``resume_checkpoint(run_dir, recipe)`` is ``train --resume``'s prologue: the run may be resumed, and from
+  which checkpoint; ``check_train_split`` then refuses a train split that changed since the run started.
 
 Light module (standard library only): the launcher process uses it before any worker starts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline import rundir
 from pipeline.errors import UsageError
 from pipeline.recipe import flatten
+
+if TYPE_CHECKING:
+    from pipeline.recipe import Recipe
 
 SEAL = "pipeline_checkpoint.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -48,12 +53,10 @@ def seal(checkpoint: str | Path, step: int) -> dict:
     checkpoint = Path(checkpoint)
     files = {}
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != SEAL):
-        digest = hashlib.sha256()
         with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
             os.fsync(handle.fileno())  # the data is on disk before the seal that vouches for it
-        files[path.relative_to(checkpoint).as_posix()] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        sealed = {"bytes": path.stat().st_size, "sha256": rundir.sha256_file(path)}
+        files[path.relative_to(checkpoint).as_posix()] = sealed
     record = {"step": step, "files": files}
     rundir.write_json(checkpoint / SEAL, record)
     return record
@@ -186,4 +189,63 @@ def check_resumable(run_dir: str | Path, recipe_yaml: str) -> None:
             f"--resume {run_dir}: the recipe differs from the one the run started with ({saved_path}): {shown}"
             f"{' ...' if len(changed) > 8 else ''}. A checkpoint continues the same job; resume with the same "
             "recipe and --set options, or start a new run."
+        )
+
+
+def resume_checkpoint(run_dir: str | Path | None, recipe: Recipe, *, set_aside: bool = True) -> Path:
+    """The checkpoint ``train --resume`` continues ``run_dir`` from, said out loud, after every check.
+
+    The run must be unfinished and started with this recipe (``check_resumable``); the newest checkpoint whose
+    files match their seal is taken (``latest_valid``), each one skipped printed as a warning.
+
+    Args:
+        run_dir: The run directory to continue.
+        recipe: The recipe given now.
+        set_aside: Rename invalid checkpoints aside (the process that owns the run, rank 0, only).
+
+    Raises:
+        ResumeError: No run directory, a finished run, a changed recipe, or no complete checkpoint.
+    """
+    if run_dir is None:
+        raise ResumeError("resume needs the run directory to continue")
+    out = Path(run_dir)
+    check_resumable(out, recipe.to_yaml())
+    found = latest_valid(out / "checkpoints", set_aside=set_aside)
+    for message in found.skipped:
+        print(f"warning: {message}", flush=True)
+    if found.checkpoint is None:
+        raise ResumeError(
+            f"--resume {out}: no complete checkpoint in {out / 'checkpoints'} (the run stopped before its first "
+            f"checkpoint at step {recipe.training.save_steps}); start it again with `train` instead"
+        )
+    print(f"Resuming {out} from {found.checkpoint} (step {checkpoint_step(found.checkpoint)})", flush=True)
+    return found.checkpoint
+
+
+def check_train_split(run_dir: str | Path, report: dict[str, Any], train_path: str | Path) -> None:
+    """Refuse to resume when the train split differs from the one the run was first validated on.
+
+    The checkpoint's data position counts rows of the original split; on other data it means nothing.
+
+    Args:
+        run_dir: The resumed run, whose ``validation/report.json`` is the record of the data it started on.
+        report: The validation report of the data given now.
+        train_path: The train split's file, named in the error.
+
+    Raises:
+        ResumeError: The SHA-256 of the train split changed.
+    """
+    import json
+
+    out = Path(run_dir)
+    earlier = out / "validation" / "report.json"
+    if not earlier.is_file():
+        return
+    splits = json.loads(earlier.read_text(encoding="utf-8"))["splits"]
+    started_on = {name: split["sha256"] for name, split in splits.items()}
+    if started_on and started_on.get("train") != report["splits"]["train"]["sha256"]:
+        raise ResumeError(
+            f"--resume {out}: the train split {train_path} changed since the run started (SHA-256 "
+            "differs from validation/report.json), so the checkpoint's data position means nothing; "
+            "start a new run"
         )

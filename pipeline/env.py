@@ -104,3 +104,24 @@ def environment_report() -> dict[str, object]:
         "gpus": driver_gpus or [],
         "packages": packages,
     }
+
+
+def project_commit() -> str:
+    """Git commit of the pipeline code that ran ('+dirty' with uncommitted changes), or 'unknown'."""
+    import subprocess
+    from pathlib import Path
+
+    where = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")

@@ -474,3 +474,28 @@ def tokenizer_or_reason(recipe: Recipe) -> tuple[Any, str | None]:
         return load_tokenizer(resolve_model_path(recipe.model.path, recipe.model.revision)), None
     except ModelNotFound as exc:
         return None, f"tokenizer not available: {exc}"
+
+
+def weight_files_digest(model_dir: str | Path) -> tuple[str, dict[str, str]]:
+    """SHA-256 over the base's weight files: (combined digest, per-file digests).
+
+    A file in the Hugging Face cache is a symlink to a blob named by its own SHA-256 (for LFS files), so that name
+    is used rather than re-reading 140 GB; other files are hashed. The combined digest hashes the sorted
+    ``name:sha256`` lines, so it changes when any weight file does.
+    """
+    import hashlib
+    import re
+
+    from pipeline.rundir import sha256_file
+
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    digests = {}
+    for path in files:
+        target = path.resolve()
+        if path.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", target.name):
+            digests[path.name] = target.name
+            continue
+        digests[path.name] = sha256_file(target)
+    combined = hashlib.sha256("\n".join(f"{k}:{v}" for k, v in digests.items()).encode()).hexdigest()
+    return combined, digests

@@ -2,8 +2,10 @@
 
 One MLflow run per ``train``. The default store is a SQLite file in the working directory
 (``sqlite:///mlruns.db``) with artifacts in ``mlartifacts/`` beside it; ``MLFLOW_TRACKING_URI`` in the
-environment, then ``tracking.uri`` in the recipe, choose another. Params are the resolved recipe flattened
-to dotted keys and sent in batches within MLflow's limits, so a long value or many keys never crash a run.
+environment, then ``tracking.uri`` in the recipe, choose another (``tracking_uri`` is the one rule). Params are
+the resolved recipe flattened to dotted keys and sent in batches within MLflow's limits, so a long value or many
+keys never crash a run. The lineage facts that are not MLflow's (git commit, weight digests) are computed by
+the caller (``env.project_commit``, ``model.weight_files_digest``) and passed in.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pipeline import rundir
 from pipeline.egress import redact_secrets
+from pipeline.errors import JobFailed, UsageError
 from pipeline.recipe import Recipe, flatten
-from pipeline.rundir import sha256_file
 
 # MLflow's own limits (mlflow.utils.validation): 100 params per batch call, 6,000 characters per value,
 # 250 per key. Values are cut with a marker rather than rejected.
@@ -27,11 +30,25 @@ PARAMS_PER_BATCH = 100
 MAX_PARAM_VALUE = 6000
 MAX_KEY = 250
 TRUNCATED = "...[truncated]"
+DEFAULT_URI = "sqlite:///mlruns.db"
 
 
-def tracking_uri(recipe: Recipe) -> str:
-    """The store to use: MLFLOW_TRACKING_URI wins over the recipe."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or recipe.tracking.uri
+def tracking_uri(recipe: Recipe | None = None, *, explicit: str | None = None, configured: str | None = None) -> str:
+    """The MLflow store to use, by the one rule: ``explicit`` > ``MLFLOW_TRACKING_URI`` > configured > the default.
+
+    Args:
+        recipe: A recipe whose ``tracking.uri`` is the configured store (unless ``configured`` is given).
+        explicit: A store named for this one call (e.g. ``export --tracking-uri``); wins over everything.
+        configured: The store a run was meant for, where there is no recipe (``sync``: the queue's own store).
+
+    Returns:
+        The URI; ``sqlite:///mlruns.db`` (in the working directory) when nothing names one.
+    """
+    if explicit:
+        return explicit
+    if configured is None and recipe is not None:
+        configured = recipe.tracking.uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_URI
 
 
 def artifact_root(uri: str) -> str | None:
@@ -82,6 +99,9 @@ class Tracker:
     A store that answers but refuses one call (a 4xx: a param logged again with another value, a name it
     does not accept) is not "unreachable": replaying the call would be refused again. That call is named in
     a warning and recorded in ``<run_dir>/tracking/rejected.jsonl``, and the run goes on logging.
+
+    Used as a context manager (``with Tracker(...) as tracker:``) it closes the run itself: FINISHED when the
+    block ends normally (an early ``return`` included), FAILED when an exception leaves it.
     """
 
     def __init__(
@@ -91,9 +111,16 @@ class Tracker:
         run_dir: str | Path | None = None,
         run_id: str | None = None,
         resume_run_id: str | None = None,
+        *,
+        main_process: bool = True,
     ):
-        """Start the run; add to ``run_id`` (``evaluate --run``); or reopen ``resume_run_id`` (``train --resume``)."""
-        self.enabled = recipe.tracking.enabled
+        """Start the run; add to ``run_id`` (``evaluate --run``); or reopen ``resume_run_id`` (``train --resume``).
+
+        ``main_process=False`` (ranks other than 0 of a multi-process job) tracks nothing and writes no file, so a
+        job is one MLflow run and one run directory however many processes train.
+        """
+        self.main_process = main_process
+        self.enabled = recipe.tracking.enabled and main_process
         self.run_id: str | None = None
         self.uri = tracking_uri(recipe)
         self.offline = False
@@ -105,7 +132,7 @@ class Tracker:
         self.run_id = run_id  # kept if the store is down, so `sync` adds to this run rather than a new one
         try:
             probe_store(self.uri)
-            self._client = _client(self.uri)
+            self._client = client_for(self.uri)
             if run_id is not None:  # add to an existing run (``evaluate --run``)
                 self.run_id = self._client.get_run(run_id).info.run_id
             else:
@@ -114,6 +141,42 @@ class Tracker:
                 self.run_id = start_run(self._client, self.uri, self._experiment, run_name)
         except Exception as exc:  # noqa: BLE001 - any store failure must not stop training
             self._go_offline(exc)
+
+    @classmethod
+    def for_training(cls, recipe: Recipe, run_dir: Path, *, resume: bool = False, main_process: bool = True) -> Tracker:
+        """The tracker of a ``train`` run, its MLflow run id kept in ``<run_dir>/tracking/run.json``.
+
+        A resumed run reopens the MLflow run that file names, so the run continues rather than starting anew.
+        """
+        record = Path(run_dir) / "tracking" / "run.json"
+        reopen = None
+        if resume and record.is_file():
+            reopen = json.loads(record.read_text(encoding="utf-8")).get("mlflow_run_id")
+        tracker = cls(recipe, run_dir.name, run_dir=run_dir, resume_run_id=reopen, main_process=main_process)
+        if main_process and tracker.run_id:
+            rundir.write_json(record, {"mlflow_run_id": tracker.run_id})
+        return tracker
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> None:
+        """Close the run FINISHED, or FAILED when an exception ends the block (the exception goes on)."""
+        self.end("FAILED" if exc_type is not None else "FINISHED")
+
+    def write_artifact(self, path: str | Path, content: Any) -> Path:
+        """Write a run-directory file atomically (text as is, anything else as indented JSON) and log it.
+
+        Only the main process writes (other ranks' trackers neither write nor log), so callers need no rank guard.
+        """
+        path = Path(path)
+        if self.main_process:
+            if isinstance(content, str):
+                rundir.write_text(path, content)
+            else:
+                rundir.write_json(path, content)
+        self.log_artifact(path)
+        return path
 
     # Each public call becomes one operation, done now or queued for `sync`.
     def log_params(self, params: dict[str, str]) -> None:
@@ -137,6 +200,23 @@ class Tracker:
     def log_table(self, data: dict[str, list[Any]], artifact_file: str) -> None:
         """A table (column -> values) as a JSON artifact MLflow shows as a table (``mlflow.log_table``)."""
         self._op("table", {"data": data, "artifact_file": artifact_file})
+
+    def log_inputs(self, datasets: list[dict[str, Any]]) -> None:
+        """Dataset inputs from ``dataset_inputs``."""
+        self._op("inputs", {"datasets": datasets})
+
+    def register(self, name: str, artifact_path: str, tags: dict[str, str], description: str = "") -> str | None:
+        """A new registry version of the run's ``artifact_path``; its number, or None when queued or disabled."""
+        payload = {"name": name, "artifact_path": artifact_path, "tags": tags, "description": description}
+        if not self.enabled:
+            return None
+        if not self.offline:
+            try:
+                return register_version(self._client, self.run_id, **payload)
+            except Exception as exc:  # noqa: BLE001 - the job goes on without the server
+                self._go_offline(exc)
+        self._queue("register", payload)
+        return None
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run as FINISHED, FAILED or KILLED."""
@@ -219,7 +299,8 @@ def _rejected(exc: Exception) -> bool:
         return False
 
 
-def _client(uri: str) -> Any:
+def client_for(uri: str) -> Any:
+    """An MlflowClient bound to ``uri`` (tracking and registry on the same store)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -288,8 +369,10 @@ def apply_op(client: Any, run_id: str | None, kind: str, payload: dict[str, Any]
         client.log_table(run_id, data=payload["data"], artifact_file=payload["artifact_file"])
     elif kind == "end":
         client.set_terminated(run_id, status=payload["status"])
-    else:
-        apply_lineage_op(client, run_id, kind, payload)
+    elif kind == "inputs":
+        log_dataset_inputs(client, run_id, payload["datasets"])
+    elif kind == "register":
+        register_version(client, run_id, **payload)
 
 
 def read_pending(pending: Path) -> tuple[list[dict[str, Any]], list[int]]:
@@ -318,6 +401,14 @@ def read_pending(pending: Path) -> tuple[list[dict[str, Any]], list[int]]:
     return ops, torn
 
 
+class NothingToSync(UsageError):
+    """``sync`` of a directory without a tracking queue (tracked live, already synced, or not a run directory)."""
+
+
+class SyncFailed(JobFailed):
+    """``sync`` could not upload (the store is down, refused, or not allowed); the queue is kept for the next try."""
+
+
 def sync(run_dir: str | Path, uri: str | None = None) -> tuple[str, int]:
     """Upload what a run queued while the tracking server was unreachable.
 
@@ -332,12 +423,28 @@ def sync(run_dir: str | Path, uri: str | None = None) -> tuple[str, int]:
     Returns:
         The MLflow run id and the number of operations sent by this call. The queue is renamed to
         ``synced.jsonl``.
-    """
-    from pipeline.rundir import write_json
 
+    Raises:
+        NothingToSync: There is no ``tracking/pending.jsonl``.
+        SyncFailed: The upload failed: an MLflow error, a connection error (the egress guard's refusal
+            included), or a queue or progress file that is not what a run wrote. The queue is kept.
+    """
     pending = Path(run_dir) / "tracking" / "pending.jsonl"
     if not pending.is_file():
-        raise FileNotFoundError(f"{pending}: nothing to sync (the run was tracked live, or this is not a run dir)")
+        raise NothingToSync(f"{pending}: nothing to sync (the run was tracked live, or this is not a run directory)")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _upload(pending, uri)
+    except (MlflowException, OSError, ValueError) as exc:  # OSError: connection errors, requests' and the guard's
+        raise SyncFailed(
+            f"sync failed, {pending} is kept and the next try resumes after what was sent: {type(exc).__name__}: "
+            f"{redact_secrets(str(exc))[:300]}"
+        ) from exc
+
+
+def _upload(pending: Path, uri: str | None) -> tuple[str, int]:
+    """``sync``'s work: replay the queue after what an earlier sync sent, then rename it ``synced.jsonl``."""
     ops, torn = read_pending(pending)
     if torn:
         print(
@@ -346,9 +453,10 @@ def sync(run_dir: str | Path, uri: str | None = None) -> tuple[str, int]:
             file=sys.stderr,
         )
     start = ops[0]
-    target = os.environ.get("MLFLOW_TRACKING_URI") or uri or start["uri"]
+    # `sync --uri` stands in for the run's own store: MLFLOW_TRACKING_URI still wins over it (cli's --uri help).
+    target = tracking_uri(configured=uri or start["uri"])
     probe_store(target)  # a store still down, or refused by the egress guard, is said at once (MLflow retries minutes)
-    client = _client(target)
+    client = client_for(target)
     progress_file = pending.with_name("sync_progress.json")
     progress = json.loads(progress_file.read_text(encoding="utf-8")) if progress_file.is_file() else {}
     if progress.get("uri") != redact_secrets(target):
@@ -367,7 +475,7 @@ def sync(run_dir: str | Path, uri: str | None = None) -> tuple[str, int]:
             continue  # sent by an earlier sync that stopped partway
         kind = op.pop("op")
         apply_op(client, run_id, kind, op)
-        write_json(progress_file, {"uri": redact_secrets(target), "run_id": run_id, "done": index})
+        rundir.write_json(progress_file, {"uri": redact_secrets(target), "run_id": run_id, "done": index})
     pending.rename(pending.with_name("synced.jsonl"))
     progress_file.unlink(missing_ok=True)
     return run_id, len(ops) - 1 - done
@@ -380,7 +488,7 @@ def run_dir_of(uri: str, run_id: str) -> str | None:
         LookupError: The store has no such run.
     """
     try:
-        run = _client(uri).get_run(run_id)
+        run = client_for(uri).get_run(run_id)
     except Exception as exc:  # noqa: BLE001 - mlflow raises its own exception types for a missing run
         raise LookupError(f"no MLflow run {run_id} in {redact_secrets(uri)} ({type(exc).__name__})") from None
     return run.data.tags.get("run_dir")
@@ -388,9 +496,7 @@ def run_dir_of(uri: str, run_id: str) -> str | None:
 
 def annotate_run(uri: str, run_id: str, tags: dict[str, str], files: list[Path]) -> None:
     """Add tags and files to an existing (possibly finished) run, e.g. the audit entry of the command."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
+    client = client_for(uri)
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     for path in files:
@@ -471,63 +577,29 @@ def dataset_inputs(report: dict[str, Any], contract: Any) -> list[dict[str, Any]
     return inputs
 
 
-def project_commit() -> str:
-    """Git commit of the pipeline code that ran ('+dirty' with uncommitted changes), or 'unknown'."""
-    import subprocess
+def lineage_tags(
+    recipe: Recipe, model_dir: str | Path, license_id: str, *, commit: str, weights_sha256: str
+) -> dict[str, str]:
+    """Tags that say what produced a run: code commit and version, base model id, revision, weights, license.
 
-    where = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
-def weight_files_digest(model_dir: str | Path) -> tuple[str, dict[str, str]]:
-    """SHA-256 over the base's weight files: (combined digest, per-file digests).
-
-    A file in the Hugging Face cache is a symlink to a blob named by its own SHA-256 (for LFS files), so that name
-    is used rather than re-reading 140 GB; other files are hashed. The combined digest hashes the sorted
-    ``name:sha256`` lines, so it changes when any weight file does.
+    Args:
+        recipe: The run's recipe (base model id and pinned revision).
+        model_dir: Where the base was found; in the HF cache its name is the revision.
+        license_id: The base's license (``licenses.resolve``).
+        commit: The pipeline's git commit (``env.project_commit()``).
+        weights_sha256: The combined digest of the base's weight files (``model.weight_files_digest``).
     """
-    import hashlib
-    import re
-
-    model_dir = Path(model_dir)
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
-    digests = {}
-    for path in files:
-        target = path.resolve()
-        if path.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", target.name):
-            digests[path.name] = target.name
-            continue
-        digests[path.name] = sha256_file(target)
-    combined = hashlib.sha256("\n".join(f"{k}:{v}" for k, v in digests.items()).encode()).hexdigest()
-    return combined, digests
-
-
-def lineage_tags(recipe: Recipe, model_dir: str | Path, license_id: str) -> dict[str, str]:
-    """Tags that say what produced a run: code commit and version, base model id, revision, weights, license."""
     from pipeline import __version__
 
     model_dir = Path(model_dir)
     # In the HF cache the snapshot directory is named by the commit: .../snapshots/<revision>/
     revision = recipe.model.revision or (model_dir.name if model_dir.parent.name == "snapshots" else "local")
-    combined, _ = weight_files_digest(model_dir)
     return {
         "pipeline.version": __version__,
-        "pipeline.git_commit": project_commit(),
+        "pipeline.git_commit": commit,
         "base_model": recipe.model.path,
         "base_model.revision": revision,
-        "base_model.weights_sha256": combined,
+        "base_model.weights_sha256": weights_sha256,
         "base_model.license": license_id,
     }
 
@@ -581,43 +653,6 @@ def register_version(
         await_creation_for=0,
     )
     return str(version.version)
-
-
-class LineageTracker(Tracker):
-    """``Tracker`` with dataset inputs and registry versions, both queued like any call while offline."""
-
-    def log_inputs(self, datasets: list[dict[str, Any]]) -> None:
-        """Dataset inputs from ``dataset_inputs``."""
-        self._op("inputs", {"datasets": datasets})
-
-    def register(self, name: str, artifact_path: str, tags: dict[str, str], description: str = "") -> str | None:
-        """A new registry version of the run's ``artifact_path``; its number, or None when queued or disabled."""
-        payload = {"name": name, "artifact_path": artifact_path, "tags": tags, "description": description}
-        if not self.enabled:
-            return None
-        if not self.offline:
-            try:
-                return register_version(self._client, self.run_id, **payload)
-            except Exception as exc:  # noqa: BLE001 - the job goes on without the server
-                self._go_offline(exc)
-        self._queue("register", payload)
-        return None
-
-
-def apply_lineage_op(client: Any, run_id: str | None, kind: str, payload: dict[str, Any]) -> bool:
-    """The lineage operations for ``apply_op``; returns False for a kind it does not handle."""
-    if kind == "inputs":
-        log_dataset_inputs(client, run_id, payload["datasets"])
-    elif kind == "register":
-        register_version(client, run_id, **payload)
-    else:
-        return False
-    return True
-
-
-def client_for(uri: str) -> Any:
-    """An MlflowClient bound to ``uri`` (tracking and registry on the same store)."""
-    return _client(uri)
 
 
 def annotate_export(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str], files: list[Path]) -> None:

@@ -1,18 +1,18 @@
 """``train(recipe)``: validate -> plan -> load the 4-bit base -> LoRA -> TRL SFTTrainer -> evaluate -> track.
 
-One function, read top to bottom. Each numbered block is one stage; the library objects come from the
-translators (``bnb_config``/``lora_config`` in ``model``, ``sft_config`` here), never from splatting the
-recipe into a library.
+One function, read top to bottom: each numbered block is one stage (seed, data, plan, model, trainer, train,
+save, evaluate, register, summary), a helper call or a few lines; the helpers follow it in the same order. The
+library objects come from the translators (``bnb_config``/``lora_config`` in ``model``, ``sft_config`` here),
+never from splatting the recipe into a library.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from pipeline import __version__, checkpoints, licenses, rundir
 from pipeline.contracts import ContractFailed
 from pipeline.data import check_loss_masks, prompt_format, sft_example, task_for, to_dataset, validate_data
 from pipeline.egress import redact_secrets
-from pipeline.env import Env, environment_report, gather
+from pipeline.env import Env, environment_report, gather, project_commit
 from pipeline.evaluate import LocalModel, evaluate_run
 from pipeline.model import (
     attach_lora,
@@ -39,10 +39,11 @@ from pipeline.model import (
     restore_adapter_dtype,
     tokenizer_or_reason,
     uses_fsdp,
+    weight_files_digest,
 )
 from pipeline.plan import DoesNotFit, find_model_config, make_plan, render_plan
 from pipeline.recipe import Recipe
-from pipeline.tracking import LineageTracker, Tracker, dataset_inputs, lineage_tags, params_for
+from pipeline.tracking import Tracker, dataset_inputs, lineage_tags, params_for
 
 
 @dataclass
@@ -69,8 +70,8 @@ def fsdp_settings(recipe: Recipe, env: Env) -> tuple[bool, dict[str, Any] | None
     """FSDP-QLoRA trainer settings (``fsdp``, ``fsdp_config``), or ``(False, None)`` for DDP or one process.
 
     FSDP1 (``version: 1``) on purpose: it is the FSDP-QLoRA path bitsandbytes documents and tests (flattened
-    bf16-stored 4-bit weights); FSDP2's per-parameter sharding loses ``Params4bit``'s quantization state
-    (bitsandbytes issue #1945, open). Each key is FSDP1's name:
+    bf16-stored 4-bit weights); FSDP2's per-parameter sharding loses ``Params4bit``'s quantization state (the
+    upstream issue and its state: benchmarks/train_speed.md, "Library facts"). Each key is FSDP1's name:
 
     - wrap each decoder layer (``TRANSFORMER_BASED_WRAP``; the layer class comes from the model's
       ``_no_split_modules``, e.g. ``LlamaDecoderLayer``), so one layer is gathered at a time;
@@ -112,7 +113,7 @@ def sft_config(recipe: Recipe, run_dir: Path, device: str, env: Env) -> Any:
         max_steps=t.max_steps if t.max_steps is not None else -1,
         lr_scheduler_type=t.lr_scheduler_type,
         train_sampling_strategy=t.train_sampling_strategy,
-        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps (transformers 5)
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps (since when: train_speed.md)
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
@@ -173,211 +174,73 @@ def train(
         checkpoints.ResumeError: ``resume`` with nothing valid to resume, a finished run, or a changed recipe
             or train split.
     """
-    started = time.time()
-    env = gather()
-    device = device_for(recipe, env)
-    check_attn_implementation(recipe, device)
-    check_optimizer(recipe, device)
-    main = is_main_process()
-    resume_from = None
-    if resume:
-        if run_dir is None:
-            raise checkpoints.ResumeError("resume needs the run directory to continue")
-        out = Path(run_dir)
-        checkpoints.check_resumable(out, recipe.to_yaml())
-        found = checkpoints.latest_valid(out / "checkpoints", set_aside=main)
-        for message in found.skipped:
-            print(f"warning: {message}", flush=True)
-        if found.checkpoint is None:
-            raise checkpoints.ResumeError(
-                f"--resume {out}: no complete checkpoint in {out / 'checkpoints'} (the run stopped before its first "
-                f"checkpoint at step {recipe.training.save_steps}); start it again with `train` instead"
-            )
-        resume_from = found.checkpoint
-        print(f"Resuming {out} from {resume_from} (step {checkpoints.checkpoint_step(resume_from)})", flush=True)
-    else:
-        out = rundir.new_run_dir(recipe.name, run_dir)
-    # Ranks other than 0 write nothing into the run directory: their validation reports go to a scratch dir.
-    # So does a resumed run's validation: the run's own report stays the record of the data it started on,
-    # which the resumed validation is compared with.
-    if main and resume_from is None:
-        scratch = contextlib.nullcontext(out)
-    else:
-        scratch = tempfile.TemporaryDirectory(prefix="pipeline-validation-")
-    with scratch as reports_dir:
-        return _train(
-            recipe, recipe_source, env, device, out, Path(reports_dir), main, resume_from, started, on_start, force
-        )
+    started, env, main = time.time(), gather(), is_main_process()
+    device = _checked_device(recipe, env)
+    resume_from = checkpoints.resume_checkpoint(run_dir, recipe, set_aside=main) if resume else None
+    out = Path(run_dir) if resume else rundir.new_run_dir(recipe.name, run_dir)
 
-
-def _train(
-    recipe: Recipe,
-    recipe_source: str | Path,
-    env: Env,
-    device: str,
-    out: Path,
-    reports_dir: Path,
-    main: bool,
-    resume_from: Path | None,
-    started: float,
-    on_start: Callable[..., Any] | None,
-    force: bool,
-) -> RunResult:
-    """The body of ``train``: numbered stages, top to bottom."""
-    earlier_data = _split_hashes(out) if resume_from is not None else {}
-    if main:
-        rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
+    # 1. Seed, before anything draws a random number (the LoRA initialization, the data order).
     set_seed(recipe.training.seed)
-    if not main:  # one MLflow run per job: only rank 0 tracks
-        recipe_tracked = recipe.model_copy(update={"tracking": recipe.tracking.model_copy(update={"enabled": False})})
-    else:
-        recipe_tracked = recipe
-    reopen = _mlflow_run_id(out) if resume_from else None
-    tracker = LineageTracker(recipe_tracked, run_name=out.name, run_dir=out, resume_run_id=reopen)
-    if main and tracker.run_id:
-        rundir.write_json(out / "tracking" / "run.json", {"mlflow_run_id": tracker.run_id})
-    if on_start is not None:
-        on_start(run_dir=out, mlflow_run_id=tracker.run_id, tracking_uri=tracker.uri)
-    status = "FAILED"
-    try:
-        tracker.log_params(params_for(recipe))
-        tracker.set_tags(
-            {
-                "pipeline.version": __version__,
-                "task": recipe.task,
-                "base_model": recipe.model.path,
-                "base_model.license": recipe.model.license or "unknown",
-                "run_dir": str(out),
-            }
-        )
-        if resume_from is not None:
-            tracker.set_tags({"resumed_from_checkpoint": str(resume_from)})
-        tracker.log_artifact(out / "recipe.resolved.yaml")
+    with (
+        _validation_dir(out, in_run_dir=main and resume_from is None) as reports_dir,
+        Tracker.for_training(recipe, out, resume=resume_from is not None, main_process=main) as tracker,
+    ):
+        _open_run(tracker, recipe, out, resume_from, on_start)
 
-        # The base must be here (and at the pinned revision) before the contract reads a million rows: a wrong
-        # model.path is a recipe error that should cost seconds, not the contract's minutes.
+        # 2. Data. The base must be here (and at the pinned revision) before the contract reads a million rows: a
+        # wrong model.path is a recipe error that should cost seconds. Bad rows go to quarantine, not to training.
         model_dir = resolve_model_path(recipe.model.path, recipe.model.revision)
-
-        # 1. Data: the contract runs before any weights load; bad rows go to quarantine, not to training.
         try:
             data = validate_data(recipe, reports_dir, tokenizer_or_reason, recipe_source)
         except ContractFailed:
-            # The reviewer of a failed run in MLflow needs the reason: the report and the quarantine.
-            if (out / "validation").is_dir():
-                tracker.log_artifact(out / "validation")
-            tracker.set_tags({"contract": "failed"})
+            _log_failed_contract(tracker, out)
             raise
-        if earlier_data and earlier_data.get("train") != data.report["splits"]["train"]["sha256"]:
-            raise checkpoints.ResumeError(
-                f"--resume {out}: the train split {recipe.data.train} changed since the run started (SHA-256 "
-                "differs from validation/report.json), so the checkpoint's data position means nothing; "
-                "start a new run"
-            )
+        if resume_from is not None:
+            checkpoints.check_train_split(out, data.report, recipe.data.train)
         task = task_for(recipe, data.contract)
-        tracker.log_artifact(out / "validation")
-        tracker.log_inputs(dataset_inputs(data.report, data.contract))
-
-        # 2. Tokenizer and prompts: the same rendering serves training and evaluation.
-        license_entry, license_name, license_source = licenses.resolve(recipe.model.license, model_dir)
-        print(licenses.render_obligations(license_entry, license_name, license_source))
-        lineage = lineage_tags(recipe, model_dir, license_entry.id if license_entry else license_name)
-        tracker.set_tags(lineage)
+        _log_validation(tracker, out, data)
+        lineage = _lineage(tracker, recipe, model_dir)  # prints the license's obligations
         tokenizer = load_tokenizer(model_dir)
-        fmt = prompt_format(recipe, tokenizer)
+        fmt = prompt_format(recipe, tokenizer)  # the same rendering serves training and evaluation
         train_examples = [sft_example(row, task, fmt) for row in data.train.rows]
 
-        # 3. Derived numbers, said out loud and saved before the expensive part.
-        model_config, config_source = find_model_config(str(model_dir))
-        plan = make_plan(recipe, data.train.rows_accepted, model_config, world_size=env.world_size, model_dir=model_dir)
-        print(render_plan(plan, config_source))
-        if main:
-            rundir.write_json(out / "plan.json", {**plan, "device": device, "prompt_format": fmt, "env": env.to_dict()})
-        tracker.log_artifact(out / "plan.json")
-        environment = environment_report()
-        if main:
-            rundir.write_json(out / "environment.json", environment)
-        tracker.log_artifact(out / "environment.json")
-        tracker.set_tags({"env.cuda": str(environment["cuda_version"]), "env.gpu": str(environment["gpu_name"])})
-        fit = plan.get("fit") or {}
-        if fit.get("fits") is False and not force:
-            raise DoesNotFit(
-                f"{recipe_source}: {fit['message']}. Refused before loading any weights; try:\n  - "
-                + "\n  - ".join(fit["suggestions"])
-                + "\n(or pass --force to train anyway)"
-            )
+        # 3. Plan: the derived numbers, said out loud and saved before the expensive part.
+        plan = _plan(recipe, model_dir, data.train.rows_accepted, env)
+        tracker.write_artifact(out / "plan.json", dict(plan, device=device, prompt_format=fmt, env=env.to_dict()))
+        _record_environment(tracker, out)
+        _refuse_if_it_does_not_fit(plan, recipe_source, force)
 
-        # 4. The frozen 4-bit base and the trainable adapter.
-        model = load_base(recipe, model_dir, device)
-        model = attach_lora(model, recipe)
-        num_4bit = count_4bit_linear(model)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(
-            f"Base loaded from {model_dir}: {num_4bit} linear layers in 4-bit "
-            f"({recipe.quantization.quant_type if recipe.quantization.load_in_4bit else 'off'}), "
-            f"{trainable:,} trainable parameters, device {device}"
-            + (f", {env.world_size} processes ({'FSDP' if uses_fsdp(recipe) else 'DDP'})" if env.world_size > 1 else "")
-        )
+        # 4. Model: the frozen 4-bit base and the trainable adapter.
+        model, trainable = _load_model(recipe, model_dir, device, env)
 
-        # 5. TRL's trainer, then a check of what it will actually train on, before the first step.
+        # 5. Trainer: TRL's SFTTrainer, then a check of what it will actually train on, before the first step.
         eos_ids = eos_token_ids(tokenizer, model)
         progress = ProgressCallback(tracker)
-        trainer = SFTTrainer(
-            model=model,
-            args=sft_config(recipe, out, device, env),
-            train_dataset=to_dataset(train_examples),
-            processing_class=tokenizer,
-            callbacks=[progress, SealCheckpoints()],
+        trainer = _sft_trainer(
+            recipe, model, tokenizer, train_examples, run_dir=out, device=device, env=env, progress=progress
         )
-        trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback prints lines
-        restore_adapter_dtype(trainer.model, recipe)
-        rows = [r["_row"] for r in data.train.rows]
-        masks = check_loss_masks(_unpacked(trainer, train_examples), rows, eos_ids, recipe.training.max_length)
-        print(
-            f"Training data: {masks['examples']:,} examples, {masks['completion_tokens']:,} completion tokens "
-            f"in the loss, longest example {masks['longest_example_tokens']} tokens "
-            f"(max_length {recipe.training.max_length}"
-            + (f", packed into {len(trainer.train_dataset):,} rows" if recipe.training.packing else "")
-            + ")"
-        )
+        masks = _check_training_data(trainer, train_examples, data.train.rows, eos_ids, recipe)
 
-        # 6. Train (from the checkpoint when resuming) and save the adapter.
+        # 6. Train (from the checkpoint when resuming).
         train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         num_4bit_after = count_4bit_linear(trainer.model)
-        if trainer.is_fsdp_enabled:
-            # Checkpoints are sharded (one file per rank, fast); the adapter is gathered whole, in PEFT's format.
-            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        # Written beside the run and renamed into place when complete: a crash never leaves an adapter/ that
-        # looks finished but is not. Rank 0 writes (the trainer checks); under FSDP every rank helps gather.
-        partial = out / ".adapter.partial"
-        trainer.save_model(str(partial))
+
+        # 7. Save the adapter: every rank helps gather it, rank 0 publishes it; the other ranks are done here.
+        partial = _gather_adapter(trainer, out)
         if not main:
-            status = "FINISHED"
             return RunResult(out, None, {}, plan, {}, trainer.model)
-        tokenizer.save_pretrained(partial)
-        rundir.replace_dir(partial, out / "adapter")
-        history = [entry for entry in trainer.state.log_history if "loss" in entry]
-        rundir.write_json(out / "train_log.json", trainer.state.log_history)
-        save_loss_plot(out / "loss.png", history)
-        tracker.log_artifact(out / "adapter")
-        tracker.log_artifact(out / "loss.png")
+        _publish_adapter(trainer, tokenizer, partial, out, tracker)
 
-        # 7. Evaluate evaluate.default_systems(recipe), as `evaluate --run` does without --systems: base (adapter off),
-        # fine-tune (adapter on) and, when the recipe has a baseline section, the baseline (or why it was skipped).
-        # The same function serves `python -m pipeline evaluate --run`; it logs eval.* and eval/ to MLflow.
-        evaluation = evaluate_run(
-            recipe,
-            out,
-            data,
-            task,
-            fmt,
-            local=LocalModel(trainer.model, tokenizer, eos_ids, device),
-            tracker=tracker,
-            device=device,
-        )
-        metrics = evaluation.metrics
+        # 8. Evaluate evaluate.default_systems(recipe) as `evaluate --run` does (the same function, which logs eval.*
+        # and eval/): base (adapter off), fine-tune (adapter on) and the recipe's baseline (or why it was skipped).
+        local = LocalModel(trainer.model, tokenizer, eos_ids, device)
+        evaluation = evaluate_run(recipe, out, data, task, fmt, local=local, tracker=tracker, device=device)
         tracker.set_tags({"eval.main_metric": task.main_metric})
-        registered = register_adapter(tracker, recipe, metrics, lineage)
 
+        # 9. Register the adapter in the Model Registry (when the recipe asks).
+        registered = register_adapter(tracker, recipe, evaluation.metrics, lineage)
+
+        # 10. Summary.
         summary = {
             "run_dir": str(out),
             "mlflow_run_id": tracker.run_id,
@@ -395,19 +258,193 @@ def _train(
             "data": masks,
             "registered_model": registered,
         }
-        tracker.log_metrics(
-            {"train.total_seconds": summary["total_seconds"], "train.final_loss": summary["train_loss"]}
+        _save_summary(tracker, out, summary)
+        return RunResult(out, tracker.run_id, evaluation.metrics, plan, summary, trainer.model)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages of train(), in order.
+
+
+def _checked_device(recipe: Recipe, env: Env) -> str:
+    """The device to train on, once the recipe's attention implementation and optimizer are known to work there."""
+    device = device_for(recipe, env)
+    check_attn_implementation(recipe, device)
+    check_optimizer(recipe, device)
+    return device
+
+
+@contextlib.contextmanager
+def _validation_dir(out: Path, *, in_run_dir: bool) -> Iterator[Path]:
+    """Where validation writes its report and quarantine: the run directory, or a scratch directory.
+
+    Ranks other than 0 write nothing into the run directory. Nor does a resumed run's validation: the run's own
+    report stays the record of the data it started on, which the resumed validation is compared with.
+    """
+    if in_run_dir:
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix="pipeline-validation-") as scratch:
+        yield Path(scratch)
+
+
+def _open_run(
+    tracker: Tracker, recipe: Recipe, out: Path, resume_from: Path | None, on_start: Callable[..., Any] | None
+) -> None:
+    """Tell ``on_start`` where the run is, then log the params, the first tags and the resolved recipe."""
+    if on_start is not None:
+        on_start(run_dir=out, mlflow_run_id=tracker.run_id, tracking_uri=tracker.uri)
+    tracker.log_params(params_for(recipe))
+    tags = {
+        "pipeline.version": __version__,
+        "task": recipe.task,
+        "base_model": recipe.model.path,
+        "base_model.license": recipe.model.license or "unknown",
+        "run_dir": str(out),
+    }
+    if resume_from is not None:
+        tags["resumed_from_checkpoint"] = str(resume_from)
+    tracker.set_tags(tags)
+    tracker.write_artifact(out / "recipe.resolved.yaml", recipe.to_yaml())
+
+
+def _log_failed_contract(tracker: Tracker, out: Path) -> None:
+    """The reviewer of a failed run in MLflow needs the reason: the report, the quarantine, and a tag."""
+    if (out / "validation").is_dir():
+        tracker.log_artifact(out / "validation")
+    tracker.set_tags({"contract": "failed"})
+
+
+def _log_validation(tracker: Tracker, out: Path, data: Any) -> None:
+    """The contract's report and quarantine, and each split as a dataset input."""
+    tracker.log_artifact(out / "validation")
+    tracker.log_inputs(dataset_inputs(data.report, data.contract))
+
+
+def _lineage(tracker: Tracker, recipe: Recipe, model_dir: Path) -> dict[str, str]:
+    """Print the license's obligations; tag the run with its lineage (code, base model, weights, license)."""
+    license_entry, license_name, license_source = licenses.resolve(recipe.model.license, model_dir)
+    print(licenses.render_obligations(license_entry, license_name, license_source))
+    license_id = license_entry.id if license_entry else license_name
+    weights, _ = weight_files_digest(model_dir)
+    lineage = lineage_tags(recipe, model_dir, license_id, commit=project_commit(), weights_sha256=weights)
+    tracker.set_tags(lineage)
+    return lineage
+
+
+def _plan(recipe: Recipe, model_dir: Path, rows: int, env: Env) -> dict[str, Any]:
+    """The derived numbers for ``rows`` accepted training rows, printed."""
+    model_config, config_source = find_model_config(str(model_dir))
+    plan = make_plan(recipe, rows, model_config, world_size=env.world_size, model_dir=model_dir)
+    print(render_plan(plan, config_source))
+    return plan
+
+
+def _record_environment(tracker: Tracker, out: Path) -> None:
+    """``environment.json`` (machine, CUDA, every package version), logged, and its CUDA and GPU as tags."""
+    environment = environment_report()
+    tracker.write_artifact(out / "environment.json", environment)
+    tracker.set_tags({"env.cuda": str(environment["cuda_version"]), "env.gpu": str(environment["gpu_name"])})
+
+
+def _refuse_if_it_does_not_fit(plan: dict[str, Any], recipe_source: str | Path, force: bool) -> None:
+    """Stop before any weights load when the plan says the recipe does not fit (unless ``--force``)."""
+    fit = plan.get("fit") or {}
+    if fit.get("fits") is False and not force:
+        raise DoesNotFit(
+            f"{recipe_source}: {fit['message']}. Refused before loading any weights; try:\n  - "
+            + "\n  - ".join(fit["suggestions"])
+            + "\n(or pass --force to train anyway)"
         )
-        rundir.write_json(out / "summary.json", summary)
-        tracker.log_artifact(out / "summary.json")
-        status = "FINISHED"
-        return RunResult(out, tracker.run_id, metrics, plan, summary, trainer.model)
-    finally:
-        tracker.end(status)
+
+
+def _load_model(recipe: Recipe, model_dir: Path, device: str, env: Env) -> tuple[Any, int]:
+    """The 4-bit base with LoRA attached, said out loud; returns it and its number of trainable parameters."""
+    model = attach_lora(load_base(recipe, model_dir, device), recipe)
+    num_4bit = count_4bit_linear(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(
+        f"Base loaded from {model_dir}: {num_4bit} linear layers in 4-bit "
+        f"({recipe.quantization.quant_type if recipe.quantization.load_in_4bit else 'off'}), "
+        f"{trainable:,} trainable parameters, device {device}"
+        + (f", {env.world_size} processes ({'FSDP' if uses_fsdp(recipe) else 'DDP'})" if env.world_size > 1 else "")
+    )
+    return model, trainable
+
+
+def _sft_trainer(
+    recipe: Recipe,
+    model: Any,
+    tokenizer: Any,
+    train_examples: list[dict[str, Any]],
+    *,
+    run_dir: Path,
+    device: str,
+    env: Env,
+    progress: ProgressCallback,
+) -> Any:
+    """TRL's ``SFTTrainer`` over the examples, printing through ``progress`` and sealing each checkpoint."""
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(recipe, run_dir, device, env),
+        train_dataset=to_dataset(train_examples),
+        processing_class=tokenizer,
+        callbacks=[progress, SealCheckpoints()],
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback prints lines
+    restore_adapter_dtype(trainer.model, recipe)
+    return trainer
+
+
+def _check_training_data(
+    trainer: Any, train_examples: list[dict[str, Any]], rows: list[dict[str, Any]], eos_ids: set[int], recipe: Recipe
+) -> dict[str, Any]:
+    """The loss-mask check on what TRL prepared (``data.check_loss_masks``), its counts printed and returned."""
+    t = recipe.training
+    prepared = trainer.train_dataset if not t.packing else prepared_without_packing(trainer, to_dataset(train_examples))
+    masks = check_loss_masks(prepared, [r["_row"] for r in rows], eos_ids, t.max_length)
+    print(
+        f"Training data: {masks['examples']:,} examples, {masks['completion_tokens']:,} completion tokens "
+        f"in the loss, longest example {masks['longest_example_tokens']} tokens "
+        f"(max_length {t.max_length}"
+        + (f", packed into {len(trainer.train_dataset):,} rows" if t.packing else "")
+        + ")"
+    )
+    return masks
+
+
+def _gather_adapter(trainer: Any, out: Path) -> Path:
+    """Save the trained adapter beside the run (``.adapter.partial``); under FSDP every rank helps gather it.
+
+    Written beside the run and renamed into place when complete (``_publish_adapter``): a crash never leaves an
+    adapter/ that looks finished but is not. Rank 0 writes (the trainer checks).
+    """
+    if trainer.is_fsdp_enabled:
+        # Checkpoints are sharded (one file per rank, fast); the adapter is gathered whole, in PEFT's format.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    partial = out / ".adapter.partial"
+    trainer.save_model(str(partial))
+    return partial
+
+
+def _publish_adapter(trainer: Any, tokenizer: Any, partial: Path, out: Path, tracker: Tracker) -> None:
+    """Complete the adapter with its tokenizer, move it into place, and save and log the training history."""
+    tokenizer.save_pretrained(partial)
+    rundir.replace_dir(partial, out / "adapter")
+    rundir.write_json(out / "train_log.json", trainer.state.log_history)
+    save_loss_plot(out / "loss.png", [entry for entry in trainer.state.log_history if "loss" in entry])
+    tracker.log_artifact(out / "adapter")
+    tracker.log_artifact(out / "loss.png")
+
+
+def _save_summary(tracker: Tracker, out: Path, summary: dict[str, Any]) -> None:
+    """The run's total time and final loss as metrics, and ``summary.json``, written and logged."""
+    tracker.log_metrics({"train.total_seconds": summary["total_seconds"], "train.final_loss": summary["train_loss"]})
+    tracker.write_artifact(out / "summary.json", summary)
 
 
 def register_adapter(
-    tracker: LineageTracker, recipe: Recipe, metrics: dict[str, dict[str, Any]], lineage: dict[str, str]
+    tracker: Tracker, recipe: Recipe, metrics: dict[str, dict[str, Any]], lineage: dict[str, str]
 ) -> dict[str, str | None] | None:
     """The run's ``adapter`` artifact as a new Model Registry version, tagged with eval metrics and lineage."""
     if not (recipe.tracking.enabled and recipe.tracking.register_adapter):
@@ -427,30 +464,24 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _split_hashes(out: Path) -> dict[str, str]:
-    """SHA-256 of each split when the run was first validated (empty when the report is missing)."""
-    report = out / "validation" / "report.json"
-    if not report.is_file():
-        return {}
-    return {name: split["sha256"] for name, split in json.loads(report.read_text(encoding="utf-8"))["splits"].items()}
+def prepared_without_packing(trainer: Any, dataset: Any) -> Any:
+    """TRL's own preparation of ``dataset`` (tokenize, mask, truncate) minus the packing step: one row per example.
 
-
-def _mlflow_run_id(out: Path) -> str | None:
-    """The MLflow run a run directory was tracked in, so a resumed run continues it."""
-    path = out / "tracking" / "run.json"
-    return json.loads(path.read_text(encoding="utf-8")).get("mlflow_run_id") if path.is_file() else None
-
-
-def _unpacked(trainer: Any, train_examples: list[dict[str, Any]]) -> Any:
-    """The training set as TRL tokenized and truncated it, one row per example, for the loss-mask check.
-
-    With packing the trainer's dataset holds packed rows (examples concatenated, row numbers dropped), so the
-    same preparation is run once more without packing; it is the data packing starts from.
+    The loss-mask check must see each example exactly as TRL tokenized and truncated it. With packing the
+    trainer's dataset holds packed rows (examples concatenated, row numbers dropped), and TRL has no public API
+    for the preparation alone: ``SFTTrainer`` runs it inside ``__init__`` and keeps only the result, and
+    ``trl.data_utils`` offers packing but not the tokenization. A second trainer with packing off would wrap the
+    model again. So this is the one call into TRL's private API, by keyword so a renamed parameter fails instead
+    of binding to the wrong one; ``tests/test_train.py`` checks the signature and names the TRL version when it
+    changes.
     """
-    if not trainer.args.packing:
-        return trainer.train_dataset
-    return trainer._prepare_dataset(  # TRL's own preparation (tokenize, mask, truncate), minus the packing step
-        to_dataset(train_examples), trainer.processing_class, trainer.args, False, None, "train"
+    return trainer._prepare_dataset(
+        dataset=dataset,
+        processing_class=trainer.processing_class,
+        args=trainer.args,
+        packing=False,
+        formatting_func=None,
+        dataset_name="train",
     )
 
 

@@ -82,10 +82,10 @@ def _runs_cli(*args: str, uri: str) -> subprocess.CompletedProcess:
 def _fake_evaluated_run(uri: str, tmp_path, comparison: dict | None) -> str:
     """A run as train + evaluate leave it: eval.<system>.<metric> metrics and eval/metrics.json."""
     from pipeline.recipe import load_recipe
-    from pipeline.tracking import LineageTracker
+    from pipeline.tracking import Tracker
 
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"tracking.uri={uri}", "tracking.experiment=cmp"])
-    tracker = LineageTracker(recipe, run_name="with-baseline", run_dir=tmp_path)
+    tracker = Tracker(recipe, run_name="with-baseline", run_dir=tmp_path)
     systems = {"base": {"micro_f1": 0.05}, "finetuned": {"micro_f1": 0.8}, "baseline": {"micro_f1": 0.7}}
     for system, values in systems.items():
         tracker.log_metrics({f"eval.{system}.{k}": v for k, v in values.items()})
@@ -163,13 +163,13 @@ def test_remote_server_gets_params_within_limits_inputs_tags_and_a_registered_ve
 
     from pipeline.contracts import load_contract
     from pipeline.recipe import load_recipe
-    from pipeline.tracking import MAX_PARAM_VALUE, LineageTracker, dataset_inputs, params_for
+    from pipeline.tracking import MAX_PARAM_VALUE, Tracker, dataset_inputs, params_for
 
     recipe = load_recipe(
         trained_run.run_dir / "recipe.resolved.yaml",
         [f"tracking.uri={mlflow_server}", "tracking.experiment=remote", "description=" + "y" * 9000],
     )
-    tracker = LineageTracker(recipe, run_name="remote-run", run_dir=tmp_path)
+    tracker = Tracker(recipe, run_name="remote-run", run_dir=tmp_path)
     assert not tracker.offline and tracker.uri == mlflow_server
     many = {f"extra.{'k' * 300}{i}": "v" * 7000 for i in range(150)}  # long keys and values, over 100 per batch
     tracker.log_params({**params_for(recipe), **many})

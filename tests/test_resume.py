@@ -190,3 +190,23 @@ def test_resume_refuses_a_changed_train_split_and_keeps_the_original_report(tiny
     with pytest.raises(checkpoints.ResumeError, match="the train split .* changed since the run started"):
         train(recipe, recipe_source=path, run_dir=run, resume=True)
     assert json.loads((run / "validation" / "report.json").read_text()) == report
+
+
+def test_resume_checkpoint_says_what_it_skips_and_where_it_resumes(tiny_recipe_data, tmp_path, capsys):
+    from pipeline.recipe import load_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", {**tiny_recipe_data, "tracking": {"enabled": False}})
+    recipe = load_recipe(path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.resolved.yaml").write_text(recipe.to_yaml())
+    with pytest.raises(checkpoints.ResumeError, match="needs the run directory"):
+        checkpoints.resume_checkpoint(None, recipe)
+    with pytest.raises(checkpoints.ResumeError, match=r"no complete checkpoint in .* start it again with `train`"):
+        checkpoints.resume_checkpoint(run, recipe)
+    checkpoints.seal(_fake_checkpoint(run / "checkpoints" / "checkpoint-3", 3), 3)
+    _fake_checkpoint(run / "checkpoints" / "checkpoint-6", 6)  # never sealed
+    assert checkpoints.resume_checkpoint(run, recipe) == run / "checkpoints" / "checkpoint-3"
+    out = capsys.readouterr().out
+    assert f"warning: checkpoint {run / 'checkpoints' / 'checkpoint-6'} is incomplete or corrupt" in out
+    assert f"Resuming {run} from {run / 'checkpoints' / 'checkpoint-3'} (step 3)" in out

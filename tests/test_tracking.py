@@ -251,8 +251,10 @@ def test_a_sync_that_stops_partway_resumes_without_sending_twice(tmp_path, monke
         real_apply(client, run_id, kind, payload)
 
     monkeypatch.setattr(tracking, "apply_op", store_goes_down_after_three)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(tracking.SyncFailed, match="ConnectionError: the store went down again") as failed:
         tracking.sync(run)
+    assert isinstance(failed.value.__cause__, ConnectionError)
+    assert str(failed.value).startswith(f"sync failed, {pending} is kept and the next try resumes after what was sent")
     assert pending.is_file()
     progress = json.loads((run / "tracking" / "sync_progress.json").read_text())
     assert progress["done"] == 3
@@ -262,3 +264,53 @@ def test_a_sync_that_stops_partway_resumes_without_sending_twice(tmp_path, monke
     history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train.loss")
     assert [m.step for m in history] == [0, 1, 2, 3]  # each step once
     assert not (run / "tracking" / "sync_progress.json").exists() and (run / "tracking" / "synced.jsonl").is_file()
+
+
+def test_sync_of_a_directory_without_a_queue_is_a_usage_error_with_cli_s_message(tmp_path):
+    from pipeline.errors import UsageError
+    from pipeline.tracking import NothingToSync, sync
+
+    pending = tmp_path / "tracking" / "pending.jsonl"
+    with pytest.raises(NothingToSync) as nothing:
+        sync(tmp_path)
+    assert isinstance(nothing.value, UsageError) and nothing.value.exit_code == 2
+    said = "nothing to sync (the run was tracked live, or this is not a run directory)"
+    assert str(nothing.value) == f"{pending}: {said}"
+
+
+def test_tracking_uri_is_explicit_then_environment_then_configured_then_the_default(monkeypatch):
+    from pipeline.recipe import load_recipe
+    from pipeline.tracking import tracking_uri
+
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["tracking.uri=sqlite:///recipe.db"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri() == "sqlite:///mlruns.db"
+    assert tracking_uri(recipe) == "sqlite:///recipe.db"
+    assert tracking_uri(configured="sqlite:///run.db") == "sqlite:///run.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert tracking_uri(recipe) == tracking_uri(configured="sqlite:///run.db") == "sqlite:///env.db"
+    assert tracking_uri(recipe, explicit="sqlite:///flag.db") == "sqlite:///flag.db"
+
+
+def test_tracker_as_a_context_manager_closes_its_run_finished_or_failed(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.recipe import load_recipe
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"tracking.uri={uri}"])
+    with Tracker(recipe, run_name="ok", run_dir=tmp_path / "ok") as ok:
+        ok.write_artifact(tmp_path / "ok" / "summary.json", {"a": 1})
+    with pytest.raises(RuntimeError, match="boom"), Tracker(recipe, run_name="boom") as failed:
+        raise RuntimeError("boom")
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(ok.run_id).info.status == "FINISHED"
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+    assert json.loads((tmp_path / "ok" / "summary.json").read_text()) == {"a": 1}
+    assert [a.path for a in client.list_artifacts(ok.run_id)] == ["summary.json"]
+
+    # Another rank's tracker: no MLflow run, and it writes nothing into the run directory.
+    with Tracker(recipe, run_name="rank1", run_dir=tmp_path / "r1", main_process=False) as other:
+        other.write_artifact(tmp_path / "r1" / "plan.json", {"b": 2})
+    assert other.run_id is None and not (tmp_path / "r1").exists()

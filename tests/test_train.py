@@ -169,3 +169,23 @@ def test_check_loss_masks_names_the_rows():
     with pytest.raises(LossMaskError, match=r"1 rows lost every completion token .*lines 3\)"):
         check_loss_masks(prepared[:1], [1, 3], {2}, max_length=4)
     assert check_loss_masks(prepared[:1], [1], {2}, max_length=4)["completion_tokens"] == 2
+
+
+def test_the_private_trl_call_still_has_its_signature():
+    """``train.prepared_without_packing`` is the one reach into TRL's private API; this says when TRL moves it."""
+    import inspect
+
+    import trl
+    from trl import SFTTrainer
+
+    method = getattr(SFTTrainer, "_prepare_dataset", None)
+    assert method is not None, (
+        f"TRL {trl.__version__}: SFTTrainer._prepare_dataset is gone; pipeline.train.prepared_without_packing needs "
+        "another way to prepare the training set without packing (see benchmarks/train_speed.md)"
+    )
+    expected = ["self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"]
+    found = list(inspect.signature(method).parameters)
+    assert found == expected, (
+        f"TRL {trl.__version__} changed SFTTrainer._prepare_dataset's parameters to {found} (expected {expected}); "
+        "update pipeline.train.prepared_without_packing"
+    )
