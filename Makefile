@@ -24,7 +24,9 @@ demo: install
 quickstart: demo
 	$(PY) -m pipeline train recipes/quickstart.yaml
 
+# The import-linter layers contract (pyproject.toml) first: a new import cycle fails before the tests run.
 test: install
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 # Includes the slow end-to-end quickstart acceptance test (minutes).
