@@ -9,18 +9,17 @@ from test_recipe import run_cli
 HEAVY = ("torch", "transformers", "peft", "trl", "bitsandbytes", "mlflow", "datasets")
 
 
-def test_help_is_fast_and_imports_no_heavy_library():
+def test_help_imports_no_heavy_library():
+    # The start-up time itself is machine-dependent: benchmarks/cli_startup.py measures it (benchmarks/cli.md).
     code = (
-        "import sys, time; t = time.time(); from pipeline.cli import main\n"
+        "import sys; from pipeline.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
-        "print('HEAVY', heavy, 'SECONDS', round(time.time() - t, 3))"
+        "print('HEAVY', heavy)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "validate" in result.stdout and "train" in result.stdout and "ui" in result.stdout
     assert "HEAVY []" in result.stdout, result.stdout
-    seconds = float(result.stdout.rsplit("SECONDS", 1)[1])
-    assert seconds < 1.0
 
 
 @pytest.mark.parametrize(
@@ -36,6 +35,13 @@ def test_help_is_fast_and_imports_no_heavy_library():
         "pipeline.egress",
         "pipeline.licenses",
         "pipeline.checkpoints",
+        "pipeline.errors",
+        "pipeline.records",
+        "pipeline.splits",
+        "pipeline.pii",
+        "pipeline.memory",
+        "pipeline.weights",
+        "pipeline.os_errors",
     ],
 )
 def test_light_modules_import_no_heavy_library(module):
