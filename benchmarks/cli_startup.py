@@ -21,6 +21,7 @@ CASES = {
 
 
 def main() -> None:
+    """Run each case --repeat times and print the medians."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
