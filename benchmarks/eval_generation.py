@@ -5,7 +5,7 @@ Run as:  PYTHONPATH=. .venv/bin/python benchmarks/eval_generation.py [--examples
 Builds the demo's tiny Llama shape (vocab 1,024, hidden 128, 2 layers, 4 heads; random weights, no
 pre-training, so every answer runs to max_new_tokens and both modes generate the same number of tokens),
 loads it through the pipeline's own 4-bit path (``model.load_base`` with the quickstart recipe), and times
-``evaluate.generate`` on the same demo notes at batch size 1 and at ``--batch-size``. Prints a Markdown row
+``generation.generate`` on the same demo notes at batch size 1 and at ``--batch-size``. Prints a Markdown row
 per mode; results are recorded in benchmarks/eval_generation.md.
 """
 
@@ -35,7 +35,7 @@ def main() -> None:
     from pipeline.data import sft_example
     from pipeline.demo import TinyModelSpec, build_demo_dataset, build_tiny_base
     from pipeline.egress import offline_environment
-    from pipeline.evaluate import generate
+    from pipeline.generation import generate
     from pipeline.model import eos_token_ids, load_base, load_tokenizer
     from pipeline.recipe import load_recipe
     from pipeline.tasks import get_task

@@ -222,25 +222,7 @@ def run_baseline(
     )
     started = time.perf_counter()
     if jobs:
-        pool = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="baseline")
-        try:
-            futures = {
-                pool.submit(caller.ask, key, messages, lambda i=index, k=key: log.eval_row(rows[i], k)): index
-                for index, key, messages in jobs
-            }
-            done = 0
-            for future in as_completed(futures):
-                outputs[futures[future]] = future.result()
-                done += 1
-                if done == len(jobs) or done % max(1, len(jobs) // 10) == 0:
-                    print(
-                        f"  baseline answered {done}/{len(jobs)} ({caller.failed} failed, {caller.retries} retries, "
-                        f"{time.perf_counter() - started:.1f}s)",
-                        flush=True,
-                    )
-        finally:
-            # On Ctrl-C, drop the queued requests instead of sending them; answers already in are cached.
-            pool.shutdown(wait=False, cancel_futures=True)
+        _ask_all(caller, log, rows, jobs, outputs, settings.max_concurrency, started)
     final = [o for o in outputs if o is not None]
     failures: dict[str, int] = {}
     for out in final:
@@ -268,6 +250,37 @@ def run_baseline(
         }
     )
     return BaselineResult("ok", "", final, summary)
+
+
+def _ask_all(
+    caller: _Caller,
+    log: _SentLog,
+    rows: list[dict[str, Any]],
+    jobs: list[tuple[int, str, list[dict[str, str]]]],
+    outputs: list[dict[str, Any] | None],
+    max_concurrency: int,
+    started: float,
+) -> None:
+    """Ask the uncached ``jobs`` (row index, request key, messages) on worker threads; answers go into ``outputs``."""
+    pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="baseline")
+    try:
+        futures = {
+            pool.submit(caller.ask, key, messages, lambda i=index, k=key: log.eval_row(rows[i], k)): index
+            for index, key, messages in jobs
+        }
+        done = 0
+        for future in as_completed(futures):
+            outputs[futures[future]] = future.result()
+            done += 1
+            if done == len(jobs) or done % max(1, len(jobs) // 10) == 0:
+                print(
+                    f"  baseline answered {done}/{len(jobs)} ({caller.failed} failed, {caller.retries} retries, "
+                    f"{time.perf_counter() - started:.1f}s)",
+                    flush=True,
+                )
+    finally:
+        # On Ctrl-C, drop the queued requests instead of sending them; answers already in are cached.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _SentLog:
@@ -451,7 +464,7 @@ class _Caller:
             tokens_out = getattr(usage, "completion_tokens", None)
             stopped = finish == "stop"
         else:
-            # anthropic 1.x+ dropped the temperature keyword; the API still takes it in the body (older models).
+            # The SDK's create() takes no temperature keyword; the API still takes it in the body (older models).
             body = {"temperature": self.params["temperature"]} if "temperature" in self.params else None
             response = self.client.messages.create(
                 model=settings.model,

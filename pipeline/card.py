@@ -50,7 +50,7 @@ def _eval_section(metrics_json: dict[str, Any]) -> list[str]:
         lines += [f"Baseline: {baseline.get('status')} ({baseline.get('reason', '')}).", ""]
     cost = metrics_json.get("cost")
     if cost:
-        from pipeline.evaluate import render_cost_lines  # the same table as the run's eval/report.md
+        from pipeline.cost import render_cost_lines  # the same table as the run's eval/report.md
 
         lines += ["### Cost", "", *render_cost_lines(cost), ""]
     return lines

@@ -1,35 +1,43 @@
 """Evaluation: answer the eval split with each system, parse, score, compare, cost, report.
 
 Local systems share one model: ``base`` is the fine-tune with its adapter switched off (exactly the 4-bit
-base it was trained on), ``finetuned`` has it on. Generation is greedy, batched with left padding, and stops
-at an end-of-sequence token; an answer that reaches ``eval.max_new_tokens`` without one is cut there and
-counted (``cut_at_max_new_tokens``), since a fine-tune that never stops is a failure worth seeing. Local
-answers are kept in ``eval/generations/`` keyed by what they depend on, so re-scoring reuses them.
+base it was trained on), ``finetuned`` has it on. Generation (``pipeline.generation``) is greedy, batched with
+left padding, and stops at an end-of-sequence token; an answer that reaches ``eval.max_new_tokens`` without
+one is cut there and counted (``cut_at_max_new_tokens``), since a fine-tune that never stops is a failure
+worth seeing. Local answers are kept in ``eval/generations/`` keyed by what they depend on, so re-scoring
+reuses them.
 
 ``baseline`` is the commercial model of the recipe's baseline section (see ``pipeline.baseline``). With a
 fine-tune and a baseline scored, the difference on the task's main metric gets a paired-bootstrap 95%
 interval and a verdict; with prices, each system gets its $ per 1,000 examples and the report a
-cost-of-ownership section. ``evaluate_run`` is the one path: ``train`` calls it at its end and
-``python -m pipeline evaluate --run`` calls it on an existing run.
+cost-of-ownership section (``pipeline.cost``). ``evaluate_run`` is the one path: ``train`` calls it at its end
+and ``python -m pipeline evaluate --run`` calls it on an existing run.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import re
-import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import rundir
-from pipeline.data import ValidatedData, prompt_input_ids, sft_example
+from pipeline.baseline import run_baseline
+from pipeline.cost import cost_of_ownership, cost_per_1000_examples, render_cost_lines, save_cost_plot
+from pipeline.data import ValidatedData, sft_example
 from pipeline.errors import UsageError
-from pipeline.recipe import EvalSection, Recipe
+from pipeline.generation import (
+    GENERATIONS,
+    LOCAL_SYSTEMS,
+    LocalModel,
+    cached_generations,
+    generate_local,
+    generation_key,
+)
+from pipeline.recipe import Recipe
 from pipeline.tasks import Task
 
 # Metrics shown in the terminal table and report, in this order.
@@ -43,79 +51,6 @@ TABLE_METRICS = (
 )
 
 
-def generate(
-    model: Any,
-    tokenizer: Any,
-    examples: list[dict[str, Any]],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    eos_ids: set[int],
-    label: str = "",
-) -> list[dict[str, Any]]:
-    """Greedy answers for prompt/completion examples, in the order given.
-
-    Prompts are tokenized exactly as in training, sorted by length (less padding per batch), left-padded,
-    and generated in batches.
-
-    Returns:
-        Per example: ``text`` (decoded answer), ``stopped`` (an EOS was produced), ``tokens_in``,
-        ``tokens_out``, ``latency_s`` (wall time of its batch) and ``seconds`` (its share of that time).
-    """
-    import torch
-
-    prompts = [prompt_input_ids(tokenizer, ex) for ex in examples]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    results: list[dict[str, Any] | None] = [None] * len(prompts)
-    eos_list = sorted(eos_ids)
-    done = 0
-    start_all = time.perf_counter()
-    for begin in range(0, len(order), batch_size):
-        batch_idx = order[begin : begin + batch_size]
-        width = max(len(prompts[i]) for i in batch_idx)
-        input_ids = torch.full((len(batch_idx), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch_idx), width), dtype=torch.long)
-        for row, i in enumerate(batch_idx):
-            ids = prompts[i]
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention[row, width - len(ids) :] = 1
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos_list,
-                pad_token_id=pad_id,
-                use_cache=True,
-            )
-        latency = time.perf_counter() - start
-        for row, i in enumerate(batch_idx):
-            new = out[row, width:].tolist()
-            stop_at = next((k for k, t in enumerate(new) if t in eos_ids), None)
-            kept = new if stop_at is None else new[:stop_at]
-            results[i] = {
-                "text": tokenizer.decode(kept, skip_special_tokens=True),
-                "stopped": stop_at is not None,
-                "tokens_in": len(prompts[i]),
-                "tokens_out": len(kept) + (stop_at is not None),
-                "latency_s": latency,
-                # This example's share of the batch's wall time: shares add up to the generation time.
-                "seconds": latency / len(batch_idx),
-            }
-        done += len(batch_idx)
-        elapsed = time.perf_counter() - start_all
-        print(f"  {label} generated {done}/{len(prompts)} ({done / elapsed:.1f} examples/s)", flush=True)
-    return [r for r in results if r is not None]
-
-
-LOCAL_SYSTEMS = ("base", "finetuned")
-GENERATIONS = "generations"
-
-
 def default_systems(recipe: Recipe) -> list[str]:
     """The systems an evaluation scores when none are named (``train``, and ``evaluate`` without ``--systems``).
 
@@ -126,16 +61,6 @@ def default_systems(recipe: Recipe) -> list[str]:
     if "systems" in recipe.eval.model_fields_set:
         return list(recipe.eval.systems)
     return list(recipe.eval.systems) + (["baseline"] if recipe.baseline is not None else [])
-
-
-@dataclass
-class LocalModel:
-    """The trained PEFT model and what generation needs with it."""
-
-    model: Any
-    tokenizer: Any
-    eos_ids: set[int]
-    device: str
 
 
 @dataclass
@@ -190,14 +115,58 @@ def evaluate_run(
     if recipe.eval.max_examples is not None:
         rows = rows[: recipe.eval.max_examples]
     examples = [sft_example(row, task, fmt) for row in rows]  # type: ignore[arg-type]
+
+    outputs = local_outputs(recipe, run_dir, examples, wanted, local, reuse_previous=reuse_previous)
+    baseline_summary = None
+    if recipe.baseline is not None and ("baseline" in wanted or reuse_previous):
+        baseline_summary, baseline_outputs = baseline_answers(recipe, run_dir, task, rows, data.train.rows, wanted)
+        if baseline_outputs is not None:
+            outputs["baseline"] = baseline_outputs
+
+    metrics = {system: score_system(task, rows, outs) for system, outs in outputs.items()}
+    cost = cost_of_ownership(recipe, metrics, device)
+    for system, values in metrics.items():
+        per_1000 = cost_per_1000_examples(recipe, system, values)
+        if per_1000 is not None:
+            values["cost_per_1000_examples"] = per_1000
+    comparison = None
+    if "finetuned" in outputs and "baseline" in outputs:
+        comparison = paired_bootstrap(
+            task,
+            [task.gold(row) for row in rows],
+            [task.parse(o["text"]) for o in outputs["finetuned"]],
+            [task.parse(o["text"]) for o in outputs["baseline"]],
+            samples=recipe.eval.bootstrap_samples,
+            seed=recipe.training.seed,
+        )
+
+    write_outputs(eval_dir, task, rows, outputs, metrics, comparison=comparison, baseline=baseline_summary, cost=cost)
+    print_summary(task, metrics, comparison, cost)
+    if tracker is not None:
+        log_to_tracker(tracker, metrics, comparison, cost, eval_dir)
+    return EvalResult(metrics, comparison, baseline_summary, cost, eval_dir)
+
+
+def local_outputs(
+    recipe: Recipe,
+    run_dir: Path,
+    examples: list[dict[str, Any]],
+    wanted: list[str],
+    local: LocalModel | Callable[[], LocalModel] | None,
+    *,
+    reuse_previous: bool,
+) -> dict[str, list[dict[str, Any]]]:
+    """Answers of the local systems asked for (and, with ``reuse_previous``, of those fully cached).
+
+    Cached generations are reused; the rest are generated (loading the model on first need) and cached.
+    """
     adapter = run_dir / "adapter" / "adapter_model.safetensors"
     adapter_sha = rundir.sha256_file(adapter) if adapter.is_file() else None
-
     outputs: dict[str, list[dict[str, Any]]] = {}
     loaded: LocalModel | None = local if isinstance(local, LocalModel) else None
     for system in [s for s in LOCAL_SYSTEMS if s in wanted or reuse_previous]:
         keys = [generation_key(recipe, system, ex, adapter_sha) for ex in examples]
-        path = eval_dir / GENERATIONS / f"{system}.jsonl"
+        path = run_dir / "eval" / GENERATIONS / f"{system}.jsonl"
         cached = cached_generations(path, keys)
         if cached is not None:
             print(f"Evaluating {system}: {len(cached)} generations reused from {path}")
@@ -209,52 +178,50 @@ def evaluate_run(
             if local is None:
                 raise ValueError(f"{system}: no cached generations in {path} and no model to generate with")
             loaded = local()  # type: ignore[operator]
-        print(f"Evaluating {system} on {len(rows)} eval rows")
+        print(f"Evaluating {system} on {len(examples)} eval rows")
         outputs[system] = generate_local(loaded, system, examples, recipe.eval)
         rundir.write_jsonl(path, [{"key": k, **o} for k, o in zip(keys, outputs[system], strict=True)])
+    return outputs
 
-    baseline_summary = None
-    if recipe.baseline is not None and ("baseline" in wanted or reuse_previous):
-        from pipeline.baseline import run_baseline
 
-        result = run_baseline(
-            recipe.baseline,
-            task,
-            rows,
-            train_rows=data.train.rows,
-            allowed_hosts=recipe.privacy.allowed_hosts,
-            cache_dir=recipe.baseline.cache_dir or run_dir / "baseline_cache",
-            eval_dir=eval_dir,
-            seed=recipe.training.seed,
-            cache_only="baseline" not in wanted,
-        )
-        if result.status == "not_cached":
-            print(f"Baseline not re-scored: {result.reason} (add --systems baseline to ask the rest)")
-        else:
-            baseline_summary = result.summary
-        if result.outputs is not None:
-            outputs["baseline"] = result.outputs
-            if "baseline" not in wanted:
-                print(f"Evaluating baseline: {len(result.outputs)} answers reused from its cache, nothing sent")
+def baseline_answers(
+    recipe: Recipe,
+    run_dir: Path,
+    task: Task,
+    rows: list[dict[str, Any]],
+    train_rows: list[dict[str, Any]],
+    wanted: list[str],
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]] | None]:
+    """(summary, answers) of the recipe's baseline; only its cached answers when it was not asked for.
 
-    metrics = {system: score_system(task, rows, outs) for system, outs in outputs.items()}
-    cost = cost_of_ownership(recipe, metrics, device)
-    for system, values in metrics.items():
-        per_1000 = cost_per_1000_examples(recipe, system, values)
-        if per_1000 is not None:
-            values["cost_per_1000_examples"] = per_1000
-    comparison = None
-    if "finetuned" in outputs and "baseline" in outputs:
-        golds = [task.gold(row) for row in rows]
-        comparison = paired_bootstrap(
-            task,
-            golds,
-            [task.parse(o["text"]) for o in outputs["finetuned"]],
-            [task.parse(o["text"]) for o in outputs["baseline"]],
-            samples=recipe.eval.bootstrap_samples,
-            seed=recipe.training.seed,
-        )
-    write_outputs(eval_dir, task, rows, outputs, metrics, comparison=comparison, baseline=baseline_summary, cost=cost)
+    The summary is None when the baseline was not re-scored (not asked for and not all answers cached).
+    """
+    assert recipe.baseline is not None
+    result = run_baseline(
+        recipe.baseline,
+        task,
+        rows,
+        train_rows=train_rows,
+        allowed_hosts=recipe.privacy.allowed_hosts,
+        cache_dir=recipe.baseline.cache_dir or run_dir / "baseline_cache",
+        eval_dir=run_dir / "eval",
+        seed=recipe.training.seed,
+        cache_only="baseline" not in wanted,
+    )
+    summary = None
+    if result.status == "not_cached":
+        print(f"Baseline not re-scored: {result.reason} (add --systems baseline to ask the rest)")
+    else:
+        summary = result.summary
+    if result.outputs is not None and "baseline" not in wanted:
+        print(f"Evaluating baseline: {len(result.outputs)} answers reused from its cache, nothing sent")
+    return summary, result.outputs
+
+
+def print_summary(
+    task: Task, metrics: dict[str, dict[str, Any]], comparison: dict[str, Any] | None, cost: dict[str, Any] | None
+) -> None:
+    """The terminal's view of eval/report.md: quality and operations tables, the verdict, the cost block."""
     print(render_table(metrics, task.table_metrics))
     print(render_ops_table(metrics))
     if usage_warning(metrics):
@@ -263,54 +230,6 @@ def evaluate_run(
         print(comparison_sentence(comparison))
     if cost is not None:
         print("Cost of ownership:\n" + "\n".join(render_cost_lines(cost)))
-    if tracker is not None:
-        log_to_tracker(tracker, metrics, comparison, cost, eval_dir)
-    return EvalResult(metrics, comparison, baseline_summary, cost, eval_dir)
-
-
-def generate_local(loaded: LocalModel, system: str, examples: list[dict[str, Any]], settings: EvalSection) -> list:
-    """Greedy generation for ``base`` (the adapter switched off) or ``finetuned`` (on)."""
-    model = loaded.model
-    model.eval()
-    # The base is the same 4-bit weights with the adapter switched off: no second copy in memory.
-    switch = model.disable_adapter() if system == "base" else contextlib.nullcontext()
-    with switch:
-        return generate(
-            model,
-            loaded.tokenizer,
-            examples,
-            max_new_tokens=settings.max_new_tokens,
-            batch_size=settings.batch_size,
-            eos_ids=loaded.eos_ids,
-            label=system,
-        )
-
-
-def generation_key(recipe: Recipe, system: str, example: dict[str, Any], adapter_sha: str | None) -> str:
-    """What a local answer depends on: system, prompt, generation budget, base weights, quantization, adapter."""
-    body = {
-        "system": system,
-        "prompt": example["prompt"],
-        "max_new_tokens": recipe.eval.max_new_tokens,
-        "model": [recipe.model.path, recipe.model.revision],
-        "quantization": recipe.quantization.model_dump(mode="json"),
-        "adapter": adapter_sha if system == "finetuned" else None,
-    }
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def cached_generations(path: Path, keys: list[str]) -> list[dict[str, Any]] | None:
-    """The cached answers for exactly these keys, in order, or None if any is missing."""
-    if not path.is_file():
-        return None
-    by_key = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            entry = json.loads(line)
-            by_key[entry.pop("key")] = entry
-    if not all(k in by_key for k in keys):
-        return None
-    return [by_key[k] for k in keys]
 
 
 def score_system(task: Task, rows: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -323,15 +242,15 @@ def score_system(task: Task, rows: list[dict[str, Any]], outputs: list[dict[str,
     preds = [task.parse(o["text"]) for o in outputs]
     metrics: dict[str, Any] = dict(task.score(golds, preds))
     answered = [o for o in outputs if "error" not in o]
-    latencies = sorted(o["latency_s"] for o in answered if o.get("latency_s") is not None)
+    latencies = [o["latency_s"] for o in answered if o.get("latency_s") is not None]
     metrics.update(
         {
             "failed": float(len(outputs) - len(answered)),
             "cut_at_max_new_tokens": float(sum(not o["stopped"] for o in answered)),
             "tokens_in": float(sum(o["tokens_in"] for o in outputs)),
             "tokens_out": float(sum(o["tokens_out"] for o in outputs)),
-            "latency_p50_s": _percentile(latencies, 50),
-            "latency_p95_s": _percentile(latencies, 95),
+            "latency_p50_s": percentile(latencies, 50),
+            "latency_p95_s": percentile(latencies, 95),
         }
     )
     if any("seconds" in o for o in outputs):
@@ -340,6 +259,20 @@ def score_system(task: Task, rows: list[dict[str, Any]], outputs: list[dict[str,
         # An API answer without token usage counts 0 tokens: its cost is missing, so costs are lower bounds.
         metrics["usage_not_reported"] = float(sum(o.get("usage_reported") is False for o in answered))
     return metrics
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0 to 100) of ``values``, 0.0 when there are none.
+
+    Linear interpolation between the closest ranks (numpy's default method; ``statistics.quantiles`` with
+    ``method="inclusive"`` defines the same number but rounds differently in the last bits). Used for the
+    latency p50/p95 and the bootstrap interval alike.
+    """
+    if len(values) == 0:
+        return 0.0
+    import numpy as np
+
+    return float(np.percentile(values, q))
 
 
 def usage_warning(metrics: dict[str, dict[str, Any]]) -> str | None:
@@ -385,7 +318,7 @@ def paired_bootstrap(
         idx = rng.integers(0, n, size=(min(200, samples - start), n))
         totals_a, totals_b = stats_a[idx].sum(axis=1), stats_b[idx].sum(axis=1)
         diffs += [main(ta) - main(tb) for ta, tb in zip(totals_a, totals_b, strict=True)]
-    low, high = (float(v) for v in np.percentile(diffs, [2.5, 97.5]))
+    low, high = percentile(diffs, 2.5), percentile(diffs, 97.5)
     verdict = "better" if low > 0 else "worse" if high < 0 else "no significant difference"
     return {
         "metric": task.main_metric,
@@ -411,123 +344,6 @@ def comparison_sentence(comparison: dict[str, Any]) -> str:
         f"The fine-tune {words} the baseline on {comparison['metric']}: {comparison['difference']:+.3f} "
         f"(95% CI {low:+.3f} to {high:+.3f}, paired bootstrap, {comparison['samples']} resamples of "
         f"{comparison['n']} examples)"
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Cost
-
-
-def _api_cost(recipe: Recipe, values: dict[str, Any]) -> float | None:
-    b = recipe.baseline
-    if b is None or b.price_input_per_1m is None or b.price_output_per_1m is None:
-        return None
-    return values["tokens_in"] * b.price_input_per_1m / 1e6 + values["tokens_out"] * b.price_output_per_1m / 1e6
-
-
-def _seconds_per_case(recipe: Recipe, values: dict[str, Any]) -> tuple[float, float, str] | None:
-    """(seconds per case, tokens per second, source) of a local system, from the given or measured throughput."""
-    n = values.get("num_examples") or 0.0
-    tokens = values["tokens_in"] + values["tokens_out"]
-    if not n or not tokens:
-        return None
-    given = recipe.cost.throughput_tokens_per_s
-    if given is not None:
-        return tokens / n / given, given, "given (cost.throughput_tokens_per_s)"
-    seconds = values.get("generation_seconds")
-    if not seconds:
-        return None
-    return seconds / n, tokens / seconds, "measured"
-
-
-def cost_per_1000_examples(recipe: Recipe, system: str, values: dict[str, Any]) -> float | None:
-    """$ per 1,000 examples: API prices x tokens for the baseline, GPU $/h x time per example for local ones."""
-    if system == "baseline":
-        cost = _api_cost(recipe, values)
-        answered = values["num_examples"] - values["failed"]
-        return cost / answered * 1000 if cost is not None and answered else None
-    price = recipe.cost.gpu_price_per_hour
-    timing = _seconds_per_case(recipe, values)
-    if price is None or timing is None:
-        return None
-    return price / 3600 * timing[0] * 1000
-
-
-def cost_of_ownership(recipe: Recipe, metrics: dict[str, dict[str, Any]], device: str) -> dict[str, Any] | None:
-    """Self-hosted fine-tune versus the baseline's API: per 1M tokens, per 1,000 cases, break-even volume.
-
-    A dedicated GPU costs ``gpu_price_per_hour x hours_per_month`` whatever the volume; the API costs its
-    price per case times the volume. Self-hosting breaks even at ``monthly GPU cost / API cost per case``
-    cases a month, if one GPU can serve that many (``hours_per_month x 3600 / seconds per case``).
-
-    Worked example: $2/h, 1,000 tokens/s, 500 tokens per case -> 0.5 s/case, $0.556 per 1M tokens, $0.278
-    per 1,000 cases, $1,460 a month for 5,256,000 cases of capacity. An API case of 1,000 input and 100
-    output tokens at $2.50/$10 per 1M costs $0.0035, so self-hosting breaks even at 1,460 / 0.0035 =
-    417,143 cases a month.
-    """
-    out: dict[str, Any] = {
-        "gpu_price_per_hour": recipe.cost.gpu_price_per_hour,
-        "hours_per_month": recipe.cost.hours_per_month,
-        "self_hosted": None,
-        "api": None,
-        "break_even_cases_per_month": None,
-    }
-    fine = metrics.get("finetuned")
-    price = recipe.cost.gpu_price_per_hour
-    if fine is not None and price is not None:
-        timing = _seconds_per_case(recipe, fine)
-        if timing is not None:
-            seconds, tps, source = timing
-            out["self_hosted"] = {
-                "throughput_tokens_per_s": tps,
-                "throughput_source": source if source != "measured" else f"measured during this evaluation ({device})",
-                "seconds_per_case": seconds,
-                "cost_per_1m_tokens": price / (tps * 3600) * 1e6,
-                "cost_per_1000_cases": price / 3600 * seconds * 1000,
-                "monthly_gpu_cost": price * recipe.cost.hours_per_month,
-                "capacity_cases_per_month": recipe.cost.hours_per_month * 3600 / seconds,
-            }
-    base = metrics.get("baseline")
-    if base is not None:
-        cost = _api_cost(recipe, base)
-        answered = base["num_examples"] - base["failed"]
-        tokens = base["tokens_in"] + base["tokens_out"]
-        if cost is not None and answered and tokens:
-            missing = base.get("usage_not_reported", 0.0)
-            out["api"] = {
-                "cost_per_1m_tokens": cost / tokens * 1e6,
-                "cost_per_1000_cases": cost / answered * 1000,
-                "cost_per_case": cost / answered,
-                # Answers without token usage add no cost: the $ per case is then a lower bound.
-                "answers_without_usage": missing,
-                "lower_bound": bool(missing),
-            }
-    hosted, api = out["self_hosted"], out["api"]
-    if hosted is not None and api is not None and api["cost_per_case"] > 0:
-        volume = hosted["monthly_gpu_cost"] / api["cost_per_case"]
-        out["break_even_cases_per_month"] = volume
-        out["one_gpu_suffices"] = volume <= hosted["capacity_cases_per_month"]
-    if hosted is None and api is None:
-        return None
-    return out
-
-
-def cost_sentence(cost: dict[str, Any]) -> str:
-    """The break-even statement in words."""
-    volume = cost.get("break_even_cases_per_month")
-    hosted = cost.get("self_hosted")
-    if volume is None or hosted is None:
-        return "Break-even volume: needs both cost.gpu_price_per_hour and the baseline's prices and answers."
-    if cost.get("one_gpu_suffices"):
-        return (
-            f"Self-hosting breaks even at {volume:,.0f} cases a month: above that a dedicated GPU "
-            f"(${hosted['monthly_gpu_cost']:,.0f}/month, capacity {hosted['capacity_cases_per_month']:,.0f} cases) "
-            "costs less than the API."
-        )
-    return (
-        f"At this throughput one GPU serves at most {hosted['capacity_cases_per_month']:,.0f} cases a month, fewer "
-        f"than the {volume:,.0f} at which its ${hosted['monthly_gpu_cost']:,.0f}/month would match the API: "
-        "the API is cheaper at every volume unless throughput rises (cost.throughput_tokens_per_s for the target GPU)."
     )
 
 
@@ -688,75 +504,6 @@ def render_report(
     return "\n".join(lines)
 
 
-def render_cost_lines(cost: dict[str, Any]) -> list[str]:
-    """The cost block of the report: self-hosted and API side by side, then the break-even sentence."""
-    hosted, api = cost.get("self_hosted"), cost.get("api")
-    lines = ["| | self-hosted fine-tune | baseline API |", "|---|---|---|"]
-
-    def cell(block: dict[str, Any] | None, key: str, fmt: str) -> str:
-        if block is None or block.get(key) is None:
-            return "n/a"
-        # Answers without token usage cost nothing here: per case the API costs at least this much.
-        bound = ">=" if block.get("lower_bound") and key == "cost_per_1000_cases" else ""
-        return bound + fmt.format(block[key])
-
-    lines += [
-        f"| $ per 1M tokens | {cell(hosted, 'cost_per_1m_tokens', '${:.4f}')} | "
-        f"{cell(api, 'cost_per_1m_tokens', '${:.4f}')} |",
-        f"| $ per 1,000 cases | {cell(hosted, 'cost_per_1000_cases', '${:.4f}')} | "
-        f"{cell(api, 'cost_per_1000_cases', '${:.4f}')} |",
-    ]
-    if hosted is not None:
-        lines += [
-            "",
-            f"Self-hosted: ${cost['gpu_price_per_hour']:.2f}/h, {hosted['throughput_tokens_per_s']:,.1f} tokens/s "
-            f"({hosted['throughput_source']}), {hosted['seconds_per_case']:.4f} s per case.",
-        ]
-    lines += ["", cost_sentence(cost)]
-    if (api or {}).get("lower_bound"):
-        lines += [
-            "",
-            f"{api['answers_without_usage']:.0f} API answers came without token usage: the API's $ per case is a "
-            "lower bound, so the break-even volume is an upper bound.",
-        ]
-    return lines
-
-
-def save_cost_plot(path: Path, cost: dict[str, Any]) -> None:
-    """Monthly cost against monthly volume: the API's line and the self-hosted GPUs' steps (one more per capacity)."""
-    hosted, api = cost.get("self_hosted"), cost.get("api")
-    if hosted is None and api is None:
-        return
-    import math
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    volume = cost.get("break_even_cases_per_month")
-    top = 3 * volume if volume else (3 * hosted["capacity_cases_per_month"] if hosted else 1_000_000)
-    xs = [top * i / 400 for i in range(401)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if api is not None:
-        ax.plot(xs, [x * api["cost_per_case"] for x in xs], label="baseline API")
-    if hosted is not None:
-        gpus = [max(1, math.ceil(x / hosted["capacity_cases_per_month"])) for x in xs]
-        ax.step(xs, [g * hosted["monthly_gpu_cost"] for g in gpus], where="post", label="self-hosted (dedicated GPUs)")
-    if volume:
-        ax.axvline(volume, color="grey", linestyle="--", linewidth=1)
-        ax.annotate(f"break-even\n{volume:,.0f} cases/month", (volume, 0), xytext=(5, 10), textcoords="offset points")
-    ax.set_xlabel("cases per month")
-    ax.set_ylabel("$ per month")
-    ax.set_title("Cost of ownership")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def log_to_tracker(
     tracker: Any,
     metrics: dict[str, dict[str, Any]],
@@ -822,14 +569,6 @@ def save_per_label_plot(path: Path, per_label: dict[str, dict[str, dict[str, flo
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    if len(sorted_values) == 1:
-        return sorted_values[0]
-    return statistics.quantiles(sorted_values, n=100, method="inclusive")[int(q) - 1]
 
 
 # --------------------------------------------------------------------------------------------------

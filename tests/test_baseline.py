@@ -296,13 +296,8 @@ def test_recipe_never_holds_a_key():
 
 
 def test_answers_without_token_usage_are_counted_and_the_cost_is_a_lower_bound(provider, serve, tmp_path):
-    from pipeline.evaluate import (
-        cost_of_ownership,
-        cost_per_1000_examples,
-        render_cost_lines,
-        render_ops_table,
-        score_system,
-    )
+    from pipeline.cost import cost_of_ownership, cost_per_1000_examples, render_cost_lines
+    from pipeline.evaluate import render_ops_table, score_system
     from pipeline.recipe import load_recipe
 
     rows = make_rows(6)

@@ -13,7 +13,8 @@ import pytest
 from conftest import ROOT, write_recipe
 from fake_llm import FakeLLM
 
-from pipeline.evaluate import cost_of_ownership, cost_per_1000_examples, paired_bootstrap
+from pipeline.cost import cost_of_ownership, cost_per_1000_examples
+from pipeline.evaluate import paired_bootstrap
 from pipeline.recipe import load_recipe
 from pipeline.tasks import INVALID_LABEL, get_task
 

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from pipeline.evaluate import generate, score_system
+from pipeline.evaluate import score_system
+from pipeline.generation import generate
 from pipeline.tasks import get_task
 
 TASK = get_task("medical_coding")
