@@ -5,7 +5,7 @@ import sys
 
 import pytest
 from conftest import ROOT
-from test_recipe import run_cli
+from helpers import run_cli
 
 from pipeline.audit import append, verify
 

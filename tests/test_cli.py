@@ -4,7 +4,7 @@ import time
 
 import pytest
 from conftest import ROOT
-from test_recipe import run_cli
+from helpers import run_cli
 
 HEAVY = ("torch", "transformers", "peft", "trl", "bitsandbytes", "mlflow", "datasets")
 

@@ -57,7 +57,7 @@ def test_invalid_utf8_and_bom_and_crlf(tmp_path):
 
 
 def test_counts_reconcile_and_nothing_is_lost_through_the_cli(tmp_path):
-    from test_recipe import run_main
+    from helpers import run_main
 
     good = [json.dumps({**GOOD, "id": f"g{i}", "note": note_row(i)["note"]}) for i in range(25)]
     train = write_lines(tmp_path / "train.jsonl", good[:10] + [p[0] for p in PLANTED] + good[10:20])
@@ -86,7 +86,7 @@ def test_counts_reconcile_and_nothing_is_lost_through_the_cli(tmp_path):
 
 
 def test_validate_passes_on_clean_data(tmp_path, tiny_assets):
-    from test_recipe import run_main
+    from helpers import run_main
 
     data = tiny_assets["data"]
     result = run_main(
@@ -598,7 +598,7 @@ def test_rare_labels_and_imbalance_warning(tmp_path):
 
 
 def test_cli_validate_empty_file_and_over_long_csv_record(tmp_path):
-    from test_recipe import run_cli
+    from helpers import run_cli
 
     # Only what this test needs: no ICD-10-CM table or PII scanner to load in the subprocess (seconds each).
     contract = tmp_path / "c.yaml"

@@ -37,7 +37,7 @@ def test_quickstart_meets_the_acceptance_bar(tmp_path):
     import subprocess
     import sys
 
-    from test_recipe import run_cli
+    from helpers import run_cli
 
     subprocess.run(
         [sys.executable, "scripts/make_demo_assets.py", "--root", str(tmp_path / "demo")],

@@ -8,24 +8,9 @@ import sys
 
 import torch
 from conftest import ROOT, write_recipe
+from helpers import make_env
 
-from pipeline.env import Env
 from pipeline.recipe import load_recipe
-
-
-def _env(world_size: int, cuda: bool = False) -> Env:
-    return Env(
-        cuda=cuda,
-        gpu_name=None,
-        gpu_memory_gb=None,
-        num_gpus=world_size if cuda else 0,
-        bf16=cuda,
-        bitsandbytes=None,
-        torch=None,
-        cpu_count=2,
-        world_size=world_size,
-        platform="test",
-    )
 
 
 def test_ddp_two_processes_on_cpu(tiny_recipe_data, tmp_path):
@@ -80,10 +65,10 @@ def test_fsdp_qlora_settings(tiny_recipe_path, monkeypatch):
 
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
     recipe = load_recipe(ROOT / "recipes" / "medical_coding.yaml", ["hardware.distributed=fsdp", "hardware.num_gpus=2"])
-    assert fsdp_settings(recipe, _env(1, cuda=True)) == (False, None)  # one process: nothing to shard
-    assert fsdp_settings(load_recipe(ROOT / "recipes" / "medical_coding.yaml"), _env(2, cuda=True)) == (False, None)
+    assert fsdp_settings(recipe, make_env(1, cuda=True)) == (False, None)  # one process: nothing to shard
+    assert fsdp_settings(load_recipe(ROOT / "recipes" / "medical_coding.yaml"), make_env(2, cuda=True)) == (False, None)
 
-    enabled, config = fsdp_settings(recipe, _env(2, cuda=True))
+    enabled, config = fsdp_settings(recipe, make_env(2, cuda=True))
     assert enabled and config["version"] == 1
     assert config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert config["use_orig_params"] and config["cpu_ram_efficient_loading"] and config["sync_module_states"]
@@ -94,7 +79,7 @@ def test_fsdp_qlora_settings(tiny_recipe_path, monkeypatch):
     cuda = property(lambda self: torch.device("cuda"))
     monkeypatch.setattr(transformers.training_args.TrainingArguments, "device", cuda)
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "unset")  # transformers sets it; restored after the test
-    args = sft_config(recipe, ROOT / "runs" / "x", "cuda", _env(2, cuda=True))
+    args = sft_config(recipe, ROOT / "runs" / "x", "cuda", make_env(2, cuda=True))
     assert args.fsdp and args.ddp_backend == "nccl"
     assert args.activation_checkpointing is False  # FSDP's own checkpointing instead of the trainer's
     plugin = args.fsdp_plugin_args
@@ -111,7 +96,7 @@ def test_fsdp_qlora_settings(tiny_recipe_path, monkeypatch):
 
 
 def test_launch_refusals_are_exit_2(tiny_recipe_path, tmp_path):
-    from test_recipe import run_cli
+    from helpers import run_cli
 
     far = run_cli(
         "train", str(tiny_recipe_path), "--nnodes", "2", "--master-addr", "10.1.2.3", "--run-dir", str(tmp_path)

@@ -1,18 +1,11 @@
 """scripts/gpu_probe.py on a CPU with a tiny shape: random 4-bit weights, real QLoRA steps, the JSON it writes."""
 
-import importlib.util
 import json
 import math
 
 import pytest
 from conftest import ROOT
-
-
-def load_probe():
-    spec = importlib.util.spec_from_file_location("gpu_probe", ROOT / "scripts" / "gpu_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_probe
 
 
 def test_probe_runs_real_4bit_steps_on_cpu_and_reports_against_the_planner(tiny_assets, tmp_path):

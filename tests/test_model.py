@@ -73,7 +73,7 @@ def test_chat_template_path_trains_with_eos_closed_completions(tiny_assets, tiny
 
 
 def test_chat_format_without_template_is_a_recipe_error(tiny_assets, tiny_recipe_data, tmp_path):
-    from test_recipe import run_main
+    from helpers import run_main
 
     path = write_recipe(
         tmp_path / "chat.yaml",
@@ -163,7 +163,7 @@ def test_cache_snapshot_directory_is_checked_by_its_commit(tmp_path):
 
 
 def test_train_with_a_mismatched_revision_stops_before_loading_weights(tmp_path, tiny_recipe_data):
-    from test_recipe import run_cli
+    from helpers import run_cli
 
     recipe = write_recipe(
         tmp_path / "r.yaml",

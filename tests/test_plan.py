@@ -289,7 +289,7 @@ def test_checkpointing_and_optimizer_choices_move_the_estimate():
 
 def test_a_recipe_that_does_not_fit_is_refused_with_suggestions(tmp_path, tiny_recipe_data):
     from conftest import write_recipe
-    from test_recipe import run_main
+    from helpers import run_main
 
     out = tmp_path / "plan"
     result = run_main(
@@ -449,7 +449,7 @@ def test_train_force_goes_past_the_refusal(tmp_path, tiny_recipe_data, monkeypat
 
 
 def test_plan_exact_counts_on_the_meta_device_and_writes_plan_json(tmp_path):
-    from test_recipe import run_cli
+    from helpers import run_cli
 
     result = run_cli("plan", "recipes/medical_coding.yaml", "--exact", "--run-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -460,7 +460,7 @@ def test_plan_exact_counts_on_the_meta_device_and_writes_plan_json(tmp_path):
 
 
 def test_train_refuses_random_weights(tiny_recipe_path):
-    from test_recipe import run_cli
+    from helpers import run_cli
 
     result = run_cli("train", str(tiny_recipe_path), "--set", "model.init=random")
     assert result.returncode == 2 and "model.init: random" in result.stderr and "gpu_probe" in result.stderr
@@ -469,7 +469,7 @@ def test_train_refuses_random_weights(tiny_recipe_path):
 def saved_activation_bytes(config, recipe):
     """Bytes of the distinct tensors autograd saves in one forward (parameters excluded), per token."""
     import torch
-    from test_gpu_probe import load_probe
+    from helpers import load_probe
 
     model = load_probe().training_model(config, recipe, "cpu")
     model.train()

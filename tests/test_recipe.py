@@ -1,9 +1,7 @@
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, write_recipe
+from helpers import run_cli
 from pydantic import ValidationError
 
 from pipeline.contracts import load_contract
@@ -24,35 +22,6 @@ GPU_ENV = Env(
     world_size=1,
     platform="linux",
 )
-
-
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-
-
-def run_main(*args: str) -> subprocess.CompletedProcess:
-    """``pipeline.cli.main`` in this process, returned like ``run_cli``.
-
-    For commands whose test needs the exit code and the output but not a separate process: a subprocess pays
-    the torch/transformers/trl import again (~15 s on 2 cores). An exception main does not handle propagates
-    and fails the test, as a traceback would.
-    """
-    import contextlib
-    import io
-    import os
-
-    from pipeline.cli import main
-
-    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
-    os.chdir(ROOT)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(list(args))
-    finally:
-        os.chdir(cwd)
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

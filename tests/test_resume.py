@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 from conftest import ROOT, write_recipe
+from helpers import run_cli
 from safetensors.torch import load_file
-from test_recipe import run_cli
 
 from pipeline import checkpoints
 

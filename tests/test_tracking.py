@@ -125,7 +125,7 @@ def test_unreachable_tracking_server_does_not_stop_training_and_sync_uploads_lat
     import os
 
     from conftest import write_recipe
-    from test_recipe import run_cli
+    from helpers import run_cli
 
     dead = f"http://127.0.0.1:{_free_port()}"  # loopback port with nothing listening
     path = write_recipe(

@@ -7,8 +7,8 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, write_recipe
+from helpers import run_cli
 from safetensors.torch import load_file
-from test_recipe import run_cli
 
 
 def test_run_directory_holds_every_output(trained_run):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from conftest import write_recipe
-from test_distributed import _env
+from helpers import make_env
 
 from pipeline.recipe import load_recipe
 
@@ -23,14 +23,14 @@ def test_knobs_in_sft_config(tiny_recipe_path, tmp_path):
         tiny_recipe_path,
         ["training.packing=true", "training.completion_only_loss=false", "training.gradient_checkpointing=true"],
     )
-    args = sft_config(recipe, tmp_path, "cpu", _env(1))
+    args = sft_config(recipe, tmp_path, "cpu", make_env(1))
     assert args.packing is True and args.packing_strategy == "bfd"
     assert args.completion_only_loss is False
     assert args.activation_checkpointing is True and args.activation_checkpointing_kwargs == {"use_reentrant": False}
     assert args.optim == "adamw_torch" and args.max_length == 384
     assert args.fsdp in (False, None, "", []) and args.ddp_backend is None
 
-    default = sft_config(load_recipe(tiny_recipe_path), tmp_path, "cpu", _env(1))
+    default = sft_config(load_recipe(tiny_recipe_path), tmp_path, "cpu", make_env(1))
     assert default.packing is False and default.completion_only_loss is True
     assert default.activation_checkpointing is False  # the quickstart turns it off; TRL's own default is on
 
@@ -39,15 +39,15 @@ def test_precision_auto_follows_the_machine(tiny_recipe_path):
     from pipeline.train import resolve_precision
 
     recipe = load_recipe(tiny_recipe_path, ["training.precision=auto"])
-    assert resolve_precision(recipe, "cpu", _env(1)) == "fp32"
-    assert resolve_precision(recipe, "cuda", _env(1, cuda=True)) == "bf16"
-    old_gpu = _env(1, cuda=True).__class__(**{**_env(1, cuda=True).to_dict(), "bf16": False})
+    assert resolve_precision(recipe, "cpu", make_env(1)) == "fp32"
+    assert resolve_precision(recipe, "cuda", make_env(1, cuda=True)) == "bf16"
+    old_gpu = make_env(1, cuda=True).__class__(**{**make_env(1, cuda=True).to_dict(), "bf16": False})
     assert resolve_precision(recipe, "cuda", old_gpu) == "fp16"
     assert resolve_precision(load_recipe(tiny_recipe_path, ["training.precision=bf16"]), "cuda", old_gpu) == "bf16"
 
 
 def test_flash_attention_is_refused_clearly_where_it_cannot_run(tiny_recipe_data, tmp_path):
-    from test_recipe import run_main
+    from helpers import run_main
 
     path = write_recipe(
         tmp_path / "fa.yaml",
