@@ -573,10 +573,7 @@ def cmd_ui(args: argparse.Namespace, outcome: Outcome) -> int:
     from pipeline.egress import redact_secrets
     from pipeline.tracking import tracking_uri, ui_command
 
-    if args.recipe:
-        uri = tracking_uri(_load(args_with_no_overrides(args), outcome))
-    else:
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
+    uri = tracking_uri(_load(args_with_no_overrides(args), outcome) if args.recipe else None)
     from pipeline.egress import EgressGuard
 
     if not EgressGuard().decide(args.host)[0]:
@@ -683,8 +680,6 @@ def _record_export(outcome: Outcome, report: dict, overrides: list[str]) -> None
 
 def cmd_runs(args: argparse.Namespace, outcome: Outcome) -> int:
     """Tracked runs in the terminal, newest first."""
-    import os
-
     from pipeline.egress import EgressBlocked, redact_secrets
     from pipeline.tracking import list_runs, probe_store, render_runs, tracking_uri
 
@@ -692,7 +687,7 @@ def cmd_runs(args: argparse.Namespace, outcome: Outcome) -> int:
         recipe = _load(args_with_no_overrides(args), outcome)
         uri, experiment = tracking_uri(recipe), recipe.tracking.experiment or recipe.name
     else:
-        uri, experiment = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db", None
+        uri, experiment = tracking_uri(), None
     try:
         # Decided here, once, rather than inside MLflow's HTTP client (which retries for minutes): the egress
         # guard refuses a host that is not allowed at its name lookup, and a server that is down is said at once.

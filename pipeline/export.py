@@ -472,8 +472,9 @@ def resolve_run(run: str, tracking_uri: str | None) -> tuple[Path, str | None]:
             raise ExportInputError(f"{path}: not a run directory (no recipe.resolved.yaml); pass runs/<name>/<id>/")
         return path, _read_json(path / "summary.json").get("mlflow_run_id")
     from pipeline.tracking import client_for, download_run
+    from pipeline.tracking import tracking_uri as resolve_uri
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
+    uri = resolve_uri(explicit=tracking_uri)
     try:
         mlflow_run = client_for(uri).get_run(run)
     except Exception:  # noqa: BLE001 - not a run id on this store either
