@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import JobFailed
-from pipeline.rundir import sha256_file  # noqa: F401 - re-exported: the audit hashes inputs and outputs
+from pipeline.rundir import sha256_file
 
 DEFAULT_LOG = Path("runs") / "audit.jsonl"
 GENESIS = "0" * 64

@@ -730,7 +730,7 @@ def _input_hashes(recipe, run_dir: Path | None) -> dict[str, str]:  # noqa: ANN0
 
 def _hash_or_why(path: Path) -> str:
     """SHA-256 of a file, or why it could not be read: the audit entry is written after the command's own error."""
-    from pipeline.audit import sha256_file
+    from pipeline.rundir import sha256_file
 
     try:
         return sha256_file(path)

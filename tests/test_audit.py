@@ -83,7 +83,7 @@ def test_every_command_is_audited_and_verify_exits_1_on_tampering(tmp_path, tiny
         first = entries[0]
         assert first["recipe_sha256"] and any(k.startswith("data.train:") for k in first["inputs"])
         report = tmp_path / "v" / "validation" / "report.json"
-        from pipeline.audit import sha256_file
+        from pipeline.rundir import sha256_file
 
         assert first["outputs"]["validation/report.json"] == sha256_file(report)
         assert first["inputs"][f"data.train:{data / 'train.jsonl'}"] == sha256_file(data / "train.jsonl")
