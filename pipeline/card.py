@@ -5,15 +5,11 @@ Counts and hashes only: no row of the data is ever written into a card.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from pipeline import rundir
 from pipeline.recipe import Recipe
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _fmt(value: Any) -> str:
@@ -73,9 +69,9 @@ def model_card(
     Sections: base, license and obligations, data contract summary (counts only, no rows), training settings,
     evaluation incl. baseline and cost, merge verification, intended use, limitations, the MLflow run id.
     """
-    validation = _read_json(run_dir / "validation" / "report.json")
-    metrics_json = _read_json(run_dir / "eval" / "metrics.json")
-    summary = _read_json(run_dir / "summary.json")
+    validation = rundir.read_json(run_dir / "validation" / "report.json")
+    metrics_json = rundir.read_json(run_dir / "eval" / "metrics.json")
+    summary = rundir.read_json(run_dir / "summary.json")
     lines = _header(recipe, model_name=model_name, kind=kind, lic=lic, mlflow_run_id=mlflow_run_id)
     lines += _license_section(ack, lic)
     lines += _data_section(validation)

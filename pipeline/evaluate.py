@@ -16,6 +16,7 @@ and ``python -m pipeline evaluate --run`` calls it on an existing run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -579,6 +580,18 @@ class RunNotFound(UsageError):
     """``--run`` names neither a run directory nor an MLflow run with a run directory (exit code 2)."""
 
 
+class RunMismatch(UsageError):
+    """The recipe (or its eval split) is not the one the run was trained with: one line per difference."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+    def lines(self) -> list[str]:
+        """One ``error:`` line per difference."""
+        return list(self.problems)
+
+
 def resolve_run(recipe: Recipe, run: str) -> tuple[Path, str | None]:
     """(run directory, MLflow run id) for ``--run``: a run directory, or an MLflow run id in the recipe's store."""
     path = Path(run)
@@ -608,10 +621,8 @@ def check_run_matches(recipe: Recipe, run_dir: Path, data: ValidatedData) -> Non
     """Refuse to re-score a run with a recipe or eval split other than the ones it was trained with.
 
     Raises:
-        RecipeError: Naming the key (task, model.path, data.eval) and both values.
+        RunMismatch: Naming the key (task, model.path, data.eval) and both values.
     """
-    from pipeline.recipe import RecipeError
-
     resolved = run_dir / "recipe.resolved.yaml"
     if not resolved.is_file():
         raise RunNotFound(f"{run_dir}: no recipe.resolved.yaml; is this a run directory?")
@@ -635,7 +646,7 @@ def check_run_matches(recipe: Recipe, run_dir: Path, data: ValidatedData) -> Non
                 f"{data.eval.sha256[:12]}... now); score the split the run was evaluated on"
             )
     if problems:
-        raise RecipeError([f"{run_dir}: {p}" for p in problems])
+        raise RunMismatch([f"{run_dir}: {p}" for p in problems])
 
 
 def check_adapter_files(adapter: Path) -> None:
@@ -697,8 +708,7 @@ def evaluate_existing(
         data = validate_data(recipe, scratch, tokenizer_or_reason, recipe_source)
     check_run_matches(recipe, run_dir, data)
     task = task_for(recipe, data.contract)
-    plan_file = run_dir / "plan.json"
-    plan = json.loads(plan_file.read_text(encoding="utf-8")) if plan_file.is_file() else {}
+    plan = rundir.read_json(run_dir / "plan.json")
     fmt, device = plan.get("prompt_format"), plan.get("device", "cpu")
     if fmt is None:
         from pipeline.data import prompt_format
@@ -708,8 +718,9 @@ def evaluate_existing(
     tracker = Tracker(recipe, run_name=run_dir.name, run_dir=run_dir, run_id=run_id)
     if run_id is None:
         tracker.set_tags({"run_dir": str(run_dir), "task": recipe.task})
-    status = "FAILED"
-    try:
+    # A run this command created is closed FINISHED/FAILED by the context manager; an existing training run
+    # keeps the status its training gave it.
+    with tracker if run_id is None else contextlib.nullcontext(tracker):
         result = evaluate_run(
             recipe,
             run_dir,
@@ -722,8 +733,4 @@ def evaluate_existing(
             device=device,
             reuse_previous=True,
         )
-        status = "FINISHED"
-    finally:
-        if run_id is None:  # a run this command created; an existing training run keeps its own status
-            tracker.end(status)
     return result, run_dir, tracker.run_id

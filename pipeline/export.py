@@ -460,17 +460,13 @@ def _free(device: str) -> None:
 # The command
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def resolve_run(run: str, tracking_uri: str | None) -> tuple[Path, str | None]:
     """A run directory, or an MLflow run id whose artifacts are fetched: (run directory, MLflow run id)."""
     path = Path(run)
     if path.is_dir():
         if not (path / "recipe.resolved.yaml").is_file():
             raise ExportInputError(f"{path}: not a run directory (no recipe.resolved.yaml); pass runs/<name>/<id>/")
-        return path, _read_json(path / "summary.json").get("mlflow_run_id")
+        return path, rundir.read_json(path / "summary.json").get("mlflow_run_id")
     from pipeline.tracking import client_for, download_run
     from pipeline.tracking import tracking_uri as resolve_uri
 

@@ -33,6 +33,12 @@ def new_run_dir(recipe_name: str, run_dir: str | Path | None = None) -> Path:
     return path
 
 
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A run-directory JSON file, or ``{}`` when the file is not there (a stage that did not run)."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write a file atomically: a temporary file in the same directory, then a rename over the target."""
     path = Path(path)
