@@ -64,3 +64,25 @@ def test_gates_skip_clean_notes(scanner):
     assert not any(gate(text) for gate in scanner._gates.values())
     assert scanner._gates["PHONE_NUMBER"]("Call 617-726-2000.")
     assert scanner._gates["US_SSN"]("SSN 536-22-8726")
+
+
+def test_token_counter_direct_encoder_equals_call(tiny_assets):
+    # data.token_counter reads lengths from the Rust encoder directly; they must equal what __call__ gives.
+    from transformers import AutoTokenizer
+
+    from pipeline.data import token_counter
+    from pipeline.tasks import get_task
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets["model"])
+    task = get_task("medical_coding")
+    rows = [{"note": t, "codes": ["E11.9", "I10"]} for t in _texts(1, 200)]
+    counted = token_counter(tokenizer, task, "plain")(rows)
+    prompts = [task.plain_prompt(r) for r in rows]
+    fulls = [p + " " + task.target(r) for p, r in zip(prompts, rows, strict=True)]
+    expected = [
+        (len(p), len(f) + 1)
+        for p, f in zip(tokenizer(prompts)["input_ids"], tokenizer(fulls)["input_ids"], strict=True)
+    ]
+    assert counted == expected
+    backend = tokenizer._tokenizer  # the direct path is the one compared
+    assert hasattr(backend, "encode_batch_fast") and backend.truncation is None and backend.padding is None
