@@ -47,6 +47,7 @@ def notes(n: int, seed: int = 0) -> list[str]:
 
 
 def main() -> None:
+    """Scan the same notes with both paths, assert identical findings, print one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--notes", type=int, default=5000)
     args = parser.parse_args()

@@ -171,11 +171,13 @@ _SSN_PATTERNS = (
     r"\b([0-9]{3})[- .]([0-9]{2})[- .]([0-9]{4})\b",
 )
 _CARD_PATTERNS = (
-    r"\b(?!1\d{12}(?!\d))((4\d{3})|(5[0-5]\d{2})|(6\d{3})|(1\d{3})|(3\d{3}))[- ]?(\d{3,4})[- ]?(\d{3,4})[- ]?(\d{3,5})\b",
+    r"\b(?!1\d{12}(?!\d))((4\d{3})|(5[0-5]\d{2})|(6\d{3})|(1\d{3})|(3\d{3}))"
+    r"[- ]?(\d{3,4})[- ]?(\d{3,4})[- ]?(\d{3,5})\b",
 )
 # Each gate is a relaxation of every pattern of its recognizer (a match of a pattern contains a match of the gate),
 # searched with the same module and flags: SSN patterns all hold 3 + 2 + 4 ASCII digits with optional single
-# separators; the card pattern the same digit groups without its first-digit and boundary tests; e-mail an "@"; DOB and MRN their label (the look-behind).
+# separators; the card pattern the same digit groups without its first-digit and boundary tests; e-mail an "@";
+# DOB and MRN their label (the look-behind).
 _GATE_REGEXES = {
     "US_SSN": (_SSN_PATTERNS, r"[0-9]{3}[- .]?[0-9]{2}[- .]?[0-9]{4}"),
     "CREDIT_CARD": (_CARD_PATTERNS, r"\d{4}[- ]?\d{3,4}[- ]?\d{3,4}[- ]?\d{3,5}"),

@@ -22,7 +22,8 @@ PLANTED = [
     "＋４４ ２０ ７９４６ ０９５８", "٦١٧-٧٢٦-٢٠٠٠", "phone: 617 726 2000", "tel 617-726-2OOO", "1-800-FLOWERS",
 ]  # fmt: skip
 FILLER = ["Pt seen.", "HTN stable.", "Denies chest pain.", "Follow up in 3 months.", "Alert and oriented x3.",
-          "Labs: Na 139, K 4.1, Cr 0.9.", "Weight 82 kg.", "Plan: recheck.", "extension of symptoms noted."]  # fmt: skip
+          "Labs: Na 139, K 4.1, Cr 0.9.", "Weight 82 kg.", "Plan: recheck.",
+          "extension of symptoms noted."]  # fmt: skip
 
 
 def _texts(seed: int, n: int) -> list[str]:
