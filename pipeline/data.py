@@ -145,9 +145,21 @@ def token_counter(tokenizer: Any, task: Task, fmt: Literal["chat", "plain"]) -> 
             prompts = [task.plain_prompt(r) for r in rows]
             fulls = [p + " " + task.target(r) for p, r in zip(prompts, rows, strict=True)]
             special, eos = True, 1
-        prompt_ids = tokenizer(prompts, add_special_tokens=special)["input_ids"]
-        full_ids = tokenizer(fulls, add_special_tokens=special)["input_ids"]
-        return [(len(p), len(f) + eos) for p, f in zip(prompt_ids, full_ids, strict=True)]
+        return [(p, f + eos) for p, f in zip(lengths(prompts, special), lengths(fulls, special), strict=True)]
+
+    # The Rust encoder's lengths directly (no Python lists of ids, no offsets), when it is configured as
+    # __call__ would use it here: no truncation, no padding. Otherwise __call__ itself.
+    backend = getattr(tokenizer, "_tokenizer", None)
+    direct = (
+        hasattr(backend, "encode_batch_fast")
+        and getattr(backend, "truncation", True) is None
+        and getattr(backend, "padding", True) is None
+    )
+
+    def lengths(texts: list[str], special: bool) -> list[int]:
+        if direct:
+            return [len(e) for e in backend.encode_batch_fast(texts, add_special_tokens=special)]
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
     return measure
 
