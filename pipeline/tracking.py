@@ -113,16 +113,18 @@ class Tracker:
         resume_run_id: str | None = None,
         *,
         main_process: bool = True,
+        uri: str | None = None,
     ):
         """Start the run; add to ``run_id`` (``evaluate --run``); or reopen ``resume_run_id`` (``train --resume``).
 
         ``main_process=False`` (ranks other than 0 of a multi-process job) tracks nothing and writes no file, so a
-        job is one MLflow run and one run directory however many processes train.
+        job is one MLflow run and one run directory however many processes train. ``uri`` is a store named for
+        this one command (``export --tracking-uri``), which wins over the recipe's by ``tracking_uri``'s rule.
         """
         self.main_process = main_process
         self.enabled = recipe.tracking.enabled and main_process
         self.run_id: str | None = None
-        self.uri = tracking_uri(recipe)
+        self.uri = tracking_uri(recipe, explicit=uri)
         self.offline = False
         self._pending = Path(run_dir) / "tracking" / "pending.jsonl" if run_dir is not None else None
         if not self.enabled:
@@ -214,9 +216,34 @@ class Tracker:
             try:
                 return register_version(self._client, self.run_id, **payload)
             except Exception as exc:  # noqa: BLE001 - the job goes on without the server
+                if _rejected(exc):  # refused (a name the registry does not accept): queueing would be refused again
+                    self._reject("register", payload, exc)
+                    return None
                 self._go_offline(exc)
         self._queue("register", payload)
         return None
+
+    def run_lineage(self) -> dict[str, str]:
+        """The run's lineage tags (``pipeline.*``, ``base_model*``) and ``eval.*`` tags and metrics, as strings.
+
+        What a registry version made after training (``export --register``) carries, like the adapter's version;
+        empty when tracking is off or the store is unreachable (the version queued for ``sync`` then has only
+        the tags its caller gives).
+        """
+        if not self.enabled or self.offline:
+            return {}
+        try:
+            run = self._client.get_run(self.run_id)
+        except Exception as exc:  # noqa: BLE001 - the job goes on without the server
+            self._go_offline(exc)
+            return {}
+        carried = {
+            k: v
+            for k, v in run.data.tags.items()
+            if k.split(".")[0] in ("pipeline", "base_model") or k.startswith("eval.")
+        }
+        carried.update({k: str(v) for k, v in run.data.metrics.items() if k.startswith("eval.")})
+        return carried
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run as FINISHED, FAILED or KILLED."""
@@ -494,6 +521,69 @@ def run_dir_of(uri: str, run_id: str) -> str | None:
     return run.data.tags.get("run_dir")
 
 
+class RunNotFound(UsageError):
+    """A run named on the command line is neither a run directory nor an MLflow run this machine can use (exit 2)."""
+
+
+def resolve_run(run: str, uri: str, *, flag: str = "", download_to: Path | None = None) -> tuple[Path, str | None]:
+    """(run directory, MLflow run id) for a run named by its directory or by its MLflow run id in ``uri``.
+
+    The one lookup behind ``evaluate --run RUN`` and ``export RUN``. A run id is looked up in the store: its
+    ``run_dir`` tag is used when that directory is on this machine; otherwise, with ``download_to``, the run's
+    artifacts (adapter, resolved recipe, validation, eval, summary) are downloaded into ``download_to/<run id>``
+    (export of a run trained elsewhere), and without it the run is refused (evaluate writes into the run directory).
+
+    Args:
+        run: A run directory (``runs/<name>/<id>/``) or an MLflow run id (32 hex digits).
+        uri: The store to look a run id up in (``tracking_uri(...)``).
+        flag: How the command line named the run (``"--run "``), to prefix the messages.
+        download_to: Where to fetch a run whose directory is not on this machine; None refuses such a run.
+
+    Raises:
+        RunNotFound: Not a run directory, not a run id, not in the store, or (without ``download_to``) not here.
+        egress.EgressBlocked: The store's host is not allowed (exit 1; the message names privacy.allowed_hosts).
+        StoreUnreachable: The store does not answer (exit 1), said at once rather than after MLflow's retries.
+    """
+    import re
+
+    path = Path(run)
+    if path.is_dir():
+        if not (path / "recipe.resolved.yaml").is_file():
+            raise RunNotFound(f"{flag}{path}: not a run directory (no recipe.resolved.yaml); pass runs/<name>/<id>/")
+        summary = path / "summary.json"
+        run_id = json.loads(summary.read_text(encoding="utf-8")).get("mlflow_run_id") if summary.is_file() else None
+        return path, run_id
+    if not re.fullmatch(r"[0-9a-f]{32}", run):
+        raise RunNotFound(
+            f"{flag}{run}: no such run directory, and not an MLflow run id (32 hex digits); pass the directory a "
+            "`train` printed (runs/<name>/<run-id>) or its MLflow run id"
+        )
+    try:
+        probe_store(uri)
+    except OSError as exc:
+        if isinstance(exc, JobFailed):  # the egress guard's refusal, which names the allow-list
+            raise
+        raise StoreUnreachable(f"the tracking store {redact_secrets(uri)} does not answer: {exc}") from exc
+    try:
+        found = run_dir_of(uri, run)
+    except LookupError:
+        raise RunNotFound(
+            f"{flag}{run}: no MLflow run {run} in {redact_secrets(uri)}; pass runs/<name>/<id>/ or a run id of "
+            "that store (check tracking.uri, --tracking-uri or MLFLOW_TRACKING_URI)"
+        ) from None
+    if found and (Path(found) / "recipe.resolved.yaml").is_file():
+        return Path(found), run
+    if download_to is None:
+        raise RunNotFound(
+            f"{flag}{run}: the MLflow run's directory {found!r} is not on this machine; pass the directory"
+        )
+    return download_run(uri, run, Path(download_to) / run), run
+
+
+class StoreUnreachable(JobFailed):
+    """The MLflow store a command must read from does not answer (exit 1)."""
+
+
 def annotate_run(uri: str, run_id: str, tags: dict[str, str], files: list[Path]) -> None:
     """Add tags and files to an existing (possibly finished) run, e.g. the audit entry of the command."""
     client = client_for(uri)
@@ -653,40 +743,6 @@ def register_version(
         await_creation_for=0,
     )
     return str(version.version)
-
-
-def annotate_export(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str], files: list[Path]) -> None:
-    """Add an export's verification metrics, tags and report to the (finished) training run."""
-    from mlflow.entities import Metric, RunTag
-
-    client = client_for(uri)
-    now = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-        tags=[RunTag(k, redact_secrets(str(v))[:MAX_PARAM_VALUE]) for k, v in tags.items()],
-    )
-    for path in files:
-        if Path(path).is_file():
-            client.log_artifact(run_id, str(path), artifact_path="export")
-
-
-def register_export(uri: str, run_id: str, name: str, local_dir: Path, tags: dict[str, str]) -> str:
-    """Upload a merged model directory to the run (artifact ``export/merged``) and register it; returns the version.
-
-    The version carries what the adapter's version does: the run's lineage tags (``pipeline.*``, ``base_model*``,
-    from ``lineage_tags``) and its ``eval.*`` metrics and tags, read back from the training run; ``tags`` win.
-    """
-    client = client_for(uri)
-    run = client.get_run(run_id)
-    carried = {
-        k: v for k, v in run.data.tags.items() if k.split(".")[0] in ("pipeline", "base_model") or k.startswith("eval.")
-    }
-    carried.update({k: str(v) for k, v in run.data.metrics.items() if k.startswith("eval.")})
-    client.log_artifacts(run_id, str(local_dir), artifact_path="export/merged")
-    return register_version(
-        client, run_id, name, "export/merged", {**carried, **tags}, description="merged weights (pipeline export)"
-    )
 
 
 def download_run(uri: str, run_id: str, dest: Path) -> Path:
