@@ -19,6 +19,7 @@ sys.addaudithook(egress._GUARD.audit_hook)
 from pipeline.cli import main
 
 for name, argv in json.loads(sys.argv[1]):
+    egress._GUARD.decisions.clear()  # one command per process in real use: each audit entry its own decisions
     print("RESULT", name, main(argv), flush=True)
 """
 
@@ -79,7 +80,9 @@ def test_export_of_a_run_id_in_a_remote_store_follows_the_allowed_hosts_rule(tra
         for name in ("b", "c"):
             report = json.loads((tmp_path / name / "export_report.json").read_text())
             assert report["mlflow_run_id"] == run_id and report["tracking"]["logged"] is True
-            assert report["run_dir"] == str(tmp_path / "runs" / "_mlflow" / run_id)  # fetched from the store
+            # Fetched from the store into runs/_mlflow/<run id> of the working directory.
+            assert report["run_dir"] == f"runs/_mlflow/{run_id}"
+            assert (tmp_path / report["run_dir"] / "adapter" / "adapter_config.json").is_file()
             assert (tmp_path / name / "adapter" / "adapter_model.safetensors").is_file()
         client = MlflowClient(tracking_uri=url)
         assert client.get_run(run_id).data.tags["export.model_name"] == "tiny"
@@ -88,4 +91,6 @@ def test_export_of_a_run_id_in_a_remote_store_follows_the_allowed_hosts_rule(tra
     assert refused["exit_code"] == 1 and not any(d["allowed"] for d in refused["egress"].values())
     for entry in (by_recipe, by_host):
         assert entry["exit_code"] == 0 and entry["egress"]
-        assert all(d["allowed"] and d["reason"] == "privacy.allowed_hosts: 127.0.0.1" for d in entry["egress"].values())
+        assert all(
+            d["allowed"] and d["reason"] == "privacy.allowed_hosts: 127.0.0.1" for d in entry["egress"].values()
+        ), entry["egress"]
