@@ -36,8 +36,8 @@ from pipeline.generation import (
     generation_key,
 )
 from pipeline.recipe import Recipe
+from pipeline.runlookup import RunNotFound, resolve_run  # one lookup for evaluate --run and export (re-exported)
 from pipeline.tasks import Task
-from pipeline.tracking import RunNotFound, resolve_run  # one lookup for evaluate --run and export (re-exported)
 
 # Metrics shown in the terminal table and report, in this order.
 TABLE_METRICS = (

@@ -519,7 +519,7 @@ def export_run(
     from pipeline.egress import redact_secrets, update_allowed_hosts
     from pipeline.model import resolve_model_path
     from pipeline.recipe import load_recipe
-    from pipeline.tracking import resolve_run
+    from pipeline.runlookup import resolve_run
     from pipeline.tracking import tracking_uri as recipe_tracking_uri
 
     if register and not merge:
@@ -705,21 +705,10 @@ def _write_export(
     return report
 
 
-def _serving(
-    recipe: Recipe, config: dict[str, Any], model_name: str, final: Path, merge_passed: bool | None
-) -> dict[str, Any]:
-    """The ``serving`` section of the report and the card: vLLM's verdict on the adapter, and the commands."""
-    serving = serving_report(
-        config,
-        base=recipe.model.path,
-        name=model_name,
-        adapter_dir=str(final / "adapter"),
-        merged_dir=str(final / "merged"),
-    )
-    serving["merged"] = {None: "not written (export --merge)", True: "verified", False: "failed verification"}[
-        merge_passed
-    ]
-    return serving
+def _serving(recipe: Recipe, config: dict[str, Any], name: str, final: Path, merge_passed: bool | None) -> dict:
+    """The ``serving`` section of the report and the cards: vLLM's verdict on the adapter, and the commands."""
+    where = {"adapter_dir": str(final / "adapter"), "merged_dir": str(final / "merged")}
+    return serving_report(config, base=recipe.model.path, name=name, merge_passed=merge_passed, **where)
 
 
 def _verification_examples(recipe: Recipe, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

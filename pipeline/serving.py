@@ -106,11 +106,16 @@ def serving_commands(
     return commands
 
 
-def serving_report(config: dict[str, Any], *, base: str, name: str, adapter_dir: str, merged_dir: str) -> dict:
+MERGED_STATES = {None: "not written (export --merge)", True: "verified", False: "failed verification"}
+
+
+def serving_report(
+    config: dict[str, Any], *, base: str, name: str, adapter_dir: str, merged_dir: str, merge_passed: bool | None = None
+) -> dict:
     """``vllm_check`` plus the serving commands: the ``serving`` section of ``export_report.json``.
 
-    The adapter commands are given only for an adapter vLLM loads; the merged commands always (with a note when
-    this export has no merged model yet).
+    The adapter commands are given only for an adapter vLLM loads. ``merged`` says whether the merged model was
+    written and verified (``merge_passed``: None when this export has none), which decides its commands.
     """
     check = vllm_check(config)
     commands = serving_commands(
@@ -120,7 +125,7 @@ def serving_report(config: dict[str, Any], *, base: str, name: str, adapter_dir:
         merged_dir=merged_dir,
         max_lora_rank=check["max_lora_rank"] if check["loads"] else None,
     )
-    return {"vllm": check, "commands": commands}
+    return {"vllm": check, "commands": commands, "merged": MERGED_STATES[merge_passed]}
 
 
 def merged_lines(serving: dict[str, Any]) -> tuple[str, list[str]]:

@@ -285,7 +285,8 @@ def test_evaluate_refuses_a_recipe_that_does_not_match_the_run(tiny_recipe_data,
 
 
 def test_run_is_found_by_its_mlflow_run_id(trained_run, tiny_recipe_path):
-    from pipeline.tracking import RunNotFound, resolve_run, tracking_uri
+    from pipeline.runlookup import RunNotFound, resolve_run
+    from pipeline.tracking import tracking_uri
 
     uri = tracking_uri(load_recipe(tiny_recipe_path))
     assert resolve_run(trained_run.mlflow_run_id, uri) == (Path(trained_run.run_dir), trained_run.mlflow_run_id)

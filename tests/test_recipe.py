@@ -1,3 +1,4 @@
+
 import pytest
 from conftest import ROOT, write_recipe
 from helpers import run_cli
