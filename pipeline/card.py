@@ -63,11 +63,13 @@ def model_card(
     mlflow_run_id: str | None,
     merge_report: dict[str, Any] | None = None,
     verification: dict[str, Any] | None = None,
+    serving: dict[str, Any] | None = None,
 ) -> str:
     """README.md of an export.
 
     Sections: base, license and obligations, data contract summary (counts only, no rows), training settings,
-    evaluation incl. baseline and cost, merge verification, intended use, limitations, the MLflow run id.
+    evaluation incl. baseline and cost, merge verification, serving (``serving.serving_report``: whether vLLM
+    loads the adapter, and the commands), intended use, limitations, the MLflow run id.
     """
     validation = rundir.read_json(run_dir / "validation" / "report.json")
     metrics_json = rundir.read_json(run_dir / "eval" / "metrics.json")
@@ -81,6 +83,8 @@ def model_card(
         lines += _merge_section(merge_report)
     if verification:
         lines += _verification_section(verification)
+    if serving:
+        lines += _serving_section(serving)
     lines += _use_and_limitations(recipe, kind, validation, metrics_json)
     return "\n".join(lines) + "\n"
 
@@ -174,11 +178,48 @@ def _settings_section(recipe: Recipe, summary: dict[str, Any]) -> list[str]:
         f"| batch | {t.micro_batch_size} x {t.gradient_accumulation_steps} accumulation per device |",
         f"| length | max {t.max_length} tokens |",
         f"| duration | {t.max_steps or t.num_epochs} {'steps' if t.max_steps else 'epochs'}"
-        + (f" ({steps} optimizer steps, final loss {summary.get('train_loss', 0):.4f})" if steps else "")
+        + (f" ({steps} optimizer steps{_loss_text(summary)})" if steps else "")
         + " |",
         f"| seed | {t.seed} |",
         "",
     ]
+
+
+def _loss_text(summary: dict[str, Any]) -> str:
+    """The training loss the run reported, named for what it is: the mean over the run's optimizer steps.
+
+    ``summary.json`` holds the trainer's ``training_loss``, the mean of the logged losses over the steps, not the
+    last logged one (which is lower on a run that is still learning); newer runs may name it ``train_loss_mean``.
+    """
+    for key in ("train_loss_mean", "train_loss"):
+        if isinstance(summary.get(key), (int, float)):
+            return f", mean training loss {summary[key]:.4f}"
+    return ""
+
+
+def _serving_section(serving: dict[str, Any]) -> list[str]:
+    """Whether vLLM loads the adapter (and if not, why and what to serve instead), and the serving commands."""
+    from pipeline.serving import NF4_NOTE, merged_lines
+
+    check, commands = serving["vllm"], serving["commands"]
+    lines = ["## Serving", "", f"vLLM: the adapter **{check['verdict']}**.", ""]
+    if check["loads"]:
+        lines += [
+            "The adapter on its base, with vLLM (clients ask for the adapter's name as the model) or TGI:",
+            "",
+            "```",
+            commands["vllm_adapter"],
+            commands["tgi_adapter"],
+            "```",
+            "",
+        ]
+    else:
+        lines += [f"Instead: {check['instead']}.", ""]
+    heading, merged = merged_lines(serving)
+    lines += [heading, ""]
+    if merged:
+        lines += ["```", *merged, "```", ""]
+    return lines + ([NF4_NOTE, ""] if check["loads"] else [])
 
 
 def _merge_section(merge_report: dict[str, Any]) -> list[str]:
@@ -220,12 +261,33 @@ def _verification_section(v: dict[str, Any]) -> list[str]:
     ]
 
 
+WEAKEST_LABELS = 5  # at most this many in the card, the lowest F1 first
+
+
+def weakest_labels(metrics_json: dict[str, Any]) -> tuple[list[tuple[str, float, float]], str]:
+    """Labels the fine-tune is actually weak on, and the bar: ([(label, F1, support)], bar), lowest F1 first.
+
+    Weak means an F1 below the fine-tune's own main metric (micro-F1 for codes, accuracy for a class: its
+    average over all decisions) on a label that occurs in the eval split; a label at F1 1.0, or at the model's
+    average, is not a limitation to report. At most ``WEAKEST_LABELS``.
+    """
+    per_label = (metrics_json.get("per_label") or {}).get("finetuned") or {}
+    main = metrics_json.get("main_metric") or "micro_f1"
+    overall = ((metrics_json.get("systems") or {}).get("finetuned") or {}).get(main)
+    bar, name = (float(overall), f"the fine-tune's {main}") if isinstance(overall, (int, float)) else (1.0, "1.0")
+    weak = [
+        (label, float(s["f1"]), float(s.get("support", 0)))
+        for label, s in per_label.items()
+        if s.get("support", 0) > 0 and float(s["f1"]) < bar
+    ]
+    return sorted(weak, key=lambda item: (item[1], item[0]))[:WEAKEST_LABELS], f"{name} ({bar:.2f})"
+
+
 def _use_and_limitations(
     recipe: Recipe, kind: str, validation: dict[str, Any], metrics_json: dict[str, Any]
 ) -> list[str]:
     """Intended use, and the limitations: the eval's scope, the weakest labels, the merge's small drift."""
-    worst = sorted((metrics_json.get("per_label") or {}).get("finetuned", {}).items(), key=lambda kv: kv[1]["f1"])
-    weak = [label for label, s in worst if s.get("support", 0) > 0][:5]
+    weak, bar = weakest_labels(metrics_json)
     lines = [
         "## Intended use",
         "",
@@ -240,7 +302,10 @@ def _use_and_limitations(
         "- Outputs can be wrong with confidence; they are suggestions, not decisions.",
     ]
     if weak:
-        lines.append(f"- Weakest labels on the eval split: {', '.join(weak)}.")
+        listed = ", ".join(f"{label} (F1 {f1:.2f}, {support:g} in eval)" for label, f1, support in weak)
+        lines.append(f"- Weakest labels on the eval split (F1 below {bar}): {listed}.")
+    elif (metrics_json.get("per_label") or {}).get("finetuned"):
+        lines.append(f"- No weak label on the eval split: every label scores an F1 at or above {bar}.")
     if kind == "merged":
         lines.append("- Merged weights differ slightly from the evaluated 4-bit model; see the verification above.")
     return lines

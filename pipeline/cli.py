@@ -187,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --merge: upload the merged model to MLflow and register it (only when it passed verification)",
     )
     p.add_argument("--tracking-uri", help="MLflow store of an MLflow run id (default MLFLOW_TRACKING_URI)")
+    p.add_argument(
+        "--recipe",
+        dest="store_recipe",
+        metavar="RECIPE",
+        help="for an MLflow run id in a remote store: the recipe whose tracking.uri is the store and whose "
+        "privacy.allowed_hosts allow it (a run id is looked up before the run's own recipe is known)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="allow this host for the command, as a privacy.allowed_hosts entry (name, IP or CIDR network)",
+    )
     p.set_defaults(handler=cmd_export)
 
     p = commands.add_parser("runs", help="list tracked runs: each system's main metric and the verdict vs baseline")
@@ -310,13 +325,14 @@ def _load(args: argparse.Namespace, outcome: Outcome):  # noqa: ANN202 - returns
 
 
 def _load_run_recipe(  # noqa: ANN202 - Recipe | None
-    run_dir: Path, outcome: Outcome, overrides: list[str] | tuple[str, ...] = ()
+    run_dir: Path, outcome: Outcome, overrides: list[str] | tuple[str, ...] = (), extra_hosts: tuple[str, ...] = ()
 ):
     """The recipe a run was made with (``RUN/recipe.resolved.yaml``): its allow-list guards this command.
 
     ``sync`` and ``export`` take a run, not a recipe; without this the tracking server the run was allowed to
     reach would be refused when its queue is uploaded or its export attached. The recipe, its hash and its
-    input hashes also go in the command's audit entry. None when the run has no resolved recipe.
+    input hashes also go in the command's audit entry. None when the run has no resolved recipe. ``extra_hosts``
+    (``export --recipe``/``--allowed-host``) stay allowed beside the run's own.
     """
     from pipeline.egress import install_egress_guard
     from pipeline.recipe import load_recipe
@@ -325,7 +341,7 @@ def _load_run_recipe(  # noqa: ANN202 - Recipe | None
     if not resolved.is_file():
         return None
     recipe = load_recipe(resolved, overrides)
-    install_egress_guard(recipe.privacy.allowed_hosts)
+    install_egress_guard(tuple(dict.fromkeys([*extra_hosts, *recipe.privacy.allowed_hosts])))
     outcome.update(
         recipe_path=str(resolved),
         recipe_sha256=_sha256_text(recipe.to_yaml()),
@@ -629,13 +645,15 @@ def cmd_audit(args: argparse.Namespace, outcome: Outcome) -> int:
 
 def cmd_export(args: argparse.Namespace, outcome: Outcome) -> int:
     """Adapter-only export, and with --merge the streamed, verified merge; exit 1 when verification fails."""
+    from pipeline.egress import EgressBlocked
     from pipeline.export import VerificationFailed, export_run  # heavy: torch
     from pipeline.model import ModelNotFound, RevisionMismatch
 
+    hosts, store = _export_store(args)
     if Path(args.run).is_dir():
         # A run directory: its allow-list from the start. An MLflow run id: export_run applies the downloaded
-        # recipe's allow-list once it has it (the store itself is reached as MLFLOW_TRACKING_URI allows).
-        _load_run_recipe(Path(args.run), outcome, args.overrides)
+        # recipe's allow-list once it has it; until then the store is reached as --recipe/--allowed-host allow.
+        _load_run_recipe(Path(args.run), outcome, args.overrides, hosts)
     outcome.name_recipe(
         outcome.recipe_path or f"recipe.resolved.yaml of MLflow run {args.run}", ModelNotFound, RevisionMismatch
     )
@@ -647,12 +665,20 @@ def cmd_export(args: argparse.Namespace, outcome: Outcome) -> int:
             merge_base=args.merge_base,
             overrides=args.overrides,
             register=args.register,
-            tracking_uri=args.tracking_uri,
+            tracking_uri=store,
+            allowed_hosts=hosts,
         )
     except VerificationFailed as exc:
-        _record_export(outcome, exc.report, args.overrides)  # what failed is kept, and is in the audit entry
+        _record_export(outcome, exc.report, args.overrides, hosts)  # what failed is kept, and is in the audit entry
         raise
-    _record_export(outcome, report, args.overrides)
+    except EgressBlocked as exc:
+        if Path(args.run).is_dir():
+            raise
+        raise EgressBlocked(
+            f"{exc} An MLflow run id is looked up before its recipe is known: name the recipe whose "
+            "privacy.allowed_hosts allow the store (export RUN_ID --recipe RECIPE), or the host (--allowed-host HOST)."
+        ) from exc
+    _record_export(outcome, report, args.overrides, hosts)
     where = report.get("merged_dir") or report["adapter_dir"]
     print(
         f"Export: {where}  report: {Path(report['out']) / 'export_report.json'}  MLflow run: {report['mlflow_run_id']}"
@@ -660,7 +686,31 @@ def cmd_export(args: argparse.Namespace, outcome: Outcome) -> int:
     return EXIT_OK
 
 
-def _record_export(outcome: Outcome, report: dict, overrides: list[str]) -> None:
+def _export_store(args: argparse.Namespace) -> tuple[tuple[str, ...], str | None]:
+    """``export``'s extra allowed hosts and its store, from ``--recipe`` and ``--allowed-host``.
+
+    ``--recipe`` gives its ``privacy.allowed_hosts`` and its ``tracking.uri`` (unless ``--tracking-uri``); the guard
+    allows these hosts from now on, by the same ``privacy.allowed_hosts`` rule as a recipe's.
+    """
+    from pipeline.egress import install_egress_guard
+    from pipeline.recipe import PrivacySection, RecipeError, load_recipe
+    from pipeline.tracking import tracking_uri
+
+    try:
+        PrivacySection(allowed_hosts=args.allowed_hosts)
+    except ValueError as exc:  # pydantic's ValidationError names the entry
+        raise RecipeError([f"--allowed-host: {e['msg']}" for e in exc.errors()]) from None
+    hosts, store = list(args.allowed_hosts), args.tracking_uri
+    if args.store_recipe:
+        recipe = load_recipe(args.store_recipe)
+        hosts = [*recipe.privacy.allowed_hosts, *hosts]
+        store = tracking_uri(recipe, explicit=args.tracking_uri)
+    hosts = tuple(dict.fromkeys(hosts))
+    install_egress_guard(hosts)
+    return hosts, store
+
+
+def _record_export(outcome: Outcome, report: dict, overrides: list[str], hosts: tuple[str, ...] = ()) -> None:
     """The export's audit entry: the run's recipe, recipe and input hashes, output hashes, license acknowledgment.
 
     With the training run tracked, the entry is attached to that MLflow run like train's and evaluate's. The
@@ -669,7 +719,7 @@ def _record_export(outcome: Outcome, report: dict, overrides: list[str]) -> None
     """
     if outcome.recipe is None and report.get("run_dir"):
         # An MLflow run id: export_run fetched the run and loaded its recipe (with the same --set) a moment ago.
-        _load_run_recipe(Path(report["run_dir"]), outcome, overrides)
+        _load_run_recipe(Path(report["run_dir"]), outcome, overrides, hosts)
     outcome.update(
         run_dir=Path(report["out"]),
         mlflow_run_id=report["mlflow_run_id"],

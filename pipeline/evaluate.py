@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from pipeline.generation import (
     generation_key,
 )
 from pipeline.recipe import Recipe
+from pipeline.runlookup import RunNotFound, resolve_run  # one lookup for evaluate --run and export (re-exported)
 from pipeline.tasks import Task
 
 # Metrics shown in the terminal table and report, in this order.
@@ -576,10 +576,6 @@ def save_per_label_plot(path: Path, per_label: dict[str, dict[str, dict[str, flo
 # Re-scoring an existing run (`python -m pipeline evaluate RECIPE --run RUN`)
 
 
-class RunNotFound(UsageError):
-    """``--run`` names neither a run directory nor an MLflow run with a run directory (exit code 2)."""
-
-
 class RunMismatch(UsageError):
     """The recipe (or its eval split) is not the one the run was trained with: one line per difference."""
 
@@ -590,31 +586,6 @@ class RunMismatch(UsageError):
     def lines(self) -> list[str]:
         """One ``error:`` line per difference."""
         return list(self.problems)
-
-
-def resolve_run(recipe: Recipe, run: str) -> tuple[Path, str | None]:
-    """(run directory, MLflow run id) for ``--run``: a run directory, or an MLflow run id in the recipe's store."""
-    path = Path(run)
-    if path.is_dir():
-        summary = path / "summary.json"
-        run_id = json.loads(summary.read_text(encoding="utf-8")).get("mlflow_run_id") if summary.is_file() else None
-        return path, run_id
-    if not re.fullmatch(r"[0-9a-f]{32}", run):
-        raise RunNotFound(
-            f"--run {run}: no such run directory, and not an MLflow run id (32 hex digits); pass the directory "
-            "a `train` printed (runs/<name>/<run-id>) or its MLflow run id"
-        )
-    from pipeline.tracking import run_dir_of, tracking_uri
-
-    try:
-        found = run_dir_of(tracking_uri(recipe), run)
-    except LookupError as exc:
-        raise RunNotFound(f"--run {run}: {exc}; check tracking.uri / MLFLOW_TRACKING_URI") from None
-    if not found or not Path(found).is_dir():
-        raise RunNotFound(
-            f"--run {run}: the MLflow run's directory {found!r} is not on this machine; pass the directory"
-        )
-    return Path(found), run
 
 
 def check_run_matches(recipe: Recipe, run_dir: Path, data: ValidatedData) -> None:
@@ -701,9 +672,9 @@ def evaluate_existing(
 
     from pipeline.data import task_for, validate_data
     from pipeline.model import tokenizer_or_reason
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import Tracker, tracking_uri
 
-    run_dir, run_id = resolve_run(recipe, run)
+    run_dir, run_id = resolve_run(run, tracking_uri(recipe), flag="--run ")
     with tempfile.TemporaryDirectory(prefix="pipeline-revalidate-") as scratch:
         data = validate_data(recipe, scratch, tokenizer_or_reason, recipe_source)
     check_run_matches(recipe, run_dir, data)

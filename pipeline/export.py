@@ -24,10 +24,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from pipeline import rundir
 from pipeline.card import model_card
 from pipeline.errors import JobFailed
 from pipeline.recipe import QuantizationSection, Recipe
+from pipeline.serving import render_serving, serving_report
 from pipeline.weights import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -288,24 +288,26 @@ def write_model_files(model_dir: Path, tokenizer_dir: Path, out_dir: Path, untie
 # Verification: the merged model against base-in-4-bit + adapter (what was evaluated)
 
 
-def _greedy_with_logits(model: Any, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int]) -> Iterator:
-    """Per prompt: the greedy continuation (cut at EOS) and the logits that predicted each of its tokens."""
-    import torch
+def _greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int]):
+    """Per prompt: the greedy answer (its tokens up to and including the first EOS) and whether an EOS came.
 
-    device = _input_device(model)
-    for ids in prompts:
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=torch.tensor([ids], device=device),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=sorted(eos_ids),
-                pad_token_id=min(eos_ids),
-            )
-        new = out[0, len(ids) :].tolist()
-        stop = next((k for k, t in enumerate(new) if t in eos_ids), None)
-        yield (new if stop is None else new[: stop + 1]), stop is not None
+    ``generation.greedy_decode``, the one decoding loop, one prompt per batch (no padding, so no padding can move a
+    logit), the inputs on the model's first placed device, padded with the smallest EOS id, without progress lines.
+    """
+    from pipeline.generation import greedy_decode
+
+    decoded = greedy_decode(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=1,
+        eos_ids=eos_ids,
+        device=_input_device(model),
+        pad_token_id=min(eos_ids),
+        progress=False,
+    )
+    return [(d.tokens, d.stopped) for d in decoded]
 
 
 def _position_logits(model: Any, sequence: list[int], prompt_len: int) -> Any:
@@ -385,7 +387,8 @@ def verify(
     reference = PeftModel.from_pretrained(load_base(recipe, model_dir, device), adapter_dir).eval()
     eos_ids = eos_token_ids(tokenizer, reference)
     ref_answers, ref_logits, sequences = [], [], []
-    for ids, (answer, stopped) in zip(prompts, _greedy_with_logits(reference, prompts, budget, eos_ids), strict=True):
+    ref_decoded = _greedy_answers(reference, tokenizer, prompts, budget, eos_ids)
+    for ids, (answer, stopped) in zip(prompts, ref_decoded, strict=True):
         sequence = ids + (answer or [min(eos_ids)])
         sequences.append(sequence)
         ref_logits.append(_position_logits(reference, sequence, len(ids)))
@@ -405,7 +408,7 @@ def verify(
     max_diff, abs_sum, positions, agree = 0.0, 0.0, 0, 0
     merged_answers = []
     for ids, sequence, expected, (answer, stopped) in zip(
-        prompts, sequences, ref_logits, _greedy_with_logits(merged, prompts, budget, eos_ids), strict=True
+        prompts, sequences, ref_logits, _greedy_answers(merged, tokenizer, prompts, budget, eos_ids), strict=True
     ):
         got = _position_logits(merged, sequence, len(ids))
         diff = (got - expected).abs()
@@ -460,30 +463,6 @@ def _free(device: str) -> None:
 # The command
 
 
-def resolve_run(run: str, tracking_uri: str | None) -> tuple[Path, str | None]:
-    """A run directory, or an MLflow run id whose artifacts are fetched: (run directory, MLflow run id)."""
-    path = Path(run)
-    if path.is_dir():
-        if not (path / "recipe.resolved.yaml").is_file():
-            raise ExportInputError(f"{path}: not a run directory (no recipe.resolved.yaml); pass runs/<name>/<id>/")
-        return path, rundir.read_json(path / "summary.json").get("mlflow_run_id")
-    from pipeline.tracking import client_for, download_run
-    from pipeline.tracking import tracking_uri as resolve_uri
-
-    uri = resolve_uri(explicit=tracking_uri)
-    try:
-        mlflow_run = client_for(uri).get_run(run)
-    except Exception:  # noqa: BLE001 - not a run id on this store either
-        raise ExportInputError(
-            f"{run}: neither a run directory nor an MLflow run id in {uri}; pass runs/<name>/<id>/ or a run id "
-            "(and --tracking-uri or MLFLOW_TRACKING_URI for another store)"
-        ) from None
-    local = Path(mlflow_run.data.tags.get("run_dir", ""))
-    if local.is_dir() and (local / "recipe.resolved.yaml").is_file():
-        return local, run
-    return download_run(uri, run, rundir.RUNS_ROOT / "_mlflow" / run), run
-
-
 def _copy_license_files(model_dir: Path, out: Path) -> list[str]:
     copied = []
     for path in sorted(model_dir.iterdir()):
@@ -502,6 +481,7 @@ def export_run(
     overrides: list[str] | tuple[str, ...] = (),
     register: bool = False,
     tracking_uri: str | None = None,
+    allowed_hosts: tuple[str, ...] | list[str] = (),
     delta: Callable[[Any, Any, float, slice], Any] | None = None,
 ) -> dict[str, Any]:
     """Export a trained run: the adapter in PEFT format, and with ``merge`` the verified merged model.
@@ -521,6 +501,8 @@ def export_run(
         register: Upload the merged model to the MLflow run and register it (only when it passed verification);
             requires ``merge`` (train already registered the adapter).
         tracking_uri: Store for an MLflow run id (default MLFLOW_TRACKING_URI, then sqlite:///mlruns.db).
+        allowed_hosts: Hosts the user allowed for this command (``export --recipe`` / ``--allowed-host``): they stay
+            allowed beside the run's own ``privacy.allowed_hosts`` once its recipe is loaded.
         delta: The LoRA update; ``lora_delta`` when None (tests inject a wrong one to see verification catch it).
 
     Returns:
@@ -528,6 +510,8 @@ def export_run(
 
     Raises:
         ExportInputError: Missing or corrupt adapter/base files, or ``register`` without ``merge`` (exit 2).
+        tracking.RunNotFound: ``run`` is neither a run directory nor a run id of the store (exit 2).
+        egress.EgressBlocked: The store of a run id is not on the allow-list (exit 1).
         licenses.LicenseError: The license is not accepted or the name breaks it (exit 2).
         VerificationFailed: The merged model disagrees with the evaluated one (exit 1), after the report is written.
     """
@@ -535,6 +519,7 @@ def export_run(
     from pipeline.egress import redact_secrets, update_allowed_hosts
     from pipeline.model import resolve_model_path
     from pipeline.recipe import load_recipe
+    from pipeline.runlookup import resolve_run
     from pipeline.tracking import tracking_uri as recipe_tracking_uri
 
     if register and not merge:
@@ -542,9 +527,12 @@ def export_run(
             "--register registers the merged model and needs --merge; the adapter was already registered by "
             "train (tracking.register_adapter). Add --merge, or drop --register for an adapter-only export."
         )
-    run_dir, mlflow_run_id = resolve_run(run, tracking_uri)
+    # A run id is looked up (and, trained elsewhere, downloaded) in the store the user named.
+    store = recipe_tracking_uri(explicit=tracking_uri)
+    run_dir, mlflow_run_id = resolve_run(run, store, download_to=rundir.RUNS_ROOT / "_mlflow")
     recipe = load_recipe(run_dir / "recipe.resolved.yaml", overrides)
-    update_allowed_hosts(recipe.privacy.allowed_hosts)  # the run's tracking server, for --register and the audit
+    # The run's tracking server (for the export's metrics, --register and the audit), and what the user allowed.
+    update_allowed_hosts(tuple(dict.fromkeys([*allowed_hosts, *recipe.privacy.allowed_hosts])))
     model_dir = resolve_model_path(recipe.model.path, recipe.model.revision)
     lic, license_name, license_source = licenses.resolve(recipe.model.license, model_dir)
     print(licenses.render_obligations(lic, license_name, license_source))
@@ -581,13 +569,17 @@ def export_run(
         _publish(stage, out, final)
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # gone already unless something failed before the publish
+    print(f"Adapter (PEFT format) written to {report['adapter_dir']}")  # where it is now, not the staging copy
 
     # The same numbers (and the report) on the training run in MLflow; the merged model registered if it passed.
     if mlflow_run_id and recipe.tracking.enabled:
-        uri = tracking_uri or recipe_tracking_uri(recipe)
+        uri = recipe_tracking_uri(recipe, explicit=tracking_uri)
         report["tracking_uri"] = redact_secrets(uri)
-        report["tracking"] = _track_export(uri, mlflow_run_id, recipe, report, final, register and passed, lic)
+        tracking = _track_export(uri, mlflow_run_id, recipe, run_dir, report, final, register and passed, lic)
+        report["tracking"] = tracking
         rundir.write_json(final / "export_report.json", report)
+    for line in render_serving(report["serving"]):
+        print(line)
     if not passed:
         raise VerificationFailed(
             f"the merged model agrees with base-in-4-bit + adapter on {verification['next_token_agreement']:.2%} of "
@@ -662,7 +654,6 @@ def _write_export(
             shutil.copy2(adapter_dir / name, adapter_out / name)
     copied = _copy_license_files(model_dir, adapter_out)
     rundir.write_text(adapter_out / "NOTICE", licenses.notice_text(lic, license_name, recipe.model.path, copied))
-    rundir.write_text(adapter_out / "README.md", model_card(kind="adapter", **card))
     report: dict[str, Any] = {
         "run_dir": str(run_dir),
         "out": str(out),
@@ -671,7 +662,6 @@ def _write_export(
         "adapter_dir": str(out / "adapter"),
         "license_acknowledgment": ack,
     }
-    print(f"Adapter (PEFT format) written to {adapter_out}")
 
     # 2. Merged weights, streamed shard by shard, then verified against what was evaluated.
     if merge:
@@ -687,11 +677,12 @@ def _write_export(
         adapter.replaced.clear()
         rows, examples = _verification_examples(recipe, stage)
         verification = verify(recipe, model_dir, adapter_dir, merged_out, rows, examples)
+        final = out if verification["passed"] else out / FAILED_DIR
+        serving = _serving(recipe, config, model_name, final, verification["passed"])
         rundir.write_text(
             merged_out / "README.md",
-            model_card(kind="merged", merge_report=merge_report, verification=verification, **card),
+            model_card(kind="merged", merge_report=merge_report, verification=verification, serving=serving, **card),
         )
-        final = out if verification["passed"] else out / FAILED_DIR
         report.update(
             out=str(final),
             adapter_dir=str(final / "adapter"),
@@ -705,8 +696,19 @@ def _write_export(
             f"{verification['task_metric']} {verification['task_metric_reference']:.4f} -> "
             f"{verification['task_metric_merged']:.4f}" + ("" if verification["passed"] else ": FAILED")
         )
+    else:
+        serving = _serving(recipe, config, model_name, out, None)
+    report["serving"] = serving
+    # The adapter's card last: it names where this export puts the adapter and whether the merge passed.
+    rundir.write_text(adapter_out / "README.md", model_card(kind="adapter", serving=serving, **card))
     rundir.write_json(stage / "export_report.json", report)
     return report
+
+
+def _serving(recipe: Recipe, config: dict[str, Any], name: str, final: Path, merge_passed: bool | None) -> dict:
+    """The ``serving`` section of the report and the cards: vLLM's verdict on the adapter, and the commands."""
+    where = {"adapter_dir": str(final / "adapter"), "merged_dir": str(final / "merged")}
+    return serving_report(config, base=recipe.model.path, name=name, merge_passed=merge_passed, **where)
 
 
 def _verification_examples(recipe: Recipe, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -724,9 +726,22 @@ def _verification_examples(recipe: Recipe, out: Path) -> tuple[list[dict[str, An
 
 
 def _track_export(
-    uri: str, run_id: str, recipe: Recipe, report: dict[str, Any], out: Path, register: bool, lic: Any
+    uri: str,
+    run_id: str,
+    recipe: Recipe,
+    run_dir: Path,
+    report: dict[str, Any],
+    out: Path,
+    register: bool,
+    lic: Any,
 ) -> dict[str, Any]:
     """Verification metrics and export tags on the training run; with ``register`` the merged model registered.
+
+    Through ``tracking.Tracker`` on the training run (left in the status it has): a store that cannot be reached
+    queues everything in ``<run_dir>/tracking/pending.jsonl`` for ``sync``, a call the store refuses (4xx) is
+    recorded and skipped. The report of an export that passed (or had no merge) is the run's
+    ``export/export_report.json``; one that failed verification goes to ``export/failed-verification/``, so the
+    last good export's report stays where a reviewer reads it.
 
     ``register`` is only ever true for a merge that passed verification. The registered name is
     ``export.model_name`` (license-checked) when the recipe sets it, else ``<registered_model or recipe
@@ -734,8 +749,7 @@ def _track_export(
     metrics, like the adapter's version.
     """
     from pipeline import licenses
-    from pipeline.egress import redact_secrets
-    from pipeline.tracking import annotate_export, register_export
+    from pipeline.tracking import Tracker
 
     v = report.get("verification") or {}
     metrics = {
@@ -747,31 +761,32 @@ def _track_export(
     tags = {
         "export.model_name": report["model_name"],
         "export.license_accepted": f"{ack['license']} at {ack['accepted_at']}",
+        "export.vllm_adapter": "loads" if report["serving"]["vllm"]["loads"] else "refused",
     }
     if v:
         tags.update({"export.merge_base": report["merge"]["merge_base"], "export.verified": str(v["passed"])})
-    result: dict[str, Any] = {"logged": False}
-    try:
-        annotate_export(uri, run_id, metrics, tags, [out / "export_report.json"])
-        result["logged"] = True
-        if register:
-            if recipe.export.model_name:
-                name = report["model_name"]
-            else:
-                default = f"{recipe.tracking.registered_model or recipe.name}-merged"
-                name = licenses.derived_name(None, default, lic)
-            version_tags = {**tags, **{k: str(val) for k, val in metrics.items()}, "kind": "merged"}
-            version_tags["task"] = recipe.task
-            result["registered"] = {
-                "name": name,
-                "version": register_export(uri, run_id, name, out / "merged", version_tags),
-            }
-            print(f"Registered the merged model as {name} version {result['registered']['version']}")
-    except Exception as exc:  # noqa: BLE001 - the export on disk is complete; tracking is a copy
-        print(
-            f"warning: could not log the export to MLflow run {run_id} at {redact_secrets(uri)}: "
-            f"{type(exc).__name__}: {redact_secrets(str(exc))[:200]}",
-            file=sys.stderr,
-        )
-        result["error"] = type(exc).__name__
+    tracker = Tracker(recipe, run_name=run_dir.name, run_dir=run_dir, run_id=run_id, uri=uri)
+    tracker.log_metrics(metrics)
+    tracker.set_tags(tags)
+    failed = bool(v) and not v["passed"]
+    tracker.log_artifact(out / "export_report.json", f"export/{FAILED_DIR}" if failed else "export")
+    result: dict[str, Any] = {"logged": not tracker.offline}
+    if register:
+        if recipe.export.model_name:
+            name = report["model_name"]
+        else:
+            default = f"{recipe.tracking.registered_model or recipe.name}-merged"
+            name = licenses.derived_name(None, default, lic)
+        version_tags = {**tracker.run_lineage(), **tags, **{k: str(val) for k, val in metrics.items()}}
+        version_tags.update(kind="merged", task=recipe.task)
+        tracker.log_artifact(out / "merged", "export/merged")
+        version = tracker.register(name, "export/merged", version_tags, "merged weights (pipeline export)")
+        if version is not None:
+            result["registered"] = {"name": name, "version": version}
+            print(f"Registered the merged model as {name} version {version}")
+        elif tracker.offline:
+            result["registration_queued"] = name
+    if tracker.offline:
+        result["logged"] = False
+        result["queued"] = str(run_dir / "tracking" / "pending.jsonl")
     return result

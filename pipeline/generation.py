@@ -65,11 +65,14 @@ def greedy_decode(
     eos_ids: set[int],
     label: str = "",
     device: Any = None,
+    pad_token_id: int | None = None,
+    progress: bool = True,
 ) -> list[Decoded]:
     """Greedy answers for prompts given as token ids, in the order given, each cut at its first EOS.
 
     Prompts are sorted by length (less padding per batch), left-padded with the tokenizer's pad token (its
-    EOS when it has none) and generated in batches; one progress line per batch is printed.
+    EOS when it has none, or ``pad_token_id``) and generated in batches; one progress line per batch is printed
+    unless ``progress`` is False.
 
     Args:
         model: A causal LM with ``generate``.
@@ -80,6 +83,9 @@ def greedy_decode(
         eos_ids: Token ids that end an answer.
         label: Name shown in the progress lines.
         device: Where the inputs go; the device of the model's first parameter if None.
+        pad_token_id: Padding (and ``generate``'s pad token) instead of the tokenizer's; export's verification
+            pads with its smallest EOS id, as it always did.
+        progress: Print a line per batch (export's verification, one prompt per batch, prints its own summary).
 
     Returns:
         One ``Decoded`` per prompt, in the order of ``prompts``.
@@ -87,7 +93,9 @@ def greedy_decode(
     import torch
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = device if device is not None else next(model.parameters()).device
     results: list[Decoded | None] = [None] * len(prompts)
     eos_list = sorted(eos_ids)
@@ -127,7 +135,8 @@ def greedy_decode(
             )
         done += len(batch_idx)
         elapsed = time.perf_counter() - start_all
-        print(f"  {label} generated {done}/{len(prompts)} ({done / elapsed:.1f} examples/s)", flush=True)
+        if progress:
+            print(f"  {label} generated {done}/{len(prompts)} ({done / elapsed:.1f} examples/s)", flush=True)
     return [r for r in results if r is not None]
 
 

@@ -113,16 +113,18 @@ class Tracker:
         resume_run_id: str | None = None,
         *,
         main_process: bool = True,
+        uri: str | None = None,
     ):
         """Start the run; add to ``run_id`` (``evaluate --run``); or reopen ``resume_run_id`` (``train --resume``).
 
         ``main_process=False`` (ranks other than 0 of a multi-process job) tracks nothing and writes no file, so a
-        job is one MLflow run and one run directory however many processes train.
+        job is one MLflow run and one run directory however many processes train. ``uri`` is a store named for
+        this one command (``export --tracking-uri``), which wins over the recipe's by ``tracking_uri``'s rule.
         """
         self.main_process = main_process
         self.enabled = recipe.tracking.enabled and main_process
         self.run_id: str | None = None
-        self.uri = tracking_uri(recipe)
+        self.uri = tracking_uri(recipe, explicit=uri)
         self.offline = False
         self._pending = Path(run_dir) / "tracking" / "pending.jsonl" if run_dir is not None else None
         if not self.enabled:
@@ -214,9 +216,34 @@ class Tracker:
             try:
                 return register_version(self._client, self.run_id, **payload)
             except Exception as exc:  # noqa: BLE001 - the job goes on without the server
+                if _rejected(exc):  # refused (a name the registry does not accept): queueing would be refused again
+                    self._reject("register", payload, exc)
+                    return None
                 self._go_offline(exc)
         self._queue("register", payload)
         return None
+
+    def run_lineage(self) -> dict[str, str]:
+        """The run's lineage tags (``pipeline.*``, ``base_model*``) and ``eval.*`` tags and metrics, as strings.
+
+        What a registry version made after training (``export --register``) carries, like the adapter's version;
+        empty when tracking is off or the store is unreachable (the version queued for ``sync`` then has only
+        the tags its caller gives).
+        """
+        if not self.enabled or self.offline:
+            return {}
+        try:
+            run = self._client.get_run(self.run_id)
+        except Exception as exc:  # noqa: BLE001 - the job goes on without the server
+            self._go_offline(exc)
+            return {}
+        carried = {
+            k: v
+            for k, v in run.data.tags.items()
+            if k.split(".")[0] in ("pipeline", "base_model") or k.startswith("eval.")
+        }
+        carried.update({k: str(v) for k, v in run.data.metrics.items() if k.startswith("eval.")})
+        return carried
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run as FINISHED, FAILED or KILLED."""
@@ -653,40 +680,6 @@ def register_version(
         await_creation_for=0,
     )
     return str(version.version)
-
-
-def annotate_export(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str], files: list[Path]) -> None:
-    """Add an export's verification metrics, tags and report to the (finished) training run."""
-    from mlflow.entities import Metric, RunTag
-
-    client = client_for(uri)
-    now = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-        tags=[RunTag(k, redact_secrets(str(v))[:MAX_PARAM_VALUE]) for k, v in tags.items()],
-    )
-    for path in files:
-        if Path(path).is_file():
-            client.log_artifact(run_id, str(path), artifact_path="export")
-
-
-def register_export(uri: str, run_id: str, name: str, local_dir: Path, tags: dict[str, str]) -> str:
-    """Upload a merged model directory to the run (artifact ``export/merged``) and register it; returns the version.
-
-    The version carries what the adapter's version does: the run's lineage tags (``pipeline.*``, ``base_model*``,
-    from ``lineage_tags``) and its ``eval.*`` metrics and tags, read back from the training run; ``tags`` win.
-    """
-    client = client_for(uri)
-    run = client.get_run(run_id)
-    carried = {
-        k: v for k, v in run.data.tags.items() if k.split(".")[0] in ("pipeline", "base_model") or k.startswith("eval.")
-    }
-    carried.update({k: str(v) for k, v in run.data.metrics.items() if k.startswith("eval.")})
-    client.log_artifacts(run_id, str(local_dir), artifact_path="export/merged")
-    return register_version(
-        client, run_id, name, "export/merged", {**carried, **tags}, description="merged weights (pipeline export)"
-    )
 
 
 def download_run(uri: str, run_id: str, dest: Path) -> Path:

@@ -61,3 +61,55 @@ def make_env(world_size: int, cuda: bool = False) -> Env:
         world_size=world_size,
         platform="test",
     )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(root: Path):
+    """A real ``mlflow server`` on a free loopback port with proxied artifacts; a context manager yielding its URL.
+
+    Written for tests that need a remote store (export of a run id from it); tests/test_lineage.py starts the same
+    server in its own fixture.
+    """
+    import contextlib
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    @contextlib.contextmanager
+    def server():
+        port = free_port()
+        log_path = root / "server.log"
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--workers", "1"]
+        command += ["--artifacts-destination", str(root / "artifacts")]
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                deadline = time.time() + 120
+                while True:
+                    try:
+                        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                            if response.read().decode().strip() == "OK":
+                                break
+                    except OSError:
+                        if proc.poll() is not None or time.time() > deadline:
+                            raise RuntimeError("mlflow server did not start: " + log_path.read_text()[-2000:]) from None
+                        time.sleep(1)
+                yield url
+            finally:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+    return server()

@@ -285,12 +285,13 @@ def test_evaluate_refuses_a_recipe_that_does_not_match_the_run(tiny_recipe_data,
 
 
 def test_run_is_found_by_its_mlflow_run_id(trained_run, tiny_recipe_path):
-    from pipeline.evaluate import RunNotFound, resolve_run
+    from pipeline.runlookup import RunNotFound, resolve_run
+    from pipeline.tracking import tracking_uri
 
-    recipe = load_recipe(tiny_recipe_path)
-    assert resolve_run(recipe, trained_run.mlflow_run_id) == (Path(trained_run.run_dir), trained_run.mlflow_run_id)
+    uri = tracking_uri(load_recipe(tiny_recipe_path))
+    assert resolve_run(trained_run.mlflow_run_id, uri) == (Path(trained_run.run_dir), trained_run.mlflow_run_id)
     with pytest.raises(RunNotFound, match="no MLflow run"):
-        resolve_run(recipe, "0" * 32)
+        resolve_run("0" * 32, uri)
 
 
 def test_evaluate_regenerates_what_is_not_cached_with_the_same_answers(trained_run, tiny_recipe_path, run_copy):

@@ -111,6 +111,62 @@ def test_license_acknowledgment_is_recorded_for_the_audit(exported):
     assert "merged/model.safetensors" in export_entries[-1]["outputs"]
 
 
+def test_the_quickstart_adapter_is_reported_as_not_loading_in_vllm(exported):
+    """The demo trains embed_tokens through modules_to_save, which vLLM's LoRA loader refuses."""
+    out, report = exported
+    check = report["serving"]["vllm"]
+    assert check["loads"] is False and check["rank"] == 16
+    assert check["reasons"][0].startswith("modules_to_save is embed_tokens: vLLM only loads adapters whose")
+    assert report["serving"]["merged"] == "verified"
+    assert report["serving"]["commands"] == {
+        "vllm_merged": f"vllm serve {out / 'merged'} --served-model-name tiny",
+        "tgi_merged": f"text-generation-launcher --model-id {out / 'merged'}",
+    }
+    for card in (out / "adapter" / "README.md", out / "merged" / "README.md"):
+        section = card.read_text().split("## Serving")[1].split("## Intended use")[0]
+        assert "vLLM: the adapter **does not load in vLLM as a LoRA adapter: modules_to_save is embed_tokens" in section
+        assert "Instead: serve the merged export" in section and f"vllm serve {out / 'merged'}" in section
+
+
+def test_export_prints_where_the_adapter_is_and_how_to_serve_it(trained_run, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert export_cli(str(trained_run.run_dir), "--out", str(out), *ACCEPT) == 0
+    printed = capsys.readouterr().out
+    assert f"Adapter (PEFT format) written to {out / 'adapter'}\n" in printed and ".export-staging" not in printed
+    assert "vLLM: the adapter does not load in vLLM as a LoRA adapter: modules_to_save is embed_tokens" in printed
+    assert "The merged model, once `export --merge` has written and verified it:" in printed
+    assert f"  vllm serve {out / 'merged'} --served-model-name tiny" in printed
+    report = json.loads((out / "export_report.json").read_text())
+    assert (
+        report["adapter_dir"] == str(out / "adapter") and report["serving"]["merged"] == "not written (export --merge)"
+    )
+
+
+def test_export_to_an_unreachable_store_is_queued_for_sync(run_copy, trained_run, tmp_path, capsys):
+    """Export's MLflow calls go through tracking.Tracker: a store that is down queues them, as train's do."""
+    from helpers import free_port
+
+    from pipeline.recipe import load_recipe
+
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    (run_copy / "summary.json").write_text(json.dumps({"mlflow_run_id": trained_run.mlflow_run_id}))
+    recipe = load_recipe(trained_run.run_dir / "recipe.resolved.yaml", [f"tracking.uri={down}"])
+    (run_copy / "recipe.resolved.yaml").write_text(recipe.to_yaml())
+    shutil.copytree(trained_run.run_dir / "validation", run_copy / "validation")
+    out = tmp_path / "out"
+    assert export_cli(str(run_copy), "--out", str(out), *ACCEPT) == 0
+    assert "is unreachable" in capsys.readouterr().err
+    report = json.loads((out / "export_report.json").read_text())
+    pending = run_copy / "tracking" / "pending.jsonl"
+    assert report["tracking"] == {"logged": False, "queued": str(pending)}
+    ops = [json.loads(line) for line in pending.read_text().splitlines()]
+    assert ops[0]["op"] == "start" and ops[0]["run_id"] == trained_run.mlflow_run_id and ops[0]["uri"] == down
+    tags = next(op for op in ops if op["op"] == "tags")
+    assert tags["export.model_name"] == "tiny" and tags["export.vllm_adapter"] == "refused"
+    artifact = next(op for op in ops if op["op"] == "artifact")
+    assert artifact["path"] == str((out / "export_report.json").resolve()) and artifact["artifact_path"] == "export"
+
+
 def test_export_refuses_until_the_license_is_accepted(trained_run, tmp_path, capsys):
     code = export_cli(str(trained_run.run_dir), "--out", str(tmp_path / "x"))
     err = capsys.readouterr()
@@ -126,7 +182,9 @@ def test_export_accepts_an_mlflow_run_id(trained_run, tmp_path, capsys):
     assert code == 2  # resolved to the run's directory, then stopped at the license gate
     assert str(trained_run.run_dir / "recipe.resolved.yaml") in capsys.readouterr().err
     assert export_cli("not-a-run", "--tracking-uri", uri) == 2
-    assert "neither a run directory nor an MLflow run id" in capsys.readouterr().err
+    assert "not-a-run: no such run directory, and not an MLflow run id" in capsys.readouterr().err
+    assert export_cli("0" * 32, "--tracking-uri", uri) == 2  # the same lookup as evaluate --run (tracking.resolve_run)
+    assert f"no MLflow run {'0' * 32} in {uri}" in capsys.readouterr().err
 
 
 def _files(out: Path) -> dict:
@@ -141,6 +199,14 @@ def _merged_versions(trained_run) -> int:
     return len([v for m in client.search_registered_models() for v in client.search_model_versions(f"name='{m.name}'")])
 
 
+def _mlflow_report(trained_run, artifact: str, dest: Path) -> dict:
+    """An export report among the training run's MLflow artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=trained_run.summary["tracking_uri"])
+    return json.loads(Path(client.download_artifacts(trained_run.mlflow_run_id, artifact, str(dest))).read_text())
+
+
 def test_verification_catches_a_deliberately_wrong_merge(exported, trained_run, tmp_path, monkeypatch, capsys):
     from pipeline import export
 
@@ -148,6 +214,8 @@ def test_verification_catches_a_deliberately_wrong_merge(exported, trained_run, 
     out = tmp_path / "out"
     shutil.copytree(exported[0], out)  # a previous, good export in the same place
     before = _files(out)
+    good_report = _mlflow_report(trained_run, "export/export_report.json", tmp_path / "before")
+    assert good_report.get("verification", {}).get("passed", True) is True  # a passed merge, or an adapter export
     right = export.lora_delta
     monkeypatch.setattr(export, "lora_delta", lambda a, b, scale, rows: -right(a, b, scale, rows))  # sign flipped
     code = export_cli(str(trained_run.run_dir), "--merge", "--out", str(out), "--register", *ACCEPT)
@@ -163,6 +231,11 @@ def test_verification_catches_a_deliberately_wrong_merge(exported, trained_run, 
     card = (failed / "merged" / "README.md").read_text()
     assert "Verification FAILED" in card and f"next-token agreement {v['next_token_agreement']:.4f}" in card
     assert "Verified against" not in card
+    assert "The merged model failed verification: do not serve it" in card and "vllm serve" not in card
+    # Among the run's MLflow artifacts the last good export's report is as it was; the failed one goes beside it.
+    assert _mlflow_report(trained_run, "export/export_report.json", tmp_path / "after") == good_report
+    failed_report = _mlflow_report(trained_run, "export/failed-verification/export_report.json", tmp_path / "f")
+    assert failed_report["verification"]["passed"] is False and failed_report["out"] == str(failed)
     # The previous good export is byte for byte as it was; no staging directory is left behind.
     assert {k: v for k, v in _files(out).items() if k.parts[0] != failed.name} == before
     assert not list(out.glob(".export-staging-*"))
