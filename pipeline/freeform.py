@@ -10,7 +10,7 @@ A reference is text, or already-structured data (a JSON object, a tool call in O
 
 * ``exact_match``: the answer equals the reference after normalization: surrounding and repeated
   whitespace ignored; when both parse as JSON, the parsed values are compared (key order and spacing ignored).
-* ``token_f1``: SQuAD-style overlap of word tokens (``\\w+`` after case folding), averaged over examples;
+* ``token_f1``: SQuAD-style overlap of word tokens (runs of word characters after case folding), averaged over examples;
   both empty counts 1, one empty 0.
 * ``rougeL_f``: ROUGE-L F1 (Google's rouge-score, Porter stemmer), averaged over examples.
 * Only over examples whose reference is a JSON object (not a tool call): ``json_valid_rate`` (the whole answer,
@@ -155,7 +155,7 @@ def _leaves(value: Any, prefix: str = "") -> dict[str, str]:
 
 
 def tokens(text: str) -> list[str]:
-    """Word tokens for token F1: ``\\w+`` runs after case folding (punctuation dropped)."""
+    """Word tokens for token F1: runs of word characters after case folding (punctuation dropped)."""
     return re.findall(r"\w+", text.casefold())
 
 
@@ -328,7 +328,9 @@ def paired_bootstrap_stats(
     diffs: list[float] = []
     for start in range(0, samples, 200):  # chunks keep memory at 200 x n x stats
         idx = rng.integers(0, n, size=(min(200, samples - start), n))
-        diffs += [from_totals(ta) - from_totals(tb) for ta, tb in zip(a[idx].sum(axis=1), b[idx].sum(axis=1), strict=True)]
+        diffs += [
+            from_totals(ta) - from_totals(tb) for ta, tb in zip(a[idx].sum(axis=1), b[idx].sum(axis=1), strict=True)
+        ]
     low, high = (float(np.percentile(diffs, q)) for q in (2.5, 97.5)) if n else (0.0, 0.0)
     verdict = "better" if low > 0 else "worse" if high < 0 else "no significant difference"
     return {"difference": float(difference), "ci95": [low, high], "verdict": verdict, "samples": samples, "n": n}
@@ -399,6 +401,7 @@ class FreeformScoring:
     table_metrics: tuple[str, ...]
 
     def score(self, references: Sequence[Any], answers: Sequence[str]) -> dict[str, float]:
+        """Every free-form metric (``Task.score``)."""
         return score_freeform(references, answers)
 
     def example_stats(self, reference: Any, answer: str) -> tuple[float, ...]:
@@ -408,6 +411,7 @@ class FreeformScoring:
         return stats.get(self.main_metric, (0.0,) * width)
 
     def main_from_totals(self, totals: Sequence[float]) -> float:
+        """The main metric from summed statistics (``Task.main_from_totals``)."""
         return FROM_TOTALS[self.main_metric](totals)
 
 

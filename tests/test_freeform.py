@@ -94,13 +94,15 @@ def test_score_freeform_over_text_json_and_tool_call_references():
 
 def test_wrong_function_name_and_wrong_arguments():
     ref = call("get_weather", city="Oslo")
-    m = score_freeform([ref, ref], [json.dumps(call("get_time", city="Oslo")), json.dumps(call("get_weather", city="Rome"))])
+    m = score_freeform(
+        [ref, ref], [json.dumps(call("get_time", city="Oslo")), json.dumps(call("get_weather", city="Rome"))]
+    )
     assert m["tool_call_accuracy"] == 0.0 and m["tool_name_accuracy"] == pytest.approx(0.5)
 
 
 def test_parse_json_takes_a_fenced_answer_and_refuses_prose():
     assert parse_json('```\n{"a": 1}\n```') == (True, {"a": 1})
-    assert parse_json("Sure! {\"a\": 1}") == (False, None)
+    assert parse_json('Sure! {"a": 1}') == (False, None)
     assert parse_json("  ") == (False, None)
 
 
