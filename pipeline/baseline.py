@@ -395,8 +395,11 @@ class _Caller:
         extra: dict[str, Any] | None = None,
         check: Callable[[str], Any] | None = None,
     ):
-        """``extra``: keyword arguments added to every SDK call (structured output); ``check(text)`` raises
-        ``MalformedAnswer`` for an answer that must be retried (a judge's reply that is not its JSON)."""
+        """The caller of one section (baseline or judge).
+
+        ``extra``: keyword arguments added to every SDK call (structured output); ``check(text)`` raises
+        ``MalformedAnswer`` for an answer that must be retried (a judge's reply that is not its JSON).
+        """
         self.settings = settings
         self.extra = extra or {}
         self.check = check
@@ -687,3 +690,11 @@ def _keep_snapshot(
         return {"snapshot": str(path), "snapshot_error": _os_error(exc)}
     reported = sorted({str(o["model_reported"]) for o in outputs if o.get("model_reported")})
     return {"snapshot": str(path), "snapshot_added": added, "models_reported": reported}
+
+
+def snapshot_input(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The baseline's snapshot file as an MLflow dataset input of the run, when the baseline was scored."""
+    path = (summary or {}).get("snapshot")
+    if summary is None or summary.get("status") != "ok" or not path or not Path(path).is_file():
+        return None
+    return snapshot.dataset_input(path, model=summary["model"])

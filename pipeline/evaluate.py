@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import rundir
-from pipeline.baseline import run_baseline
+from pipeline.baseline import run_baseline, snapshot_input
 from pipeline.cost import cost_of_ownership, cost_per_1000_examples, render_cost_lines, save_cost_plot
 from pipeline.data import ValidatedData, sft_example
 from pipeline.errors import UsageError
+from pipeline.freeform import compare_systems, render_comparisons
 from pipeline.generation import (
     GENERATIONS,
     LOCAL_SYSTEMS,
@@ -37,6 +38,7 @@ from pipeline.generation import (
     generate_local,
     generation_key,
 )
+from pipeline.judge import JudgeResult, judge_sentence, log_judge, report_lines, run_judge
 from pipeline.recipe import Recipe
 from pipeline.tasks import Task
 
@@ -72,6 +74,8 @@ class EvalResult:
     baseline: dict[str, Any] | None
     cost: dict[str, Any] | None
     eval_dir: Path
+    judge: dict[str, Any] | None = None
+    freeform: dict[str, Any] | None = None
 
 
 def evaluate_run(
@@ -140,11 +144,59 @@ def evaluate_run(
             seed=recipe.training.seed,
         )
 
-    write_outputs(eval_dir, task, rows, outputs, metrics, comparison=comparison, baseline=baseline_summary, cost=cost)
+    freeform = freeform_comparisons(recipe, task, rows, outputs)
+    judged = None
+    if recipe.judge is not None:
+        judged = run_judge(
+            recipe.judge,
+            task,
+            rows,
+            outputs,
+            allowed_hosts=recipe.privacy.allowed_hosts,
+            contract=data.contract,
+            cache_dir=recipe.judge.cache_dir or run_dir / "judge_cache",
+            eval_dir=eval_dir,
+            samples=recipe.eval.bootstrap_samples,
+            seed=recipe.training.seed,
+        )
+    extra = {"freeform_comparisons": freeform, "judge": judged.summary if judged else None}
+    write_outputs(
+        eval_dir,
+        task,
+        rows,
+        outputs,
+        metrics,
+        comparison=comparison,
+        baseline=baseline_summary,
+        cost=cost,
+        extra=extra,
+        judged=judged,
+    )
     print_summary(task, metrics, comparison, cost)
+    if freeform:
+        print("\n".join(render_comparisons(freeform)))
+    if judged is not None:
+        print(judge_sentence(judged.summary))
     if tracker is not None:
         log_to_tracker(tracker, metrics, comparison, cost, eval_dir)
-    return EvalResult(metrics, comparison, baseline_summary, cost, eval_dir)
+        if judged is not None:
+            log_judge(tracker, judged)
+        snapshot = snapshot_input(baseline_summary)
+        if snapshot is not None:
+            tracker.log_inputs([snapshot])
+    return EvalResult(metrics, comparison, baseline_summary, cost, eval_dir, extra["judge"], freeform)
+
+
+def freeform_comparisons(
+    recipe: Recipe, task: Task, rows: list[dict[str, Any]], outputs: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any] | None:
+    """Every free-form metric's paired-bootstrap interval, fine-tune against baseline and base (free-form tasks)."""
+    if task.freeform_reference is None or "finetuned" not in outputs:
+        return None
+    references = [task.freeform_reference(row) for row in rows]
+    answers = {system: [o["text"] for o in outs] for system, outs in outputs.items()}
+    samples, seed = recipe.eval.bootstrap_samples, recipe.training.seed
+    return compare_systems(references, answers, samples=samples, seed=seed) or None
 
 
 def local_outputs(
@@ -361,8 +413,14 @@ def write_outputs(
     comparison: dict[str, Any] | None = None,
     baseline: dict[str, Any] | None = None,
     cost: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    judged: JudgeResult | None = None,
 ) -> None:
-    """predictions.jsonl, metrics.json, report.md, and the per-label F1 and cost plots."""
+    """predictions.jsonl, metrics.json, report.md, and the per-label F1 and cost plots.
+
+    ``extra``: more blocks of metrics.json (``freeform_comparisons``, ``judge``); ``judged``: the judge's
+    records, for the report's side-by-side examples where the fine-tune loses.
+    """
     predictions = []
     for system, outs in outputs.items():
         for row, out in zip(rows, outs, strict=True):
@@ -391,8 +449,15 @@ def write_outputs(
         document["baseline"] = baseline
     if cost is not None:
         document["cost"] = cost
+    document.update({k: v for k, v in (extra or {}).items() if v is not None})
     rundir.write_json(eval_dir / "metrics.json", document)
-    rundir.write_text(eval_dir / "report.md", render_report(task, metrics, per_label, document))
+    report = render_report(task, metrics, per_label, document)
+    if document.get("freeform_comparisons"):
+        report += "\n## Free-form metrics: the fine-tune against the baseline and the base\n\n"
+        report += "\n".join(render_comparisons(document["freeform_comparisons"])) + "\n"
+    if judged is not None:
+        report += "\n" + "\n".join(report_lines(judged, task, rows))
+    rundir.write_text(eval_dir / "report.md", report)
     if per_label:
         save_per_label_plot(eval_dir / "per_label_f1.png", per_label)
     if cost is not None:

@@ -103,13 +103,15 @@ def append_records(path: str | Path, records: list[dict[str, Any]]) -> int:
     """
     path = Path(path)
     have = read_snapshot(path)[0] if path.is_file() else {}
-    new = [r for r in records if (r["model"], r["prompt_sha256"]) not in have]
-    seen: set[tuple[str, str]] = set()
-    unique = [r for r in new if not ((r["model"], r["prompt_sha256"]) in seen or seen.add((r["model"], r["prompt_sha256"])))]
+    unique: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in records:
+        key = (record["model"], record["prompt_sha256"])
+        if key not in have:
+            unique.setdefault(key, record)
     if unique:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in unique)
+            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in unique.values())
             handle.flush()
             os.fsync(handle.fileno())
     return len(unique)
