@@ -292,3 +292,18 @@ def test_pairs_default_and_verdict_parsing():
     assert judge_pairs(both, ["base", "finetuned"]) == [("finetuned", "base")]
     assert parse_verdict('```json\n{"winner": "tie", "reason": "same"}\n```') == {"winner": "tie", "reason": "same"}
     assert "response_format" in structured_output("openai") and "output_config" in structured_output("anthropic")
+
+
+def test_the_report_shows_where_the_fine_tune_loses_side_by_side(serve, tmp_path):
+    from pipeline.judge import report_lines
+
+    server = serve("openai", prefers_reference)
+    rows = make_rows(3)
+    result = judge(settings(server), rows, outputs(rows, finetuned_right=False), tmp_path)
+    report = "\n".join(report_lines(result, TASK, rows))
+    assert "| finetuned vs baseline | 0 | 3 | 0 | 0 | 0 | 0.000 |" in report
+    assert "## Where the fine-tune loses (3; the first 3)" in report
+    section = report.split("### finetuned vs baseline, row 1 (id doc-0)", 1)[1].split("###", 1)[0]
+    assert "**Input:** document 0: the committee met" in section and "**Reference:** plan 0 approved" in section
+    assert "| the committee adjourned doc-0 | plan 0 approved |" in section
+    assert "chose B: answer B says what the reference says" in section and "(BA: A = baseline" in section
