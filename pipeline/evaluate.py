@@ -29,7 +29,7 @@ from pipeline.baseline import run_baseline, snapshot_input
 from pipeline.cost import cost_of_ownership, cost_per_1000_examples, render_cost_lines, save_cost_plot
 from pipeline.data import ValidatedData, sft_example
 from pipeline.errors import UsageError
-from pipeline.freeform import compare_systems, render_comparisons
+from pipeline.freeform import compare_systems, paired_bootstrap_stats, render_comparisons
 from pipeline.generation import (
     GENERATIONS,
     LOCAL_SYSTEMS,
@@ -356,32 +356,11 @@ def paired_bootstrap(
         ci95 [low, high], verdict ("better" when the interval is above 0, "worse" below, else "no significant
         difference"), plus samples and n.
     """
-    import numpy as np
-
     assert task.example_stats is not None and task.main_from_totals is not None
-    stats_a = np.array([task.example_stats(g, p) for g, p in zip(golds, preds_a, strict=True)], dtype=float)
-    stats_b = np.array([task.example_stats(g, p) for g, p in zip(golds, preds_b, strict=True)], dtype=float)
-    main = task.main_from_totals
-    difference = main(stats_a.sum(axis=0)) - main(stats_b.sum(axis=0))
-    rng = np.random.default_rng(seed)
-    n = len(golds)
-    diffs = []
-    for start in range(0, samples, 200):  # chunks keep memory at 200 x n x stats
-        idx = rng.integers(0, n, size=(min(200, samples - start), n))
-        totals_a, totals_b = stats_a[idx].sum(axis=1), stats_b[idx].sum(axis=1)
-        diffs += [main(ta) - main(tb) for ta, tb in zip(totals_a, totals_b, strict=True)]
-    low, high = percentile(diffs, 2.5), percentile(diffs, 97.5)
-    verdict = "better" if low > 0 else "worse" if high < 0 else "no significant difference"
-    return {
-        "metric": task.main_metric,
-        "a": "finetuned",
-        "b": "baseline",
-        "difference": float(difference),
-        "ci95": [low, high],
-        "verdict": verdict,
-        "samples": samples,
-        "n": n,
-    }
+    stats_a = [task.example_stats(g, p) for g, p in zip(golds, preds_a, strict=True)]
+    stats_b = [task.example_stats(g, p) for g, p in zip(golds, preds_b, strict=True)]
+    interval = paired_bootstrap_stats(stats_a, stats_b, task.main_from_totals, samples=samples, seed=seed)
+    return {"metric": task.main_metric, "a": "finetuned", "b": "baseline", **interval}
 
 
 def comparison_sentence(comparison: dict[str, Any]) -> str:

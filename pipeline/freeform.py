@@ -41,7 +41,7 @@ _RATIO: Callable[[Sequence[float]], float] = lambda t: t[0] / t[1] if t[1] else 
 
 
 def _f1_from(t: Sequence[float]) -> float:
-    return _prf(t[0], t[1], t[2])[2]
+    return prf(t[0], t[1], t[2])[2]
 
 
 FROM_TOTALS: dict[str, Callable[[Sequence[float]], float]] = {
@@ -49,8 +49,8 @@ FROM_TOTALS: dict[str, Callable[[Sequence[float]], float]] = {
     "token_f1": _RATIO,
     "rougeL_f": _RATIO,
     "json_valid_rate": _RATIO,
-    "json_field_precision": lambda t: _prf(t[0], t[1], t[2])[0],
-    "json_field_recall": lambda t: _prf(t[0], t[1], t[2])[1],
+    "json_field_precision": lambda t: prf(t[0], t[1], t[2])[0],
+    "json_field_recall": lambda t: prf(t[0], t[1], t[2])[1],
     "json_field_f1": _f1_from,
     "tool_call_accuracy": _RATIO,
     "tool_name_accuracy": _RATIO,
@@ -250,7 +250,8 @@ def example_stats(reference: Any, answer: str) -> dict[str, tuple[float, ...]]:
     return stats
 
 
-def _prf(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
+def prf(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
+    """(precision, recall, F1) from counts; 0 where a denominator is 0 (scikit-learn's zero_division=0)."""
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -326,7 +327,7 @@ def paired_bootstrap_stats(
     difference = from_totals(a.sum(axis=0)) - from_totals(b.sum(axis=0))
     rng = np.random.default_rng(seed)
     diffs: list[float] = []
-    for start in range(0, samples, 200):  # chunks keep memory at 200 x n x stats
+    for start in range(0, samples if n else 0, 200):  # chunks keep memory at 200 x n x stats
         idx = rng.integers(0, n, size=(min(200, samples - start), n))
         diffs += [
             from_totals(ta) - from_totals(tb) for ta, tb in zip(a[idx].sum(axis=1), b[idx].sum(axis=1), strict=True)

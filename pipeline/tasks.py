@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import icd10cm
+from pipeline.freeform import prf as _prf
 from pipeline.freeform import rouge_l, score_freeform
 
 
@@ -132,13 +133,6 @@ def per_label_f1(golds: Sequence[Sequence[str]], preds: Sequence[Sequence[str]])
         p, r, f = _prf(tp, fp, fn)
         out[code] = {"precision": p, "recall": r, "f1": f, "support": float(tp + fn)}
     return out
-
-
-def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return precision, recall, f1
 
 
 MEDICAL_CODING = Task(

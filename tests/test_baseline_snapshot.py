@@ -9,10 +9,36 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, write_recipe
 from fake_llm import FakeLLM
-from test_baseline import KEY, KEY_ENV, TASK, gold_answer, make_rows, run, settings
 
+from pipeline.baseline import run_baseline
 from pipeline.evaluate import score_system
+from pipeline.recipe import BaselineSection
 from pipeline.snapshot import SNAPSHOT_FILE, dataset_input, prompt_sha256, read_snapshot
+from pipeline.tasks import get_task
+
+KEY_ENV = "PIPELINE_TEST_SNAPSHOT_KEY"
+KEY = "sk-snapshot-NEVER-WRITE-ME-31b7"
+TASK = get_task("medical_coding")
+CODES = ["I10", "E11.9", "J44.9", "K21.9"]
+
+
+def make_rows(n: int) -> list[dict]:
+    return [{"id": f"e{i}", "note": f"note {i}: seen today", "codes": [CODES[i % 4]], "_row": i + 1} for i in range(n)]
+
+
+def gold_answer(messages: list[dict]) -> str:
+    return CODES[int(messages[-1]["content"].split()[1].rstrip(":")) % 4]
+
+
+def settings(server: FakeLLM, **changes) -> BaselineSection:
+    values = {"provider": server.api, "model": "test-model", "base_url": server.base_url, "api_key_env": KEY_ENV}
+    return BaselineSection(**{**values, "send_data": True, "timeout_s": 2, **changes})
+
+
+def run(section: BaselineSection, rows: list[dict], tmp_path: Path):
+    return run_baseline(
+        section, TASK, rows, train_rows=[], allowed_hosts=[], cache_dir=tmp_path / "cache", eval_dir=tmp_path / "eval"
+    )
 
 
 @pytest.fixture(autouse=True)
