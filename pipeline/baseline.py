@@ -228,8 +228,8 @@ def run_baseline(
         refusal, api_key = request_refusal(settings, "baseline", Path(cache_dir), Path(eval_dir) / SENT_LOG)
         if refusal:
             return skipped(refusal)
-    log = _SentLog(Path(eval_dir) / SENT_LOG, shots)
-    caller = _Caller(settings, api_key, Path(cache_dir))
+    log = SentLog(Path(eval_dir) / SENT_LOG, shots)
+    caller = Caller(settings, api_key, Path(cache_dir))
     print(
         f"Baseline {settings.provider}/{settings.model} at {summary['host']}: {len(rows) - len(jobs)} answers "
         f"cached, {len(jobs)} to request ({settings.max_concurrency} at a time)",
@@ -237,7 +237,7 @@ def run_baseline(
     )
     started = time.perf_counter()
     if jobs:
-        _ask_all(caller, log, rows, jobs, outputs, settings.max_concurrency, started)
+        ask_all(caller, log, rows, jobs, outputs, settings.max_concurrency, started)
     final = [o for o in outputs if o is not None]
     summary.update(_keep_snapshot(settings, task, rows, shots, final, Path(eval_dir).parent / snapshot.SNAPSHOT_FILE))
     failures: dict[str, int] = {}
@@ -268,9 +268,9 @@ def run_baseline(
     return BaselineResult("ok", "", final, summary)
 
 
-def _ask_all(
-    caller: _Caller,
-    log: _SentLog,
+def ask_all(
+    caller: Caller,
+    log: SentLog,
     rows: list[dict[str, Any]],
     jobs: list[tuple[int, str, list[dict[str, str]]]],
     outputs: list[dict[str, Any] | None],
@@ -303,7 +303,7 @@ def _ask_all(
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-class _SentLog:
+class SentLog:
     """``eval/baseline_sent.jsonl``: one line per row, written before its first request leaves.
 
     Lines are appended and flushed one by one, so a row sent before an interruption is on record too. The
@@ -383,7 +383,7 @@ def _unwritable(cache_dir: Path, sent_log: Path, section: str = "baseline") -> s
     return None
 
 
-class _Caller:
+class Caller:
     """One SDK client, the cache, and the retry/failure accounting shared by the worker threads."""
 
     def __init__(

@@ -191,10 +191,10 @@ def run_judge(
         refusal, api_key = baseline.request_refusal(settings, "judge", Path(cache_dir), Path(eval_dir) / JUDGE_SENT_LOG)
         if refusal:
             return skipped(refusal)
-    caller = baseline._Caller(
+    caller = baseline.Caller(
         settings, api_key, Path(cache_dir), extra=structured_output(settings.provider), check=parse_verdict
     )
-    log = baseline._SentLog(Path(eval_dir) / JUDGE_SENT_LOG, [])
+    log = baseline.SentLog(Path(eval_dir) / JUDGE_SENT_LOG, [])
     print(
         f"Judge {settings.provider}/{settings.model} at {host}: {len(answers) - len(jobs)} judgements cached, "
         f"{len(jobs)} to request ({settings.max_concurrency} at a time)",
@@ -202,7 +202,7 @@ def run_judge(
     )
     started = time.perf_counter()
     if jobs:
-        baseline._ask_all(caller, log, job_rows, jobs, answers, settings.max_concurrency, started, label="judge")
+        baseline.ask_all(caller, log, job_rows, jobs, answers, settings.max_concurrency, started, label="judge")
     records = [_record(example, answers, policy) for example in examples]
     rundir.write_jsonl(Path(eval_dir) / JUDGE_LOG, records)
     judged = [a for a in answers if a is not None]

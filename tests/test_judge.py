@@ -307,3 +307,38 @@ def test_the_report_shows_where_the_fine_tune_loses_side_by_side(serve, tmp_path
     assert "**Input:** document 0: the committee met" in section and "**Reference:** plan 0 approved" in section
     assert "| the committee adjourned doc-0 | plan 0 approved |" in section
     assert "chose B: answer B says what the reference says" in section and "(BA: A = baseline" in section
+
+
+def test_every_judge_key_can_be_set_from_the_command_line():
+    from conftest import ROOT
+
+    from pipeline.recipe import RecipeError, load_recipe
+
+    overrides = [
+        "judge.provider=anthropic",
+        "judge.model=claude-judge",
+        "judge.base_url=http://127.0.0.1:8000",
+        "judge.api_key_env=JUDGE_KEY",
+        "judge.send_data=true",
+        "judge.max_concurrency=3",
+        "judge.price_input_per_1m=3",
+        "judge.price_output_per_1m=15",
+        "judge.rubric=Prefer the shorter answer.",
+        "judge.pairs=[finetuned vs base, baseline vs base]",
+    ]
+    j = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides).judge
+    assert (j.provider, j.model, j.base_url, j.api_key_env, j.send_data) == (
+        "anthropic",
+        "claude-judge",
+        "http://127.0.0.1:8000",
+        "JUDGE_KEY",
+        True,
+    )
+    assert (j.max_concurrency, j.price_input_per_1m, j.price_output_per_1m) == (3, 3.0, 15.0)
+    assert j.rubric == "Prefer the shorter answer." and j.pairs == ["finetuned vs base", "baseline vs base"]
+    assert load_recipe(ROOT / "recipes" / "quickstart.yaml").judge is None  # no section, no judge
+    with pytest.raises(RecipeError, match="judge.base_url: required") as err:
+        load_recipe(ROOT / "recipes" / "quickstart.yaml", ["judge.model=m"])
+    with pytest.raises(RecipeError, match="credential") as err:
+        load_recipe(ROOT / "recipes" / "quickstart.yaml", ["judge.model=m", "judge.base_url=http://u:pw@h/v1"])
+    assert "pw" not in str(err.value).replace("password", "")
