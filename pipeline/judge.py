@@ -221,7 +221,9 @@ def run_judge(
             "judgements_from_cache": sum(bool(a.get("cached")) for a in judged),
             "retries": caller.retries,
             "retry_budget_left": caller.budget_left,
-            "rows_sent": log.eval_rows,
+            # Distinct eval rows that went out in this run (each request is logged; two per example).
+            "rows_sent": len({baseline.row_hash(job_rows[index]) for index, _, _ in jobs}) if log.eval_rows else 0,
+            "requests_logged": log.eval_rows,
             "rows_sent_all_runs": log.distinct_rows(),
             "sent_log": f"eval/{JUDGE_SENT_LOG}",
             "pii_policy": policy.policy,

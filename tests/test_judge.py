@@ -217,9 +217,10 @@ def test_a_rerun_sends_zero_requests_and_an_interrupted_run_resumes(provider, se
     rows = make_rows(6)
     server = serve(provider, prefers_reference)
     first = judge(settings(server), rows, outputs(rows), tmp_path).summary
-    assert first["requests_sent"] == 12
+    assert first["requests_sent"] == 12 and first["rows_sent"] == 6 and first["requests_logged"] == 12
     again = judge(settings(server), rows, outputs(rows), tmp_path).summary
     assert len(server.requests) == 12 and again["requests_sent"] == 0 and again["judgements_from_cache"] == 12
+    assert again["rows_sent"] == 0 and again["rows_sent_all_runs"] == 6
     assert (again["wins"], again["win_rate"]) == (first["wins"], first["win_rate"])
     # A run cut short: 3 judgements lost from the cache; the next run asks exactly those.
     for path in sorted((tmp_path / "judge_cache").glob("*.json"))[:3]:
