@@ -503,7 +503,17 @@ def render_report(
     lines += ["## Operations", "", render_ops_table(metrics), ""]
     if usage_warning(metrics):
         lines += [usage_warning(metrics), ""]
-    if baseline is not None and baseline.get("status") == "ok":
+    if baseline is not None and baseline.get("status") == "ok" and baseline.get("source") == "snapshot":
+        reported = ", ".join(baseline.get("models_reported") or []) or "not recorded"
+        lines += [
+            "## Baseline from its snapshot",
+            "",
+            f"- {baseline['answered']} answers of {baseline['provider']} `{baseline['model']}` (model id reported by "
+            f"the provider: {reported}) from `{baseline['snapshot']}` (SHA-256 {baseline['snapshot_sha256'][:16]}...). "
+            "Nothing was sent and no key was used.",
+            "",
+        ]
+    elif baseline is not None and baseline.get("status") == "ok":
         kinds = ", ".join(f"{k} {v}" for k, v in baseline["failures_by_kind"].items()) or "none"
         lines += [
             "## What was sent",
@@ -515,8 +525,14 @@ def render_report(
             f"{baseline['rows_sent_all_runs']}. SHA-256 of each in `{baseline['sent_log']}`.",
             f"- Requests {baseline['requests_sent']}, answers from the cache {baseline['answers_from_cache']}, "
             f"retries {baseline['retries']}, failed examples {baseline['failed']} ({kinds}).",
-            "",
         ]
+        if baseline.get("snapshot"):
+            lines.append(
+                f"- Every answer is kept in the snapshot `{baseline['snapshot']}` ({baseline.get('snapshot_added', 0)} "
+                "added now; `baseline.snapshot` scores from it alone)."
+                + (f" It could not be written: {baseline['snapshot_error']}." if baseline.get("snapshot_error") else "")
+            )
+        lines.append("")
     cost = document.get("cost")
     if cost is not None:
         lines += ["## Cost of ownership", "", *render_cost_lines(cost), "", "![cost](cost.png)", ""]
