@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline import rundir
+from pipeline import rundir, snapshot
 from pipeline.egress import EgressGuard, redact_secrets
 from pipeline.errors import JobFailed
-from pipeline.recipe import BaselineSection
+from pipeline.recipe import BaselineSection, RemoteModelSection
 from pipeline.tasks import Task
 
 DEFAULT_BASE_URL = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
@@ -70,21 +70,23 @@ class BaselineResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def base_url(settings: BaselineSection) -> str:
+def base_url(settings: RemoteModelSection) -> str:
     """The endpoint used: the recipe's, else the provider's public API."""
     return settings.base_url or DEFAULT_BASE_URL[settings.provider]
 
 
-def key_env(settings: BaselineSection) -> str:
+def key_env(settings: RemoteModelSection) -> str:
     """Name of the environment variable holding the key."""
     return settings.api_key_env or DEFAULT_KEY_ENV[settings.provider]
 
 
-def egress_decision(settings: BaselineSection, allowed_hosts: list[str] | tuple[str, ...]) -> tuple[bool, str]:
+def egress_decision(
+    settings: RemoteModelSection, allowed_hosts: list[str] | tuple[str, ...], section: str = "baseline"
+) -> tuple[bool, str]:
     """(allowed, reason) for the endpoint's host under the recipe's privacy.allowed_hosts."""
     host = urlparse(base_url(settings)).hostname or ""
     if not host:
-        return False, f"baseline.base_url {base_url(settings)!r} names no host"
+        return False, f"{section}.base_url {base_url(settings)!r} names no host"
     allowed, reason = EgressGuard(tuple(allowed_hosts)).decide(host)
     if allowed:
         return True, reason
@@ -92,6 +94,19 @@ def egress_decision(settings: BaselineSection, allowed_hosts: list[str] | tuple[
         f"the endpoint host {host} is not loopback and not on privacy.allowed_hosts; add {host!r} there to allow "
         "sending eval rows to it"
     )
+
+
+def request_refusal(
+    settings: RemoteModelSection, section: str, cache_dir: Path, sent_log: Path
+) -> tuple[str | None, str]:
+    """(why nothing may be requested, or None; the API key) once some request is needed.
+
+    The key must be set, and the cache and the sent-rows log writable (checked before the first request).
+    """
+    api_key = os.environ.get(key_env(settings), "")
+    if not api_key:
+        return f"the environment variable {key_env(settings)} ({section}.api_key_env) is not set or empty", ""
+    return _unwritable(cache_dir, sent_log, section), api_key
 
 
 def build_messages(task: Task, row: dict[str, Any], shots: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -183,6 +198,9 @@ def run_baseline(
             "skipped", reason, None, {**summary, "status": "skipped", "reason": reason, "rows_sent": 0}
         )
 
+    shots = few_shot_rows(train_rows, settings.few_shot, seed)
+    if settings.snapshot is not None:
+        return _from_snapshot(settings, task, rows, shots, summary, skipped)
     if not settings.send_data:
         return skipped(
             "baseline.send_data is false, so no eval row was sent to the provider (set baseline.send_data: true "
@@ -191,7 +209,6 @@ def run_baseline(
     allowed, reason = egress_decision(settings, allowed_hosts)
     if not allowed and not cache_only:  # reading the cache sends nothing
         return skipped(reason)
-    shots = few_shot_rows(train_rows, settings.few_shot, seed)
     params = request_params(settings)
     jobs = []
     outputs: list[dict[str, Any] | None] = [None] * len(rows)
@@ -206,15 +223,13 @@ def run_baseline(
     if cache_only and jobs:
         reason = f"{len(rows) - len(jobs)} of {len(rows)} answers cached; not re-scored without new requests"
         return BaselineResult("not_cached", reason, None, {**summary, "status": "not_cached", "reason": reason})
-    api_key = os.environ.get(key_env(settings), "")
-    if jobs and not api_key:  # a fully cached re-run needs no key
-        return skipped(f"the environment variable {key_env(settings)} (baseline.api_key_env) is not set or empty")
-    if jobs:
-        unwritable = _unwritable(Path(cache_dir), Path(eval_dir) / SENT_LOG)
-        if unwritable:
-            return skipped(unwritable)
-    log = _SentLog(Path(eval_dir) / SENT_LOG, shots)
-    caller = _Caller(settings, api_key, Path(cache_dir))
+    api_key = ""
+    if jobs:  # a fully cached re-run needs no key
+        refusal, api_key = request_refusal(settings, "baseline", Path(cache_dir), Path(eval_dir) / SENT_LOG)
+        if refusal:
+            return skipped(refusal)
+    log = SentLog(Path(eval_dir) / SENT_LOG, shots)
+    caller = Caller(settings, api_key, Path(cache_dir))
     print(
         f"Baseline {settings.provider}/{settings.model} at {summary['host']}: {len(rows) - len(jobs)} answers "
         f"cached, {len(jobs)} to request ({settings.max_concurrency} at a time)",
@@ -222,8 +237,9 @@ def run_baseline(
     )
     started = time.perf_counter()
     if jobs:
-        _ask_all(caller, log, rows, jobs, outputs, settings.max_concurrency, started)
+        ask_all(caller, log, rows, jobs, outputs, settings.max_concurrency, started)
     final = [o for o in outputs if o is not None]
+    summary.update(_keep_snapshot(settings, task, rows, shots, final, Path(eval_dir).parent / snapshot.SNAPSHOT_FILE))
     failures: dict[str, int] = {}
     for out in final:
         if "error" in out:
@@ -252,17 +268,21 @@ def run_baseline(
     return BaselineResult("ok", "", final, summary)
 
 
-def _ask_all(
-    caller: _Caller,
-    log: _SentLog,
+def ask_all(
+    caller: Caller,
+    log: SentLog,
     rows: list[dict[str, Any]],
     jobs: list[tuple[int, str, list[dict[str, str]]]],
     outputs: list[dict[str, Any] | None],
     max_concurrency: int,
     started: float,
+    label: str = "baseline",
 ) -> None:
-    """Ask the uncached ``jobs`` (row index, request key, messages) on worker threads; answers go into ``outputs``."""
-    pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="baseline")
+    """Ask the uncached ``jobs`` (row index, request key, messages) on worker threads; answers go into ``outputs``.
+
+    ``rows[index]`` is the row a job sends (recorded in the sent log before its first attempt).
+    """
+    pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=label)
     try:
         futures = {
             pool.submit(caller.ask, key, messages, lambda i=index, k=key: log.eval_row(rows[i], k)): index
@@ -274,7 +294,7 @@ def _ask_all(
             done += 1
             if done == len(jobs) or done % max(1, len(jobs) // 10) == 0:
                 print(
-                    f"  baseline answered {done}/{len(jobs)} ({caller.failed} failed, {caller.retries} retries, "
+                    f"  {label} answered {done}/{len(jobs)} ({caller.failed} failed, {caller.retries} retries, "
                     f"{time.perf_counter() - started:.1f}s)",
                     flush=True,
                 )
@@ -283,7 +303,7 @@ def _ask_all(
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-class _SentLog:
+class SentLog:
     """``eval/baseline_sent.jsonl``: one line per row, written before its first request leaves.
 
     Lines are appended and flushed one by one, so a row sent before an interruption is on record too. The
@@ -339,7 +359,7 @@ def _os_error(exc: OSError) -> str:
     return f"{exc.filename or '(unknown file)'}: {exc.strerror or type(exc).__name__}"
 
 
-def _unwritable(cache_dir: Path, sent_log: Path) -> str | None:
+def _unwritable(cache_dir: Path, sent_log: Path, section: str = "baseline") -> str | None:
     """Why the cache or the sent-rows log cannot be written (checked before the first request), or None.
 
     Without the cache every answer would be paid for again on the next run; without the log, rows would leave
@@ -352,7 +372,7 @@ def _unwritable(cache_dir: Path, sent_log: Path) -> str | None:
     except OSError as exc:
         return (
             f"the answer cache {cache_dir} cannot be written ({_os_error(exc)}), so nothing was sent: make it "
-            "writable or set baseline.cache_dir"
+            f"writable or set {section}.cache_dir"
         )
     try:
         sent_log.parent.mkdir(parents=True, exist_ok=True)
@@ -363,11 +383,26 @@ def _unwritable(cache_dir: Path, sent_log: Path) -> str | None:
     return None
 
 
-class _Caller:
+class Caller:
     """One SDK client, the cache, and the retry/failure accounting shared by the worker threads."""
 
-    def __init__(self, settings: BaselineSection, api_key: str, cache_dir: Path):
+    def __init__(
+        self,
+        settings: RemoteModelSection,
+        api_key: str,
+        cache_dir: Path,
+        *,
+        extra: dict[str, Any] | None = None,
+        check: Callable[[str], Any] | None = None,
+    ):
+        """The caller of one section (baseline or judge).
+
+        ``extra``: keyword arguments added to every SDK call (structured output); ``check(text)`` raises
+        ``MalformedAnswer`` for an answer that must be retried (a judge's reply that is not its JSON).
+        """
         self.settings = settings
+        self.extra = extra or {}
+        self.check = check
         self._key = api_key
         self.cache_dir = cache_dir
         self.params = request_params(settings)
@@ -430,6 +465,15 @@ class _Caller:
                 time.sleep(self._backoff(attempts, wait_hint))
                 continue
             answer["latency_s"] = time.perf_counter() - start
+            answer["answered_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            if self.check is not None:
+                try:
+                    self.check(answer["text"])
+                except MalformedAnswer as exc:
+                    if attempts > self.settings.max_retries or not self._take_retry():
+                        return self._fail(f"malformed: {self._clean(exc)}", attempts)
+                    time.sleep(self._backoff(attempts, None))
+                    continue
             try:
                 rundir.write_json(
                     self.cache_dir / f"{key}.json",
@@ -452,6 +496,7 @@ class _Caller:
                 messages=messages,
                 max_completion_tokens=self.params["max_tokens"],
                 **sampling,
+                **self.extra,
             )
             try:
                 choice = response.choices[0]
@@ -472,6 +517,7 @@ class _Caller:
                 messages=messages[1:],
                 max_tokens=self.params["max_tokens"],
                 extra_body=body,
+                **self.extra,
             )
             try:
                 blocks = [b.text for b in response.content if getattr(b, "type", None) == "text"]
@@ -484,8 +530,10 @@ class _Caller:
             stopped = getattr(response, "stop_reason", None) in ("end_turn", "stop_sequence")
         if not isinstance(text, str):
             raise MalformedAnswer("the answer holds no text")
+        reported = getattr(response, "model", None)
         return {
             "text": text,
+            "model_reported": reported if isinstance(reported, str) else None,
             "stopped": bool(stopped),
             "tokens_in": int(tokens_in or 0),
             "tokens_out": int(tokens_out or 0),
@@ -559,3 +607,94 @@ def _retry_after(exc: Exception) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def _from_snapshot(
+    settings: BaselineSection,
+    task: Task,
+    rows: list[dict[str, Any]],
+    shots: list[dict[str, Any]],
+    summary: dict[str, Any],
+    skipped: Callable[[str], BaselineResult],
+) -> BaselineResult:
+    """The baseline scored from ``baseline.snapshot`` alone: nothing sent, no key; all rows or none."""
+    path = Path(str(settings.snapshot))
+    try:
+        records, refused = snapshot.read_snapshot(path)
+    except OSError as exc:
+        return skipped(f"baseline.snapshot {path} cannot be read ({_os_error(exc)})")
+    outputs, missing = [], 0
+    for row in rows:
+        record = records.get((settings.model, snapshot.prompt_sha256(build_messages(task, row, shots))))
+        if record is None:
+            missing += 1
+        else:
+            outputs.append({**snapshot.answer_of(record), "attempts": 0, "cached": True})
+    refused_note = f"; {refused} lines refused (not JSON or not matching their record_sha256)" if refused else ""
+    if missing:
+        result = skipped(
+            f"baseline.snapshot {path} has no answer of {settings.model} for {missing} of {len(rows)} eval rows "
+            f"({missing} missing{refused_note}), so the baseline is not scored: a partial baseline is never scored "
+            "as a whole; record the missing rows live (unset baseline.snapshot) or score the split it was made on"
+        )
+        result.summary.update({"source": "snapshot", "snapshot": str(path), "missing_rows": missing})
+        return result
+    reported = sorted({str(o["model_reported"]) for o in outputs if o.get("model_reported")})
+    print(f"Baseline {settings.provider}/{settings.model}: {len(rows)} answers from the snapshot {path}, nothing sent")
+    summary.update(
+        {
+            "status": "ok",
+            "reason": "",
+            "source": "snapshot",
+            "snapshot": str(path),
+            "snapshot_sha256": rundir.sha256_file(path),
+            "snapshot_refused_lines": refused,
+            "models_reported": reported,
+            "missing_rows": 0,
+            "rows_sent": 0,
+            "few_shot_rows_sent": 0,
+            "rows_sent_all_runs": 0,
+            "sent_log": "(none: scored from the snapshot)",
+            "requests_sent": 0,
+            "answers_from_cache": len(outputs),
+            "answered": len(outputs),
+            "failed": 0,
+            "failures_by_kind": {},
+            "retries": 0,
+            "retry_budget_left": settings.retry_budget,
+            "cache_write_failures": 0,
+            "few_shot": len(shots),
+            "wall_seconds": 0.0,
+        }
+    )
+    return BaselineResult("ok", "", outputs, summary)
+
+
+def _keep_snapshot(
+    settings: BaselineSection,
+    task: Task,
+    rows: list[dict[str, Any]],
+    shots: list[dict[str, Any]],
+    outputs: list[dict[str, Any]],
+    path: Path,
+) -> dict[str, Any]:
+    """Add every answered row to the run's snapshot file; the summary's snapshot fields (a write error is kept)."""
+    records = [
+        snapshot.make_record(settings.provider, settings.model, build_messages(task, row, shots), out)
+        for row, out in zip(rows, outputs, strict=True)
+        if "error" not in out
+    ]
+    try:
+        added = snapshot.append_records(path, records)
+    except OSError as exc:
+        return {"snapshot": str(path), "snapshot_error": _os_error(exc)}
+    reported = sorted({str(o["model_reported"]) for o in outputs if o.get("model_reported")})
+    return {"snapshot": str(path), "snapshot_added": added, "models_reported": reported}
+
+
+def snapshot_input(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The baseline's snapshot file as an MLflow dataset input of the run, when the baseline was scored."""
+    path = (summary or {}).get("snapshot")
+    if summary is None or summary.get("status") != "ok" or not path or not Path(path).is_file():
+        return None
+    return snapshot.dataset_input(path, model=summary["model"])

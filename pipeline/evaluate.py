@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import rundir
-from pipeline.baseline import run_baseline
+from pipeline.baseline import run_baseline, snapshot_input
 from pipeline.cost import cost_of_ownership, cost_per_1000_examples, render_cost_lines, save_cost_plot
 from pipeline.data import ValidatedData, sft_example
 from pipeline.errors import UsageError
+from pipeline.freeform import compare_systems, paired_bootstrap_stats, render_comparisons
 from pipeline.generation import (
     GENERATIONS,
     LOCAL_SYSTEMS,
@@ -37,6 +38,7 @@ from pipeline.generation import (
     generate_local,
     generation_key,
 )
+from pipeline.judge import JudgeResult, judge_sentence, log_judge, report_lines, run_judge
 from pipeline.recipe import Recipe
 from pipeline.runlookup import RunNotFound, resolve_run  # one lookup for evaluate --run and export (re-exported)
 from pipeline.tasks import Task
@@ -73,6 +75,8 @@ class EvalResult:
     baseline: dict[str, Any] | None
     cost: dict[str, Any] | None
     eval_dir: Path
+    judge: dict[str, Any] | None = None
+    freeform: dict[str, Any] | None = None
 
 
 def evaluate_run(
@@ -141,11 +145,59 @@ def evaluate_run(
             seed=recipe.training.seed,
         )
 
-    write_outputs(eval_dir, task, rows, outputs, metrics, comparison=comparison, baseline=baseline_summary, cost=cost)
+    freeform = freeform_comparisons(recipe, task, rows, outputs)
+    judged = None
+    if recipe.judge is not None:
+        judged = run_judge(
+            recipe.judge,
+            task,
+            rows,
+            outputs,
+            allowed_hosts=recipe.privacy.allowed_hosts,
+            contract=data.contract,
+            cache_dir=recipe.judge.cache_dir or run_dir / "judge_cache",
+            eval_dir=eval_dir,
+            samples=recipe.eval.bootstrap_samples,
+            seed=recipe.training.seed,
+        )
+    extra = {"freeform_comparisons": freeform, "judge": judged.summary if judged else None}
+    write_outputs(
+        eval_dir,
+        task,
+        rows,
+        outputs,
+        metrics,
+        comparison=comparison,
+        baseline=baseline_summary,
+        cost=cost,
+        extra=extra,
+        judged=judged,
+    )
     print_summary(task, metrics, comparison, cost)
+    if freeform:
+        print("\n".join(render_comparisons(freeform)))
+    if judged is not None:
+        print(judge_sentence(judged.summary))
     if tracker is not None:
         log_to_tracker(tracker, metrics, comparison, cost, eval_dir)
-    return EvalResult(metrics, comparison, baseline_summary, cost, eval_dir)
+        if judged is not None:
+            log_judge(tracker, judged)
+        snapshot = snapshot_input(baseline_summary)
+        if snapshot is not None:
+            tracker.log_inputs([snapshot])
+    return EvalResult(metrics, comparison, baseline_summary, cost, eval_dir, extra["judge"], freeform)
+
+
+def freeform_comparisons(
+    recipe: Recipe, task: Task, rows: list[dict[str, Any]], outputs: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any] | None:
+    """Every free-form metric's paired-bootstrap interval, fine-tune against baseline and base (free-form tasks)."""
+    if task.freeform_reference is None or "finetuned" not in outputs:
+        return None
+    references = [task.freeform_reference(row) for row in rows]
+    answers = {system: [o["text"] for o in outs] for system, outs in outputs.items()}
+    samples, seed = recipe.eval.bootstrap_samples, recipe.training.seed
+    return compare_systems(references, answers, samples=samples, seed=seed) or None
 
 
 def local_outputs(
@@ -305,32 +357,11 @@ def paired_bootstrap(
         ci95 [low, high], verdict ("better" when the interval is above 0, "worse" below, else "no significant
         difference"), plus samples and n.
     """
-    import numpy as np
-
     assert task.example_stats is not None and task.main_from_totals is not None
-    stats_a = np.array([task.example_stats(g, p) for g, p in zip(golds, preds_a, strict=True)], dtype=float)
-    stats_b = np.array([task.example_stats(g, p) for g, p in zip(golds, preds_b, strict=True)], dtype=float)
-    main = task.main_from_totals
-    difference = main(stats_a.sum(axis=0)) - main(stats_b.sum(axis=0))
-    rng = np.random.default_rng(seed)
-    n = len(golds)
-    diffs = []
-    for start in range(0, samples, 200):  # chunks keep memory at 200 x n x stats
-        idx = rng.integers(0, n, size=(min(200, samples - start), n))
-        totals_a, totals_b = stats_a[idx].sum(axis=1), stats_b[idx].sum(axis=1)
-        diffs += [main(ta) - main(tb) for ta, tb in zip(totals_a, totals_b, strict=True)]
-    low, high = percentile(diffs, 2.5), percentile(diffs, 97.5)
-    verdict = "better" if low > 0 else "worse" if high < 0 else "no significant difference"
-    return {
-        "metric": task.main_metric,
-        "a": "finetuned",
-        "b": "baseline",
-        "difference": float(difference),
-        "ci95": [low, high],
-        "verdict": verdict,
-        "samples": samples,
-        "n": n,
-    }
+    stats_a = [task.example_stats(g, p) for g, p in zip(golds, preds_a, strict=True)]
+    stats_b = [task.example_stats(g, p) for g, p in zip(golds, preds_b, strict=True)]
+    interval = paired_bootstrap_stats(stats_a, stats_b, task.main_from_totals, samples=samples, seed=seed)
+    return {"metric": task.main_metric, "a": "finetuned", "b": "baseline", **interval}
 
 
 def comparison_sentence(comparison: dict[str, Any]) -> str:
@@ -362,8 +393,14 @@ def write_outputs(
     comparison: dict[str, Any] | None = None,
     baseline: dict[str, Any] | None = None,
     cost: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    judged: JudgeResult | None = None,
 ) -> None:
-    """predictions.jsonl, metrics.json, report.md, and the per-label F1 and cost plots."""
+    """predictions.jsonl, metrics.json, report.md, and the per-label F1 and cost plots.
+
+    ``extra``: more blocks of metrics.json (``freeform_comparisons``, ``judge``); ``judged``: the judge's
+    records, for the report's side-by-side examples where the fine-tune loses.
+    """
     predictions = []
     for system, outs in outputs.items():
         for row, out in zip(rows, outs, strict=True):
@@ -392,8 +429,15 @@ def write_outputs(
         document["baseline"] = baseline
     if cost is not None:
         document["cost"] = cost
+    document.update({k: v for k, v in (extra or {}).items() if v is not None})
     rundir.write_json(eval_dir / "metrics.json", document)
-    rundir.write_text(eval_dir / "report.md", render_report(task, metrics, per_label, document))
+    report = render_report(task, metrics, per_label, document)
+    if document.get("freeform_comparisons"):
+        report += "\n## Free-form metrics: the fine-tune against the baseline and the base\n\n"
+        report += "\n".join(render_comparisons(document["freeform_comparisons"])) + "\n"
+    if judged is not None:
+        report += "\n" + "\n".join(report_lines(judged, task, rows))
+    rundir.write_text(eval_dir / "report.md", report)
     if per_label:
         save_per_label_plot(eval_dir / "per_label_f1.png", per_label)
     if cost is not None:
@@ -460,7 +504,17 @@ def render_report(
     lines += ["## Operations", "", render_ops_table(metrics), ""]
     if usage_warning(metrics):
         lines += [usage_warning(metrics), ""]
-    if baseline is not None and baseline.get("status") == "ok":
+    if baseline is not None and baseline.get("status") == "ok" and baseline.get("source") == "snapshot":
+        reported = ", ".join(baseline.get("models_reported") or []) or "not recorded"
+        lines += [
+            "## Baseline from its snapshot",
+            "",
+            f"- {baseline['answered']} answers of {baseline['provider']} `{baseline['model']}` (model id reported by "
+            f"the provider: {reported}) from `{baseline['snapshot']}` (SHA-256 {baseline['snapshot_sha256'][:16]}...). "
+            "Nothing was sent and no key was used.",
+            "",
+        ]
+    elif baseline is not None and baseline.get("status") == "ok":
         kinds = ", ".join(f"{k} {v}" for k, v in baseline["failures_by_kind"].items()) or "none"
         lines += [
             "## What was sent",
@@ -472,8 +526,14 @@ def render_report(
             f"{baseline['rows_sent_all_runs']}. SHA-256 of each in `{baseline['sent_log']}`.",
             f"- Requests {baseline['requests_sent']}, answers from the cache {baseline['answers_from_cache']}, "
             f"retries {baseline['retries']}, failed examples {baseline['failed']} ({kinds}).",
-            "",
         ]
+        if baseline.get("snapshot"):
+            lines.append(
+                f"- Every answer is kept in the snapshot `{baseline['snapshot']}` ({baseline.get('snapshot_added', 0)} "
+                "added now; `baseline.snapshot` scores from it alone)."
+                + (f" It could not be written: {baseline['snapshot_error']}." if baseline.get("snapshot_error") else "")
+            )
+        lines.append("")
     cost = document.get("cost")
     if cost is not None:
         lines += ["## Cost of ownership", "", *render_cost_lines(cost), "", "![cost](cost.png)", ""]

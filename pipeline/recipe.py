@@ -318,12 +318,11 @@ class PrivacySection(_Section):
         return value
 
 
-class BaselineSection(_Section):
-    """A commercial or remote model scored beside the fine-tune, through its official SDK.
+class RemoteModelSection(_Section):
+    """A model behind an API, called through its official SDK: the baseline and the judge share these keys.
 
-    Nothing is sent unless ``send_data`` is true, and then only to a host that is loopback or on
-    ``privacy.allowed_hosts``. The API key is read from the environment variable named by ``api_key_env``;
-    a key never belongs in a recipe.
+    The API key is read from the environment variable named by ``api_key_env``; a key never belongs in a
+    recipe.
     """
 
     provider: Literal["openai", "anthropic"] = Field(
@@ -349,18 +348,7 @@ class BaselineSection(_Section):
         default=None, ge=0, description="Price in $ per 1M output tokens (e.g. 10.00 for gpt-4o)."
     )
     max_concurrency: int = Field(default=4, ge=1, le=64, description="Requests in flight at once.")
-    few_shot: int = Field(
-        default=0,
-        ge=0,
-        le=32,
-        description="Solved examples drawn from the train split (seeded) and sent before each eval row.",
-    )
-    send_data: bool = Field(
-        default=False,
-        description="Send eval rows (and few-shot train rows) to the provider. False: nothing is sent and the "
-        "report says the baseline was skipped and why.",
-    )
-    max_tokens: int = Field(default=256, gt=0, description="Most tokens the baseline may answer with.")
+    max_tokens: int = Field(default=256, gt=0, description="Most tokens the model may answer with.")
     temperature: float | None = Field(
         default=0.0,
         ge=0,
@@ -382,11 +370,6 @@ class BaselineSection(_Section):
         default=1.0, ge=0, description="Wait before the first retry; doubles each retry (with jitter)."
     )
     backoff_max_s: float = Field(default=30.0, ge=0, description="Longest wait between two retries.")
-    cache_dir: str | None = Field(
-        default=None,
-        description="Where answers are cached (one file per request hash); <run-dir>/baseline_cache if unset. "
-        "A re-run sends nothing already answered.",
-    )
 
     @field_validator("base_url")
     @classmethod
@@ -402,6 +385,88 @@ class BaselineSection(_Section):
             if isinstance(value, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
                 data = {**data, "api_key_env": "<hidden: not an environment variable name; put the key in one>"}
         return data
+
+
+class BaselineSection(RemoteModelSection):
+    """A commercial or remote model scored beside the fine-tune, through its official SDK.
+
+    Nothing is sent unless ``send_data`` is true, and then only to a host that is loopback or on
+    ``privacy.allowed_hosts``. Every answer is kept in a snapshot file; ``snapshot`` scores from one alone.
+    """
+
+    few_shot: int = Field(
+        default=0,
+        ge=0,
+        le=32,
+        description="Solved examples drawn from the train split (seeded) and sent before each eval row.",
+    )
+    send_data: bool = Field(
+        default=False,
+        description="Send eval rows (and few-shot train rows) to the provider. False: nothing is sent and the "
+        "report says the baseline was skipped and why.",
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Where answers are cached (one file per request hash); <run-dir>/baseline_cache if unset. "
+        "A re-run sends nothing already answered.",
+    )
+    snapshot: str | None = Field(
+        default=None,
+        description="A baseline snapshot file (baseline_snapshot.jsonl of an earlier run) to score the baseline "
+        "from alone: no key, no network, the same numbers as the live run. It must hold an answer for every eval "
+        "row; otherwise the baseline is not scored and the report says how many rows are missing. Unset: the "
+        "baseline is asked live and every answer is added to <run-dir>/baseline_snapshot.jsonl.",
+    )
+
+
+class JudgeSection(RemoteModelSection):
+    """A pairwise judge: an LLM that picks the better of two systems' answers, each example in both orders.
+
+    The documented default is a private judge: an OpenAI-compatible server on the team's own hosts (vLLM, a
+    gateway), so ``base_url`` has no default; a commercial judge is an explicit choice of its URL. Egress as
+    for the baseline: nothing is sent while ``send_data`` is false, only to loopback or privacy.allowed_hosts.
+    """
+
+    provider: Literal["openai", "anthropic"] = Field(
+        default="openai",
+        description="'openai' (chat completions: vLLM, a gateway or OpenAI; structured output through "
+        "response_format) or 'anthropic' (the messages API; structured output through output_config).",
+    )
+    base_url: str = Field(  # type: ignore[assignment]
+        description="Endpoint URL of the judge, e.g. http://judge.internal:8000/v1 (a vLLM server on your own "
+        "hosts). Its host must be loopback or on privacy.allowed_hosts."
+    )
+    send_data: bool = Field(
+        default=False,
+        description="Send eval inputs, references and the two systems' answers to the judge. False: nothing is "
+        "sent and the report says the judge was skipped and why.",
+    )
+    rubric: str | None = Field(
+        default=None,
+        description="Text added to the judge's instructions: what makes an answer better for this task.",
+    )
+    pairs: list[str] | None = Field(
+        default=None,
+        description="Pairs of systems to judge, each 'A vs B' with A and B among base, finetuned, baseline "
+        "(e.g. ['finetuned vs baseline', 'finetuned vs base']). Unset: finetuned vs baseline, or finetuned vs "
+        "base when the baseline has no answers in the evaluation.",
+    )
+    max_tokens: int = Field(default=512, gt=0, description="Most tokens the judge may answer with (its reason).")
+    cache_dir: str | None = Field(
+        default=None,
+        description="Where judgements are cached (one file per request hash); <run-dir>/judge_cache if unset. A "
+        "re-run sends nothing already judged.",
+    )
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, value: list[str] | None) -> list[str] | None:
+        systems = ("base", "finetuned", "baseline")
+        for pair in value or []:
+            a, _, b = pair.partition(" vs ")
+            if a.strip() not in systems or b.strip() not in systems or a.strip() == b.strip():
+                raise ValueError(f"{pair!r}: write 'A vs B' with two different systems among {', '.join(systems)}")
+        return value
 
 
 class CostSection(_Section):
@@ -481,6 +546,10 @@ class Recipe(_Section):
         default=None,
         validate_default=True,
         description="A commercial model to compare with (see eval.systems); none if unset.",
+    )
+    judge: JudgeSection | None = Field(
+        default=None,
+        description="A pairwise judge of the systems' answers, run by train and evaluate; none if unset.",
     )
     cost: CostSection = Field(default_factory=CostSection)
     export: ExportSection = Field(default_factory=ExportSection)

@@ -13,10 +13,11 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 from pipeline import icd10cm
+from pipeline.freeform import prf as _prf
+from pipeline.freeform import rouge_l, score_freeform
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Task:
     table_metrics: tuple[str, ...] = ()
     # Task-specific structures for metrics.json (e.g. the confusion matrix of a classifier).
     extras: Callable[[Sequence[Any], Sequence[Any]], dict[str, Any]] | None = None
+    # A row's reference for the free-form metrics (text or structured; ``pipeline.freeform``), for a task whose
+    # answers are free text, JSON or tool calls: each of those metrics then gets its own paired-bootstrap interval.
+    freeform_reference: Callable[[dict[str, Any]], Any] | None = None
 
     def chat_messages(self, row: dict[str, Any]) -> list[dict[str, str]]:
         """The prompt as chat messages (system + user), without the answer."""
@@ -129,13 +133,6 @@ def per_label_f1(golds: Sequence[Sequence[str]], preds: Sequence[Sequence[str]])
         p, r, f = _prf(tp, fp, fn)
         out[code] = {"precision": p, "recall": r, "f1": f, "support": float(tp + fn)}
     return out
-
-
-def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return precision, recall, f1
 
 
 MEDICAL_CODING = Task(
@@ -374,27 +371,18 @@ EXTRACTION = Task(
 # Summarization: a text in, a short summary out, scored with ROUGE-L (Google's rouge-score package).
 
 
-@cache
-def _rouge_scorer() -> Any:
-    from rouge_score import rouge_scorer  # imported on first use: tasks stays a light module
-
-    # The Porter stemmer ("summarized" ~ "summarizes") is the setting most papers report.
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def rouge_l(reference: str, prediction: str) -> tuple[float, float, float]:
-    """ROUGE-L (precision, recall, F1) of one prediction: longest common subsequence of tokens."""
-    score = _rouge_scorer().score(reference, prediction)["rougeL"]
-    return score.precision, score.recall, score.fmeasure
-
-
 def score_summaries(golds: Sequence[str], preds: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-L precision, recall and F1 over examples (the per-example average, as rouge-score reports)."""
+    """Mean ROUGE-L precision, recall and F1 over examples (the per-example average, as rouge-score reports).
+
+    The free-form metrics (``pipeline.freeform``: exact match, token F1...) come beside them; rougeL_f is the
+    same number in both.
+    """
     if len(golds) != len(preds):
         raise ValueError(f"{len(golds)} gold rows but {len(preds)} predictions")
     scores = [rouge_l(g, p) for g, p in zip(golds, preds, strict=True)]
     n = len(scores)
     return {
+        **score_freeform(golds, preds),
         "rougeL_f": sum(s[2] for s in scores) / n if n else 0.0,
         "rougeL_precision": sum(s[0] for s in scores) / n if n else 0.0,
         "rougeL_recall": sum(s[1] for s in scores) / n if n else 0.0,
@@ -415,7 +403,8 @@ SUMMARIZATION = Task(
     main_metric="rougeL_f",
     example_stats=lambda gold, pred: (rouge_l(gold, pred)[2], 1.0),
     main_from_totals=lambda totals: totals[0] / totals[1] if totals[1] else 0.0,
-    table_metrics=("rougeL_f", "rougeL_precision", "rougeL_recall", "empty_rate"),
+    table_metrics=("rougeL_f", "rougeL_precision", "rougeL_recall", "token_f1", "exact_match", "empty_rate"),
+    freeform_reference=lambda row: row["summary"],
 )
 
 TASKS: dict[str, Task] = {task.name: task for task in (MEDICAL_CODING, EXTRACTION, SUMMARIZATION)}

@@ -371,7 +371,7 @@ def test_a_sent_log_that_cannot_be_written_stops_sending(serve, tmp_path, monkey
         raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
     server = serve("openai")
-    monkeypatch.setattr(baseline._SentLog, "_write", full)
+    monkeypatch.setattr(baseline.SentLog, "_write", full)
     result = run(settings(server, max_concurrency=1), make_rows(3), tmp_path)
     # A row that cannot be put on record is not sent, and neither is any later one: failures, not a crash.
     assert server.requests == [] and result.summary["requests_sent"] == 0
