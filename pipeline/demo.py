@@ -66,6 +66,29 @@ DISTRACTORS = [
 
 OPENINGS = ["{age}yo {sex}.", "{age} y/o {sex}.", "Pt {age}{s}."]
 
+# The chat template of the demo chat base (ChatML turns, Hermes-style tool calls): it renders system, user,
+# assistant, tool turns and tool definitions, each turn closed by <|im_end|> (the end-of-turn and EOS token).
+# An assistant's tool calls render as <tool_call>{"name": ..., "arguments": {...}}</tool_call>, the form
+# pipeline.chat parses back; tool results as <tool_response>...</tool_response>.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}\n"
+    "{%- if tools -%}\n"
+    "<|im_start|>tools\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n"
+    "{% endfor %}<|im_end|>\n"
+    "{% endif -%}\n"
+    "{%- for message in messages -%}\n"
+    "<|im_start|>{{ message.role }}\n"
+    "{% if message.role == 'tool' %}<tool_response>{{ message.content }}</tool_response>{% else %}"
+    "{% if message.content %}{{ message.content }}{% endif %}"
+    "{% for call in message.tool_calls or [] %}"
+    '<tool_call>{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments }}}</tool_call>'
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor -%}\n"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif -%}\n"
+)
+
 
 def phrasings(code: str) -> list[str]:
     """Ways a clinician writes the diagnosis of ``code``, derived from its official description."""
