@@ -109,8 +109,13 @@ def request_refusal(
     return _unwritable(cache_dir, sent_log, section), api_key
 
 
-def build_messages(task: Task, row: dict[str, Any], shots: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """The fine-tune's own chat prompt, with ``shots`` solved train rows as earlier user/assistant turns."""
+def build_messages(task: Task, row: dict[str, Any], shots: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The fine-tune's own chat prompt, with ``shots`` solved train rows as earlier user/assistant turns.
+
+    A conversation (task chat) is sent as it is, up to the answer: its own earlier turns are its examples.
+    """
+    if task.conversation is not None:
+        return task.chat_messages(row)
     system, user = task.chat_messages(row)
     messages = [system]
     for shot in shots:
@@ -212,9 +217,15 @@ def run_baseline(
     params = request_params(settings)
     jobs = []
     outputs: list[dict[str, Any] | None] = [None] * len(rows)
+    tools: dict[str, list[dict[str, Any]]] = {}
     for index, row in enumerate(rows):
         messages = build_messages(task, row, shots)
-        key = request_key(settings.provider, settings.model, messages, params)
+        row_tools = task.tools(row) if task.tools is not None else None
+        key = request_key(
+            settings.provider, settings.model, messages, {**params, "tools": row_tools} if row_tools else params
+        )
+        if row_tools:
+            tools[key] = row_tools
         cached = cached_answer(Path(cache_dir), key)
         if cached is not None:
             outputs[index] = cached
@@ -229,7 +240,7 @@ def run_baseline(
         if refusal:
             return skipped(refusal)
     log = SentLog(Path(eval_dir) / SENT_LOG, shots)
-    caller = Caller(settings, api_key, Path(cache_dir))
+    caller = Caller(settings, api_key, Path(cache_dir), tools=tools)
     print(
         f"Baseline {settings.provider}/{settings.model} at {summary['host']}: {len(rows) - len(jobs)} answers "
         f"cached, {len(jobs)} to request ({settings.max_concurrency} at a time)",
@@ -394,13 +405,16 @@ class Caller:
         *,
         extra: dict[str, Any] | None = None,
         check: Callable[[str], Any] | None = None,
+        tools: dict[str, list[dict[str, Any]]] | None = None,
     ):
         """The caller of one section (baseline or judge).
 
         ``extra``: keyword arguments added to every SDK call (structured output); ``check(text)`` raises
-        ``MalformedAnswer`` for an answer that must be retried (a judge's reply that is not its JSON).
+        ``MalformedAnswer`` for an answer that must be retried (a judge's reply that is not its JSON);
+        ``tools``: the tool definitions sent with a request, by its cache key (chat rows that define tools).
         """
         self.settings = settings
+        self.tools = tools or {}
         self.extra = extra or {}
         self.check = check
         self._key = api_key
@@ -453,7 +467,7 @@ class Caller:
                 self.requests += 1
             start = time.perf_counter()
             try:
-                answer = self._call(messages)
+                answer = self._call(messages, self.tools.get(key))
             except Exception as exc:  # noqa: BLE001 - classified below; nothing may stop the evaluation
                 kind, retry, wait_hint = self._classify(exc)
                 message = f"{kind}: {self._clean(exc)}"
@@ -486,8 +500,12 @@ class Caller:
                 return {**answer, "attempts": attempts, "cached": False, "cache_error": _os_error(exc)}
             return {**answer, "attempts": attempts, "cached": False}
 
-    def _call(self, messages: list[dict[str, str]]) -> dict[str, Any]:
-        """One request through the SDK; the text, whether it stopped on its own, and the token usage."""
+    def _call(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """One request through the SDK; the text, whether it stopped on its own, and the token usage.
+
+        An answer that calls tools is its calls as ``{"tool_calls": [{"name", "arguments"}]}`` JSON text, the
+        form a chat reference is compared in (``chat.reference``).
+        """
         settings = self.settings
         if settings.provider == "openai":
             sampling = {"temperature": self.params["temperature"]} if "temperature" in self.params else {}
@@ -495,6 +513,7 @@ class Caller:
                 model=settings.model,
                 messages=messages,
                 max_completion_tokens=self.params["max_tokens"],
+                **({"tools": tools} if tools else {}),
                 **sampling,
                 **self.extra,
             )
@@ -502,6 +521,10 @@ class Caller:
                 choice = response.choices[0]
                 text = choice.message.content
                 finish = choice.finish_reason
+                calls = getattr(choice.message, "tool_calls", None) or []
+                if calls:
+                    text = _tool_calls_text(calls)
+                    finish = "stop" if finish == "tool_calls" else finish
             except (AttributeError, IndexError, TypeError) as exc:
                 raise MalformedAnswer(f"no choice in the answer ({type(exc).__name__})") from None
             usage = getattr(response, "usage", None)
@@ -698,3 +721,16 @@ def snapshot_input(summary: dict[str, Any] | None) -> dict[str, Any] | None:
     if summary is None or summary.get("status") != "ok" or not path or not Path(path).is_file():
         return None
     return snapshot.dataset_input(path, model=summary["model"])
+
+
+def _tool_calls_text(calls: list[Any]) -> str:
+    """An OpenAI answer's tool calls as ``{"tool_calls": [...]}`` JSON (arguments parsed when they are JSON)."""
+    out = []
+    for call in calls:
+        function = call.function
+        try:
+            arguments = json.loads(function.arguments) if function.arguments else {}
+        except ValueError:
+            arguments = function.arguments
+        out.append({"name": function.name, "arguments": arguments})
+    return json.dumps({"tool_calls": out}, ensure_ascii=False)

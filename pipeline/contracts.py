@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline import icd10cm
+from pipeline import chat, icd10cm
 from pipeline.pii import PII_ENTITIES
 from pipeline.recipe import RecipeError, format_validation_errors
 from pipeline.records import ContractFailed as ContractFailed  # re-exported: callers catch contracts.ContractFailed
@@ -186,6 +186,22 @@ class DatasetRules(BaseModel):
     )
 
 
+class ConversationRules(BaseModel):
+    """Rows are OpenAI chat-format examples: OpenAI's documented file checks run on each (``pipeline.chat``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    legacy_functions: Literal["convert", "refuse"] = Field(
+        default="convert",
+        description="Rows in the legacy functions/function_call form: 'convert' them to tools/tool_calls, or "
+        "'refuse' (quarantine) them. Never dropped silently.",
+    )
+    pii: Literal["block", "redact", "warn"] | None = Field(
+        default=None,
+        description="PII/PHI policy over every message's text and every tool call's arguments (as a field's pii).",
+    )
+
+
 class DataContract(BaseModel):
     """A whole contract: the format of the files and the rules for their rows."""
 
@@ -220,6 +236,13 @@ class DataContract(BaseModel):
         description="Token-length checks with the recipe's tokenizer (loaded only when this section is present).",
     )
     pii: PiiRules = Field(default_factory=PiiRules, description="What the scan of fields with a pii policy finds.")
+    conversation: ConversationRules | None = Field(
+        default=None,
+        description="Rows are OpenAI chat-format conversations (task: chat): each is checked as OpenAI checks a "
+        "fine-tuning file (roles, content types, tool calls and their ids, weights, last message from the "
+        "assistant, something to train on); duplicates and leakage compare the conversation before its final "
+        "assistant message.",
+    )
     dataset: DatasetRules = Field(default_factory=DatasetRules, description="Checks across rows and splits.")
 
     @model_validator(mode="after")
@@ -229,6 +252,8 @@ class DataContract(BaseModel):
         for name in [*self.dataset.text_fields, *([self.dataset.label_field] if self.dataset.label_field else [])]:
             if name not in self.fields:
                 raise ValueError(f"dataset names field {name!r}, which is not in fields")
+        if self.conversation is not None and "messages" not in self.fields:
+            raise ValueError("a conversation contract lists the `messages` field (type: list, items: object)")
         return self
 
 
@@ -384,11 +409,26 @@ def _icd10cm_status(code: str) -> str:
     return icd10cm.status(code)
 
 
+def conversation_row(row: Any, contract: DataContract) -> tuple[Any, list[Reason]]:
+    """A chat row in its current form (legacy functions converted, or refused), and why it cannot be."""
+    rules = contract.conversation
+    if rules is None or type(row) is not dict:
+        return row, []
+    converted, problems = chat.normalize(row)
+    if converted is not row and rules.legacy_functions == "refuse":
+        message = "the legacy functions/function_call form; the contract refuses it (legacy_functions: refuse)"
+        return row, [Reason("legacy_functions", "functions", message)]
+    return converted, [Reason(*p) for p in problems]
+
+
 def check_row(row: Any, contract: DataContract) -> list[Reason]:
     """All the reasons a parsed JSON value fails the contract (empty when it passes)."""
     if not isinstance(row, dict):
         return [Reason("row_type", None, f"expected a JSON object, got {json_type(row)}")]
     reasons: list[Reason] = []
+    if contract.conversation is not None and isinstance(row.get("messages"), list):
+        # A missing or non-list conversation is the field rule's reason (required / type), not reported twice.
+        reasons += [Reason(*p) for p in chat.check(row)]
     for name, rule in contract.fields.items():
         value = row.get(name)
         if value is None:
@@ -415,6 +455,8 @@ def row_passes(contract: DataContract) -> Callable[[Any], bool]:
     checks = [(name, rule.required, _value_passes(rule)) for name, rule in contract.fields.items()]
     known = frozenset(contract.fields)
     reject_extra = contract.extra_fields == "reject"
+    if contract.conversation is not None:
+        return lambda row: not check_row(row, contract)
 
     def passes(row: Any) -> bool:
         if type(row) is not dict:

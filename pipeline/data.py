@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline import rundir
+from pipeline import chat, rundir
 from pipeline.contracts import DataContract, load_contract
 from pipeline.errors import JobFailed
 from pipeline.recipe import Recipe, RecipeError, check_data_files
@@ -126,9 +126,11 @@ def token_counter(tokenizer: Any, task: Task, fmt: Literal["chat", "plain"]) -> 
     Batches go through the fast tokenizer's Rust batch encoder.
     """
 
-    def measure(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    def measure(rows: list[dict[str, Any]]) -> list[tuple[int, int] | chat.TemplateProblem]:
         if not rows:
             return []
+        if task.conversation is not None:
+            return [_conversation_lengths(tokenizer, row) for row in rows]
         if fmt == "chat":
             prompts = [
                 tokenizer.apply_chat_template(task.chat_messages(r), tokenize=False, add_generation_prompt=True)
@@ -162,6 +164,15 @@ def token_counter(tokenizer: Any, task: Task, fmt: Literal["chat", "plain"]) -> 
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
     return measure
+
+
+def _conversation_lengths(tokenizer: Any, row: dict[str, Any]) -> tuple[int, int] | chat.TemplateProblem:
+    """(tokens before the final assistant turn, whole conversation), rendered and masked as training will."""
+    try:
+        tokenized = chat.tokenize(tokenizer, row)
+    except chat.TemplateProblem as problem:
+        return problem
+    return tokenized.prompt_tokens, len(tokenized.input_ids)
 
 
 def render_report(report: dict[str, Any]) -> str:
@@ -339,6 +350,14 @@ def prompt_format(recipe: Recipe, tokenizer: Any) -> Literal["chat", "plain"]:
     """Chat template when asked for or (``auto``) when the tokenizer has one; else the task's plain template."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     wanted = recipe.data.prompt_format
+    if recipe.task == "chat" and not has_template:
+        raise RecipeError(
+            [
+                f"task: chat renders each conversation through the base's chat template, and the tokenizer of "
+                f"{recipe.model.path} has none; use a chat (Instruct) base, or set tokenizer.chat_template in "
+                "its tokenizer_config.json"
+            ]
+        )
     if wanted == "chat" and not has_template:
         raise RecipeError(
             [
@@ -359,12 +378,29 @@ def sft_example(row: dict[str, Any], task: Task, fmt: Literal["chat", "plain"]) 
     completion so that "Codes:" and the first code tokenize the same way in training and at inference.
     """
     if fmt == "chat":
-        return {
+        example = {
             "prompt": task.chat_messages(row),
             "completion": [{"role": "assistant", "content": task.target(row)}],
             "row": row["_row"],
         }
+        if task.tools is not None:
+            example["tools"] = task.tools(row)
+        return example
     return {"prompt": task.plain_prompt(row), "completion": " " + task.target(row), "row": row["_row"]}
+
+
+def training_example(row: dict[str, Any], task: Task, fmt: Literal["chat", "plain"], tokenizer: Any) -> dict[str, Any]:
+    """One row as TRL trains on it.
+
+    A conversation (task chat) is tokenized here with its per-turn mask (``chat.tokenize``): TRL takes
+    ``input_ids`` and ``assistant_masks`` as they are, builds the labels from the mask (-100 on every system,
+    user and tool token and on weight-0 assistant turns), truncates and packs whole examples. Any other task is
+    TRL's prompt/completion example (``sft_example``), which TRL tokenizes itself.
+    """
+    if task.conversation is None:
+        return sft_example(row, task, fmt)
+    tokenized = chat.tokenize(tokenizer, row)
+    return {"input_ids": tokenized.input_ids, "assistant_masks": tokenized.mask, "row": row["_row"]}
 
 
 def prompt_input_ids(tokenizer: Any, example: dict[str, Any]) -> list[int]:
@@ -375,7 +411,9 @@ def prompt_input_ids(tokenizer: Any, example: dict[str, Any]) -> list[int]:
     """
     prompt = example["prompt"]
     if isinstance(prompt, list):
-        out = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
+        out = tokenizer.apply_chat_template(
+            prompt, tools=example.get("tools") or None, tokenize=True, add_generation_prompt=True, return_dict=True
+        )
         return list(out["input_ids"])
     return list(tokenizer(text=prompt)["input_ids"])
 
@@ -391,7 +429,9 @@ class LossMaskError(JobFailed):
     """Some examples would train on nothing, or would never learn to stop (exit code 1)."""
 
 
-def check_loss_masks(prepared: Any, expected_rows: list[int], eos_ids: set[int], max_length: int) -> dict[str, int]:
+def check_loss_masks(
+    prepared: Any, expected_rows: list[int], eos_ids: set[int], max_length: int, *, per_turn: bool = False
+) -> dict[str, Any]:
     """Check the dataset TRL prepared, before the first step.
 
     Two failures of peer tools are silent: an example whose completion is truncated away trains on nothing
@@ -399,14 +439,20 @@ def check_loss_masks(prepared: Any, expected_rows: list[int], eos_ids: set[int],
     accepted row must still be present, keep at least one completion token in the loss, and have an EOS
     token among its completion tokens.
 
+    ``per_turn`` (conversations): every trained turn (a run of tokens in the loss) must end with the template's
+    end-of-turn token. A turn cut by ``max_length`` is counted and reported by row instead (the contract's token
+    check quarantines conversations longer than ``max_length``, so there should be none).
+
     Args:
         prepared: ``trainer.train_dataset`` after TRL's preparation (``input_ids``, ``labels``, ``row``).
         expected_rows: Line numbers of the accepted training rows.
         eos_ids: Token ids that end a completion (tokenizer EOS and the generation config's EOS ids).
         max_length: ``training.max_length``, for the error message.
+        per_turn: Check each trained turn of a conversation rather than the example's completion.
 
     Returns:
-        Counts for the run summary: examples, completion tokens, and the longest example.
+        Counts for the run summary: examples, completion tokens, and the longest example; with ``per_turn``
+        also the trained turns and the turns cut by ``max_length`` (with their rows).
 
     Raises:
         LossMaskError: Naming the rows (line numbers in the train file) and how to fix it.
@@ -414,7 +460,8 @@ def check_loss_masks(prepared: Any, expected_rows: list[int], eos_ids: set[int],
     seen: set[int] = set()
     no_loss: list[int] = []
     no_eos: list[int] = []
-    completion_tokens = longest = 0
+    cut_rows: list[int] = []
+    completion_tokens = longest = turns = cut = 0
     for example in prepared:
         row = int(example["row"])
         seen.add(row)
@@ -424,6 +471,17 @@ def check_loss_masks(prepared: Any, expected_rows: list[int], eos_ids: set[int],
         completion_tokens += len(targets)
         if not targets:
             no_loss.append(row)
+        elif per_turn:
+            runs = _trained_runs(labels)
+            turns += len(runs)
+            ends = [labels[end - 1] for _, end in runs]
+            at_limit = len(labels) >= max_length
+            last_cut = at_limit and runs[-1][1] == len(labels) and ends[-1] not in eos_ids
+            cut += last_cut
+            if last_cut:
+                cut_rows.append(row)
+            if any(e not in eos_ids for e in (ends[:-1] if last_cut else ends)):
+                no_eos.append(row)
         elif not eos_ids.intersection(targets):
             no_eos.append(row)
     dropped = sorted(set(expected_rows) - seen)
@@ -433,9 +491,13 @@ def check_loss_masks(prepared: Any, expected_rows: list[int], eos_ids: set[int],
     if no_loss:
         problems.append(f"{len(no_loss)} rows have no completion token in the loss (lines {_few(sorted(no_loss))})")
     if no_eos:
+        what = (
+            "a trained assistant turn that does not end with the end-of-turn token"
+            if per_turn
+            else ("a completion cut before its end-of-sequence token")
+        )
         problems.append(
-            f"{len(no_eos)} rows have a completion cut before its end-of-sequence token, so the model would "
-            f"not learn to stop (lines {_few(sorted(no_eos))})"
+            f"{len(no_eos)} rows have {what}, so the model would not learn to stop (lines {_few(sorted(no_eos))})"
         )
     if problems:
         raise LossMaskError(
@@ -443,7 +505,29 @@ def check_loss_masks(prepared: Any, expected_rows: list[int], eos_ids: set[int],
             + "\n  ".join(problems)
             + f"\nRaise training.max_length (now {max_length}) or shorten these rows in the train split."
         )
-    return {"examples": len(seen), "completion_tokens": completion_tokens, "longest_example_tokens": longest}
+    counts: dict[str, Any] = {
+        "examples": len(seen),
+        "completion_tokens": completion_tokens,
+        "longest_example_tokens": longest,
+    }
+    if per_turn:
+        counts.update(trained_turns=turns, turns_cut_by_max_length=cut, rows_with_cut_turns=sorted(cut_rows))
+    return counts
+
+
+def _trained_runs(labels: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of consecutive positions in the loss."""
+    runs = []
+    start = None
+    for i, label in enumerate(labels):
+        if label != -100 and start is None:
+            start = i
+        elif label == -100 and start is not None:
+            runs.append((start, i))
+            start = None
+    if start is not None:
+        runs.append((start, len(labels)))
+    return runs
 
 
 def _few(rows: list[int], limit: int = 10) -> str:

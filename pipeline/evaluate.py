@@ -195,7 +195,8 @@ def freeform_comparisons(
     if task.freeform_reference is None or "finetuned" not in outputs:
         return None
     references = [task.freeform_reference(row) for row in rows]
-    answers = {system: [o["text"] for o in outs] for system, outs in outputs.items()}
+    # The task's parse keeps a free-form answer's text; a chat answer's tool calls become the reference's JSON.
+    answers = {system: [task.parse(o["text"]) for o in outs] for system, outs in outputs.items()}
     samples, seed = recipe.eval.bootstrap_samples, recipe.training.seed
     return compare_systems(references, answers, samples=samples, seed=seed) or None
 

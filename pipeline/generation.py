@@ -199,6 +199,7 @@ def generation_key(recipe: Recipe, system: str, example: dict[str, Any], adapter
     body = {
         "system": system,
         "prompt": example["prompt"],
+        **({"tools": example["tools"]} if example.get("tools") else {}),  # absent: earlier tasks' keys unchanged
         "max_new_tokens": recipe.eval.max_new_tokens,
         "model": [recipe.model.path, recipe.model.revision],
         "quantization": recipe.quantization.model_dump(mode="json"),

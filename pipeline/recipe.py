@@ -529,8 +529,9 @@ class Recipe(_Section):
     """A whole fine-tuning job."""
 
     name: str = Field(description="Short name; runs go to runs/<name>/<run-id>/.")
-    task: Literal["medical_coding", "classification", "extraction", "summarization"] = Field(
-        description="What the model learns; decides the prompt, how answers are parsed, and the metrics."
+    task: Literal["medical_coding", "classification", "extraction", "summarization", "chat"] = Field(
+        description="What the model learns; decides the prompt, how answers are parsed, and the metrics. 'chat': "
+        "OpenAI's fine-tuning format as it is (multi-turn messages, per-message weight, tool calls; docs/chat.md)."
     )
     description: str | None = Field(default=None, description="One line for people reading the run.")
     model: ModelSection
@@ -560,6 +561,24 @@ class Recipe(_Section):
         settings = info.data.get("eval")
         if value is None and settings is not None and "baseline" in settings.systems:
             raise ValueError("eval.systems lists 'baseline' but the recipe has no baseline section (add one)")
+        if value is not None and info.data.get("task") == "chat":
+            if value.provider == "anthropic":
+                raise ValueError(
+                    "provider anthropic cannot take OpenAI-format conversations with tool calls yet; use provider "
+                    "openai (OpenAI, or any OpenAI-compatible endpoint through base_url)"
+                )
+            if value.few_shot:
+                raise ValueError("few_shot does not apply to task chat: each conversation is sent as it is")
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _chat_needs_template(cls, value: DataSection, info: ValidationInfo) -> DataSection:
+        if info.data.get("task") == "chat" and value.prompt_format == "plain":
+            raise ValueError(
+                "prompt_format: plain cannot render conversations; task chat goes through the base's chat template "
+                "(prompt_format: chat or auto)"
+            )
         return value
 
     @field_validator("name")

@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.contracts import DataContract, check_row, row_passes
+from pipeline import chat
+from pipeline.contracts import DataContract, check_row, conversation_row, row_passes
 from pipeline.dedup import LshIndex, MinHasher, normalize, pairs_within, text_hash
+from pipeline.errors import UsageError
 from pipeline.pii import pii_scanner, redact
 from pipeline.records import READ_CHECKS, Reason, Record, file_format, iter_records, utf8_ok
 from pipeline.rundir import sha256_file
@@ -103,6 +105,8 @@ class SplitResult:
     accepted_count: int = 0
     label_counts: Counter = field(default_factory=Counter)
     token_lengths: list[int] = field(default_factory=list)
+    # Quarantined rows that are in another known format (chat rows for a task contract, DPO pairs for chat...).
+    format_hints: Counter = field(default_factory=Counter)
 
     @property
     def rows_accepted(self) -> int:
@@ -169,7 +173,8 @@ class SplitResult:
 
 
 # measure_tokens(rows) -> [(prompt_tokens, example_tokens)] for rows rendered as training examples.
-TokenCounter = Callable[[list[dict[str, Any]]], list[tuple[int, int]]]
+# (prompt tokens, whole example) per row; a chat row its template cannot render gives the TemplateProblem instead.
+TokenCounter = Callable[[list[dict[str, Any]]], list[tuple[int, int] | chat.TemplateProblem]]
 
 
 @dataclass
@@ -211,6 +216,9 @@ class ContractRun:
         self.max_tokens = (contract.tokens.max_tokens if contract.tokens else None) or max_length
         self.keep_rows = keep_rows
         self.pii_fields = {name: rule.pii for name, rule in contract.fields.items() if rule.pii}
+        self.conversation = contract.conversation
+        if self.conversation is not None and self.conversation.pii:
+            self.pii_fields["messages"] = self.conversation.pii  # every message's text and tool-call arguments
         self.scanner: Any = None
         if self.pii_fields:
             self.scanner = pii_scanner(tuple(contract.pii.entities), contract.pii.min_score)
@@ -252,9 +260,14 @@ class ContractRun:
         try:
             for record in iter_records(path, self.contract.format, self.contract.max_row_bytes, self._field_types):
                 result.rows_in += 1
+                if self.conversation is not None and not record.reasons:
+                    record.value, record.reasons = conversation_row(record.value, self.contract)
                 reasons = record.reasons or (None if passes(record.value) else check_row(record.value, self.contract))
                 if reasons:
                     self._quarantine(result, record.row, record.value, reasons)
+                    hint = self._format_hint(record.value)
+                    if hint is not None:
+                        result.format_hints[hint] += 1
                     continue
                 batch.append(record)
                 if len(batch) >= BATCH:
@@ -298,6 +311,8 @@ class ContractRun:
                 rules.append(rule.items)
         if self.contract.extra_fields == "reject":
             checks["extra_fields"] = "quarantine"
+        if self.conversation is not None:
+            checks.update((check, "quarantine") for check in chat.CHECKS)
         checks.update((f"pii_{policy}", policy) for policy in self.pii_fields.values())
         if self.measure_tokens is not None:
             checks.update(min_tokens="quarantine", max_tokens="quarantine")
@@ -324,9 +339,16 @@ class ContractRun:
                 reasons[i] = self._scan(result, record.row, row)
         if self.measure_tokens is not None:
             live = [i for i, r in enumerate(reasons) if not r]
-            for i, (prompt, total) in zip(live, self.measure_tokens([rows[i] for i in live]), strict=True):
+            unrendered: list[tuple[int, str]] = []
+            for i, counted in zip(live, self.measure_tokens([rows[i] for i in live]), strict=True):
+                if isinstance(counted, chat.TemplateProblem):
+                    unrendered.append((records[i].row, str(counted)))
+                    continue
+                prompt, total = counted
                 reasons[i] += self._token_reasons(prompt, total)
                 rows[i]["_tokens"] = total
+            if unrendered:
+                raise TemplateCannotRender(result.path, unrendered)
         seen, train_seen = self._hashes[result.name], self._hashes.get("train") if result.name == "eval" else None
         texts: list[str] = []
         accepted = self._accepted[result.name]
@@ -379,21 +401,53 @@ class ContractRun:
         reasons = []
         for name, policy in self.pii_fields.items():
             value = row.get(name)
-            if not isinstance(value, str):
-                continue
-            findings = self.scanner.scan(value)
-            if not findings:
-                continue
-            entities = Counter(f.entity for f in findings)
+            if self.conversation is not None and name == "messages":
+                entities = self._scan_conversation(row, policy)
+                if not entities:
+                    continue
+            else:
+                if not isinstance(value, str):
+                    continue
+                findings = self.scanner.scan(value)
+                if not findings:
+                    continue
+                entities = Counter(f.entity for f in findings)
             result.note(
                 f"pii_{policy}", policy, row_number, by=Counter({f"{name}:{e}": n for e, n in entities.items()})
             )
             found = ", ".join(f"{entity} x{count}" for entity, count in sorted(entities.items()))
             if policy == "block":
                 reasons.append(Reason("pii", name, f"{found} found; the field's pii policy is block"))
-            elif policy == "redact":
+            elif policy == "redact" and name != "messages":
                 row[name] = redact(value, findings)
         return reasons
+
+    def _scan_conversation(self, row: dict[str, Any], policy: str) -> Counter:
+        """PII in every message's text and tool call's arguments; a redact policy redacts them in ``row``."""
+        entities: Counter = Counter()
+
+        def visit(text: str) -> str:
+            findings = self.scanner.scan(text)
+            if not findings:
+                return text
+            entities.update(f.entity for f in findings)
+            return redact(text, findings) if policy == "redact" else text
+
+        redacted = chat.map_texts(row, visit)
+        if policy == "redact" and entities:
+            row["messages"] = redacted["messages"]
+        return entities
+
+    def _format_hint(self, value: Any) -> str | None:
+        """Which other format a quarantined row is in (a chat file given to a task contract, or the reverse)."""
+        if self.conversation is not None:
+            return chat.looks_like(value)
+        if isinstance(value, dict) and isinstance(value.get("messages"), list):
+            return (
+                "OpenAI's chat fine-tuning format (messages): use task: chat with data_contracts/openai_chat.yaml "
+                "(recipes/openai_migration_quickstart.yaml shows one)"
+            )
+        return None
 
     def _token_reasons(self, prompt: int, total: int) -> list[Reason]:
         rules = self.contract.tokens
@@ -420,6 +474,9 @@ class ContractRun:
         fields = self.rules.text_fields
         if not fields:
             return None
+        if self.conversation is not None and "messages" in fields:
+            others = " ".join(str(row.get(f) or "") for f in fields if f != "messages")
+            return normalize(f"{chat.prompt_text(row)} {others}".strip())
         if len(fields) == 1:
             return normalize(str(row.get(fields[0]) or ""))
         return normalize(" ".join(str(row.get(f) or "") for f in fields))
@@ -611,6 +668,13 @@ def over_threshold(contract: DataContract, splits: list[SplitResult]) -> list[st
         if split.rows_in == 0:
             problems.append(f"{split.path}: the {split.name} file is empty (no rows)")
             continue
+        hint, count = split.format_hints.most_common(1)[0] if split.format_hints else (None, 0)
+        if hint is not None and count * 2 > split.rows_in:
+            problems.append(
+                f"{split.path}: {count} of {split.rows_in} {split.name} rows look like {hint}; the contract "
+                f"{contract.name} reads another format"
+            )
+            continue
         if split.rows_accepted == 0:
             failed = ", ".join(f"{check} x{n}" for check, n in split.check_counts.most_common(3))
             problems.append(
@@ -632,6 +696,17 @@ def over_threshold(contract: DataContract, splits: list[SplitResult]) -> list[st
                 f"dataset.min_rows.{split.name} {least}"
             )
     return problems
+
+
+class TemplateCannotRender(UsageError):
+    """The base's chat template cannot render some rows (tool calls, tools, or a turn order it refuses)."""
+
+    def __init__(self, path: str, rows: list[tuple[int, str]]):
+        shown = ", ".join(str(r) for r, _ in rows[:10]) + (f", ... {len(rows) - 10} more" if len(rows) > 10 else "")
+        super().__init__(
+            f"{path}: rows {shown}: {rows[0][1]}. Nothing was trained; the token checks render every row through "
+            "the base's chat template, as training will"
+        )
 
 
 def _printable(row_id: str | int | None) -> str | int | None:

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import icd10cm
+from pipeline import chat, icd10cm
+from pipeline.freeform import example_stats as _freeform_stats
 from pipeline.freeform import prf as _prf
 from pipeline.freeform import rouge_l, score_freeform
 
@@ -44,9 +45,15 @@ class Task:
     # A row's reference for the free-form metrics (text or structured; ``pipeline.freeform``), for a task whose
     # answers are free text, JSON or tool calls: each of those metrics then gets its own paired-bootstrap interval.
     freeform_reference: Callable[[dict[str, Any]], Any] | None = None
+    # A task whose rows are whole conversations (chat): the messages before the scored answer, and the row's
+    # tool definitions. The prompt is then the row's own conversation, not system_prompt + user_prompt.
+    conversation: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None
+    tools: Callable[[dict[str, Any]], list[dict[str, Any]] | None] | None = None
 
-    def chat_messages(self, row: dict[str, Any]) -> list[dict[str, str]]:
-        """The prompt as chat messages (system + user), without the answer."""
+    def chat_messages(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """The prompt as chat messages (system + user, or the conversation before the answer), without the answer."""
+        if self.conversation is not None:
+            return chat.template_messages(self.conversation(row))
         return [
             {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": self.user_prompt(row)},
@@ -407,8 +414,37 @@ SUMMARIZATION = Task(
     freeform_reference=lambda row: row["summary"],
 )
 
-TASKS: dict[str, Task] = {task.name: task for task in (MEDICAL_CODING, EXTRACTION, SUMMARIZATION)}
-TASK_NAMES = ("medical_coding", "classification", "extraction", "summarization")
+
+# --------------------------------------------------------------------------------------------------
+# Chat: an OpenAI fine-tuning file as it is. Each row is a conversation; its final assistant message is the
+# answer, generated from the messages before it (with the row's tools) and compared with it: text after
+# whitespace normalization, JSON as parsed JSON, tool calls as parsed (name, arguments) (``pipeline.chat``).
+
+
+def _plain_chat(row: dict[str, Any]) -> str:
+    raise ValueError("the chat task renders conversations through the base's chat template only")
+
+
+CHAT = Task(
+    name="chat",
+    system_prompt="",
+    user_prompt=lambda row: chat.prompt_text(row),
+    plain_prompt=_plain_chat,
+    target=lambda row: chat.answer_text(row["messages"][-1]),
+    parse=chat.canonical_answer,
+    gold=lambda row: chat.reference(row["messages"][-1]),
+    score=score_freeform,
+    main_metric="exact_match",
+    example_stats=lambda gold, pred: _freeform_stats(gold, pred)["exact_match"],
+    main_from_totals=lambda totals: totals[0] / totals[1] if totals[1] else 0.0,
+    table_metrics=("exact_match", "token_f1", "json_valid_rate", "json_field_f1", "tool_call_accuracy"),
+    freeform_reference=lambda row: chat.reference(row["messages"][-1]),
+    conversation=lambda row: chat.split_final(row)[0],
+    tools=lambda row: row.get("tools"),
+)
+
+TASKS: dict[str, Task] = {task.name: task for task in (MEDICAL_CODING, EXTRACTION, SUMMARIZATION, CHAT)}
+TASK_NAMES = ("medical_coding", "classification", "extraction", "summarization", "chat")
 
 
 def get_task(name: str, labels: Sequence[str] | None = None) -> Task:

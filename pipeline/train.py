@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer
 
 from pipeline import __version__, checkpoints, licenses, rundir
 from pipeline.contracts import ContractFailed
-from pipeline.data import check_loss_masks, prompt_format, sft_example, task_for, to_dataset, validate_data
+from pipeline.data import check_loss_masks, prompt_format, task_for, to_dataset, training_example, validate_data
 from pipeline.egress import redact_secrets
 from pipeline.env import Env, environment_report, gather, project_commit
 from pipeline.evaluate import LocalModel, evaluate_run
@@ -202,7 +202,7 @@ def train(
         lineage = _lineage(tracker, recipe, model_dir)  # prints the license's obligations
         tokenizer = load_tokenizer(model_dir)
         fmt = prompt_format(recipe, tokenizer)  # the same rendering serves training and evaluation
-        train_examples = [sft_example(row, task, fmt) for row in data.train.rows]
+        train_examples = [training_example(row, task, fmt, tokenizer) for row in data.train.rows]
 
         # 3. Plan: the derived numbers, said out loud and saved before the expensive part.
         plan = _plan(recipe, model_dir, data.train.rows_accepted, env)
@@ -402,14 +402,24 @@ def _check_training_data(
     """The loss-mask check on what TRL prepared (``data.check_loss_masks``), its counts printed and returned."""
     t = recipe.training
     prepared = trainer.train_dataset if not t.packing else prepared_without_packing(trainer, to_dataset(train_examples))
-    masks = check_loss_masks(prepared, [r["_row"] for r in rows], eos_ids, t.max_length)
+    per_turn = recipe.task == "chat"
+    masks = check_loss_masks(prepared, [r["_row"] for r in rows], eos_ids, t.max_length, per_turn=per_turn)
     print(
         f"Training data: {masks['examples']:,} examples, {masks['completion_tokens']:,} completion tokens "
-        f"in the loss, longest example {masks['longest_example_tokens']} tokens "
+        + (f"in {masks['trained_turns']:,} assistant turns " if per_turn else "")
+        + f"in the loss, longest example {masks['longest_example_tokens']} tokens "
         f"(max_length {t.max_length}"
         + (f", packed into {len(trainer.train_dataset):,} rows" if t.packing else "")
         + ")"
     )
+    if masks.get("turns_cut_by_max_length"):
+        rows_cut = masks["rows_with_cut_turns"]
+        print(
+            f"warning: {masks['turns_cut_by_max_length']} assistant turns are cut by training.max_length "
+            f"{t.max_length} (train lines {', '.join(map(str, rows_cut[:10]))}"
+            + (f", ... {len(rows_cut) - 10} more" if len(rows_cut) > 10 else "")
+            + "): they train without their end-of-turn token; raise max_length or shorten them"
+        )
     return masks
 
 
