@@ -21,6 +21,7 @@ interrupted run resumes, and retries and backoff work within ``max_retries`` and
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,11 +92,22 @@ def judge_messages(
     if rubric:
         system += f"\n\nRubric for this task:\n{rubric.strip()}"
     prompt = task.chat_messages(row)
-    parts = ["# Task input", *(f"[{m['role']}]\n{m['content']}" for m in prompt)]
+    parts = ["# Task input", *(_message_text(m) for m in prompt)]
+    if task.tools is not None and task.tools(row):
+        parts.insert(1, "[tools]\n" + json.dumps(task.tools(row), ensure_ascii=False))
     if with_reference:
         parts += ["# Reference answer", task.target(row)]
     parts += ["# Answer A", answer_a, "# Answer B", answer_b]
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    """One message of the task input for the judge: role, text, and tool calls (a chat conversation has them)."""
+    text = f"[{message['role']}]\n{message.get('content') or ''}"
+    calls = message.get("tool_calls")
+    if calls:
+        text += "\ntool calls: " + json.dumps([c.get("function", c) for c in calls], ensure_ascii=False)
+    return text
 
 
 def structured_output(provider: str) -> dict[str, Any]:
@@ -113,6 +125,9 @@ class _PiiPolicy:
 
     def __init__(self, contract: Any):
         policies = [rule.pii for rule in getattr(contract, "fields", {}).values() if getattr(rule, "pii", None)]
+        conversation = getattr(contract, "conversation", None)
+        if conversation is not None and conversation.pii:
+            policies.append(conversation.pii)  # a chat contract's policy over every message
         self.policy = max(policies, key=self.ORDER.index) if policies else None
         self.scanner = None
         if self.policy is not None:

@@ -474,3 +474,13 @@ def test_chat_recipe_validates_trains_and_scores_the_final_turn(chat_run_recipe,
     eval_rows = [json.loads(line) for line in (chat_run_recipe.parent / "eval.jsonl").read_text().splitlines()]
     # The final assistant message is the reference, compared as parsed JSON.
     assert [p["gold"] for p in predictions] == [json.loads(r["messages"][-1]["content"]) for r in eval_rows]
+
+
+def test_the_judge_sees_the_conversation_with_its_tools_and_calls():
+    from pipeline.judge import judge_messages
+
+    messages = judge_messages(CHAT, {**TOOL_ROW, "_row": 1}, "answer one", "answer two", rubric=None)
+    user = messages[1]["content"]
+    assert "[tools]" in user and '"lookup_order"' in user
+    assert 'tool calls: [{"name": "lookup_order", "arguments": "{\\"order_id\\": 12}"}]' in user
+    assert "# Reference answer" in user and '{"queue": "shipping", "priority": "high"}' in user
