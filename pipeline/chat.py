@@ -324,14 +324,16 @@ def canonical_answer(text: str) -> str:
 def prompt_text(row: dict[str, Any]) -> str:
     """The conversation before its final assistant message as plain text: what duplicates and leakage compare.
 
-    Two rows that ask the same thing in the same conversation are the same example, whatever they answer.
+    Two rows that ask the same thing in the same conversation are the same example, whatever they answer. System
+    messages are left out: a fine-tuning file usually repeats one system prompt on every row, and in it every
+    pair of short conversations would look alike.
     """
     messages = row.get("messages")
     if not isinstance(messages, list):
         return ""
     parts = []
     for message in messages[:-1]:
-        if not isinstance(message, dict):
+        if not isinstance(message, dict) or message.get("role") == "system":
             continue
         parts.append(content_text(message.get("content")) or "")
         for call in message.get("tool_calls") or []:

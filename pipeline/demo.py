@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import icd10cm, rundir
+from pipeline.chat import content_text, prompt_text
 
 # Common outpatient/inpatient codes (all billable in the current ICD-10-CM table; checked at build time).
 DEMO_CODES = [
@@ -152,6 +153,122 @@ def build_demo_dataset(
 
 
 # --------------------------------------------------------------------------------------------------
+# Support-desk routing in OpenAI's chat format (the migration demo): JSON answers, multi-turn rows with a
+# weight-0 clarifying turn, and tool-call rows. Keywords in a ticket decide its queue and priority, so a
+# tiny model can learn the task; the wording is drawn from templates, so eval tickets are new sentences.
+
+SUPPORT_SYSTEM = "Route the ticket: answer with JSON (queue, priority); look up an order number first."
+SUPPORT_ISSUES = {
+    "billing": ["I was charged twice for my plan", "my invoice shows the wrong amount", "the card payment failed",
+                "I want a refund of the extra fee", "my subscription price went up"],
+    "shipping": ["my package has not arrived", "the tracking page shows no update", "the courier lost my parcel",
+                 "delivery was sent to the wrong address", "the box arrived damaged in transit"],
+    "technical": ["the app crashes on start", "I get an error code when I log in to the app", "the sync is broken",
+                  "the website page will not load", "the export button does nothing"],
+    "account": ["I cannot reset my password", "my account is locked", "I want to change my email address",
+                "please delete my account", "two factor codes do not arrive"],
+    "returns": ["I want to return the shoes", "the jacket is the wrong size", "how do I send back this item",
+                "I need an exchange for a different color", "the return label does not work"],
+}  # fmt: skip
+SUPPORT_PRIORITY = {
+    "urgent": ["I need this fixed today", "this is urgent", "please help immediately"],
+    "high": ["this is the second time", "I am very unhappy", "this keeps happening"],
+    "low": ["no rush", "whenever you can", "just a question"],
+    "normal": ["thanks", "can you help", "please advise"],
+}
+SUPPORT_OPENERS = ["Hi,", "Hello,", "Hey team,", "Good morning,", "Dear support,", ""]
+SUPPORT_PRODUCTS = ["laptop", "phone", "headphones", "coffee maker", "desk lamp", "backpack", "printer", "camera",
+                    "watch", "speaker", "keyboard", "monitor"]  # fmt: skip
+SUPPORT_CONTEXT = ["since {day}", "on my {product}", "for the {product} I bought on {day}", "about the {product}",
+                   "again this {day}", "with my {product} order"]  # fmt: skip
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+ORDER_STATUS = {"lost": ("shipping", "high"), "delayed": ("shipping", "normal"), "delivered": ("returns", "low")}
+LOOKUP_ORDER = {
+    "type": "function",
+    "function": {
+        "name": "lookup_order",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "integer"}}},
+    },
+}
+
+
+def _answer(queue: str, priority: str) -> str:
+    return json.dumps({"queue": queue, "priority": priority})
+
+
+def make_support_row(rng: random.Random, kind: str) -> dict[str, Any]:
+    """One conversation: single, multi (a weight-0 clarifying turn), tool, or tool_call (it ends at the call)."""
+    system = {"role": "system", "content": SUPPORT_SYSTEM}
+    queue = rng.choice(list(SUPPORT_ISSUES))
+    priority = rng.choice(list(SUPPORT_PRIORITY))
+    context = rng.choice(SUPPORT_CONTEXT).format(day=rng.choice(DAYS), product=rng.choice(SUPPORT_PRODUCTS))
+    ticket = " ".join(
+        p for p in (rng.choice(SUPPORT_OPENERS), f"{rng.choice(SUPPORT_ISSUES[queue])} {context},",
+                    rng.choice(SUPPORT_PRIORITY[priority]) + ".") if p
+    )  # fmt: skip
+    if kind == "single":
+        return {"messages": [system, {"role": "user", "content": ticket},
+                             {"role": "assistant", "content": _answer(queue, priority)}]}  # fmt: skip
+    if kind == "multi":
+        return {
+            "messages": [
+                system,
+                {
+                    "role": "user",
+                    "content": rng.choice(["Hi, I have a problem.", "Something is wrong.", "Help please."]),
+                },
+                {"role": "assistant", "content": "Could you tell me more about the problem?", "weight": 0},
+                {"role": "user", "content": ticket},
+                {"role": "assistant", "content": _answer(queue, priority)},
+            ]
+        }
+    order_id = rng.randint(100, 999)
+    status = rng.choice(list(ORDER_STATUS))
+    call_id = f"call_{rng.randint(1000, 9999)}"
+    call = {"id": call_id, "type": "function",
+            "function": {"name": "lookup_order", "arguments": json.dumps({"order_id": order_id})}}  # fmt: skip
+    product = rng.choice(SUPPORT_PRODUCTS)
+    asked = rng.choice(["where is my order {n}?", "any news on order {n} ({p})?", "order {n} with my {p}: status?",
+                        "can you check order {n}, the {p}?"]).format(n=order_id, p=product)  # fmt: skip
+    user = {"role": "user", "content": f"{rng.choice(SUPPORT_OPENERS)} {asked}".strip()}
+    messages = [system, user, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    if kind == "tool":
+        messages += [
+            {"role": "tool", "tool_call_id": call_id, "content": json.dumps({"order_id": order_id, "status": status})},
+            {"role": "assistant", "content": _answer(*ORDER_STATUS[status])},
+        ]
+    return {"messages": messages, "tools": [LOOKUP_ORDER]}
+
+
+def build_chat_demo_dataset(out_dir: str | Path, num_train: int = 1200, num_eval: int = 200, seed: int = 0) -> Path:
+    """Write ``train.jsonl`` and ``eval.jsonl`` of support-desk conversations in OpenAI's format.
+
+    Kinds: 45% single-turn, 25% multi-turn with a weight-0 turn, 15% tool call then answer, 15% ending at the
+    tool call. A conversation whose prompt repeats an earlier one is redrawn, so the contract's duplicate and
+    check has nothing to take out (near duplicates of a template-made set remain possible and are reported).
+    """
+    rng = random.Random(seed)
+    kinds = ["single"] * 9 + ["multi"] * 5 + ["tool"] * 3 + ["tool_call"] * 3
+    seen: set[str] = set()
+
+    def draw(count: int) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        while len(rows) < count:
+            row = make_support_row(rng, rng.choice(kinds))
+            text = prompt_text(row)
+            if text not in seen:
+                seen.add(text)
+                rows.append(row)
+        return rows
+
+    train, evaluation = draw(num_train), draw(num_eval)
+    out = Path(out_dir)
+    rundir.write_jsonl(out / "train.jsonl", train)
+    rundir.write_jsonl(out / "eval.jsonl", evaluation)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Tiny base model
 
 
@@ -172,15 +289,18 @@ class TinyModelSpec:
     seed: int = 0
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
-    """A byte-level BPE tokenizer (Llama-3 style: BOS added, EOS closes a completion) as a transformers tokenizer."""
+def train_tokenizer(texts: list[str], vocab_size: int, chat: bool = False) -> Any:
+    """A byte-level BPE tokenizer (Llama-3 style: BOS added, EOS closes a completion) as a transformers tokenizer.
+
+    ``chat``: with the ChatML turn tokens and ``CHAT_TEMPLATE``; ``<|im_end|>`` is then the EOS (end of turn).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<s>", "</s>"]
+    specials = ["<pad>", "<s>", "</s>", *(["<|im_start|>", "<|im_end|>"] if chat else [])]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
@@ -192,11 +312,20 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    eos = "<|im_end|>" if chat else "</s>"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos, pad_token="<pad>")
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_tiny_base(
-    out_dir: str | Path, extra_texts: list[str] | None = None, spec: TinyModelSpec = TinyModelSpec()
+    out_dir: str | Path,
+    extra_texts: list[str] | None = None,
+    spec: TinyModelSpec = TinyModelSpec(),
+    *,
+    corpus: list[str] | None = None,
+    chat: bool = False,
 ) -> Path:
     """Train a tokenizer, build a tiny Llama and pre-train it on ICD-10-CM "code description" lines.
 
@@ -204,6 +333,8 @@ def build_tiny_base(
         out_dir: Where the model directory (safetensors, config, tokenizer) is written.
         extra_texts: More text for the tokenizer (e.g. the training notes), so notes tokenize compactly.
         spec: Shape and pre-training budget; ``pretrain_steps=0`` leaves random weights (fast tests).
+        corpus: Pre-training text instead of the code descriptions.
+        chat: A chat base: ChatML turn tokens, ``CHAT_TEMPLATE``, ``<|im_end|>`` as EOS (``train_tokenizer``).
 
     Returns:
         The model directory.
@@ -212,8 +343,9 @@ def build_tiny_base(
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(spec.seed)
-    corpus = [f"{code} {icd10cm.description(code)}" for code in icd10cm.billable_codes()]
-    tokenizer = train_tokenizer(corpus + list(extra_texts or []), spec.vocab_size)
+    if corpus is None:
+        corpus = [f"{code} {icd10cm.description(code)}" for code in icd10cm.billable_codes()]
+    tokenizer = train_tokenizer(corpus + list(extra_texts or []), spec.vocab_size, chat=chat)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -292,8 +424,11 @@ def _pretrain(model: Any, tokenizer: Any, corpus: list[str], spec: TinyModelSpec
     model.eval()
 
 
-def build_demo_assets(root: str | Path = "demo", *, force: bool = False) -> dict[str, Path]:
-    """Build the quickstart's data and base model under ``root`` unless they are already there."""
+def build_demo_assets(root: str | Path = "demo", *, force: bool = False, chat: bool = False) -> dict[str, Path]:
+    """Build the quickstart's data and base model under ``root`` unless they are already there.
+
+    ``chat``: also the OpenAI migration quickstart's support-desk conversations and tiny chat base (~30 s more).
+    """
     root = Path(root)
     data_dir, model_dir = root / "medical_coding", root / "tiny-llama-icd10"
     if force or not (data_dir / "eval.jsonl").is_file():
@@ -303,4 +438,29 @@ def build_demo_assets(root: str | Path = "demo", *, force: bool = False) -> dict
         print(f"Building tiny base model (tokenizer + pre-training on ICD-10-CM descriptions) -> {model_dir}")
         notes = [json.loads(line)["note"] for line in (data_dir / "train.jsonl").read_text().splitlines()]
         build_tiny_base(model_dir, extra_texts=notes)
-    return {"data": data_dir, "model": model_dir}
+    chat_data, chat_model = root / "support_desk", root / "tiny-llama-chat"
+    if not chat:
+        return {"data": data_dir, "model": model_dir}
+    if force or not (chat_data / "eval.jsonl").is_file():
+        print(f"Building demo support-desk conversations (OpenAI chat format) -> {chat_data}")
+        build_chat_demo_dataset(chat_data)
+    if force or not (chat_model / "model.safetensors").is_file():
+        print(f"Building tiny chat base model (ChatML template with tools) -> {chat_model}")
+        build_tiny_chat_base(chat_model, chat_data)
+    return {"data": data_dir, "model": model_dir, "chat_data": chat_data, "chat_model": chat_model}
+
+
+CHAT_SPEC = TinyModelSpec(vocab_size=512, pretrain_steps=60)
+
+
+def build_tiny_chat_base(out_dir: str | Path, data_dir: str | Path, spec: TinyModelSpec = CHAT_SPEC) -> Path:
+    """The demo chat base: tokenizer and brief pre-training on the tickets' text, never on the answers.
+
+    It learns the words of support tickets, not how to route them: the base's exact match stays near 0.
+    """
+    texts = []
+    for line in (Path(data_dir) / "train.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        texts += [content_text(m.get("content")) or "" for m in row["messages"] if m["role"] in ("system", "user")]
+    answers = [_answer(q, p) for q in SUPPORT_ISSUES for p in SUPPORT_PRIORITY]  # tokenizer only: compact JSON
+    return build_tiny_base(out_dir, extra_texts=answers, spec=spec, corpus=texts, chat=True)

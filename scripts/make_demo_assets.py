@@ -17,10 +17,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="demo", help="output folder (default: demo)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the assets exist")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="also the OpenAI migration demo: demo/support_desk/ and demo/tiny-llama-chat/ "
+        "(recipes/openai_migration_quickstart.yaml)",
+    )
     args = parser.parse_args()
     start = time.time()
-    paths = build_demo_assets(args.root, force=args.force)
-    print(f"Demo assets ready in {time.time() - start:.0f}s: data {paths['data']}, model {paths['model']}")
+    paths = build_demo_assets(args.root, force=args.force, chat=args.chat)
+    shown = ", ".join(f"{name} {path}" for name, path in paths.items())
+    print(f"Demo assets ready in {time.time() - start:.0f}s: {shown}")
 
 
 if __name__ == "__main__":

@@ -64,3 +64,72 @@ def test_quickstart_meets_the_acceptance_bar(tmp_path):
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["systems"]
     assert metrics["finetuned"]["micro_f1"] >= 0.7
     assert metrics["finetuned"]["micro_f1"] - metrics["base"]["micro_f1"] >= 0.4
+
+
+@pytest.mark.slow
+def test_openai_migration_quickstart_meets_the_acceptance_bar(tmp_path):
+    """The chat demo end to end: the fine-tune clearly beats the base on exact match (minutes; `make test-all`)."""
+    import subprocess
+    import sys
+
+    from helpers import run_cli
+
+    subprocess.run(
+        [sys.executable, "scripts/make_demo_assets.py", "--chat", "--root", str(tmp_path / "demo")],
+        cwd=ROOT,
+        check=True,
+        timeout=600,
+    )
+    demo = tmp_path / "demo"
+    result = run_cli(
+        "train",
+        "recipes/openai_migration_quickstart.yaml",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        f"model.path={demo / 'tiny-llama-chat'}",
+        "--set",
+        f"data.train={demo / 'support_desk' / 'train.jsonl'}",
+        "--set",
+        f"data.eval={demo / 'support_desk' / 'eval.jsonl'}",
+        "--set",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["systems"]
+    assert metrics["finetuned"]["exact_match"] - metrics["base"]["exact_match"] >= 0.5
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data"]["turns_cut_by_max_length"] == 0
+
+
+def test_chat_demo_data_is_deterministic_and_has_every_kind(tmp_path):
+    from pipeline.chat import check
+    from pipeline.demo import build_chat_demo_dataset
+
+    first = build_chat_demo_dataset(tmp_path / "a", num_train=120, num_eval=20, seed=3)
+    second = build_chat_demo_dataset(tmp_path / "b", num_train=120, num_eval=20, seed=3)
+    assert (first / "train.jsonl").read_bytes() == (second / "train.jsonl").read_bytes()
+    rows = [json.loads(line) for line in (first / "train.jsonl").read_text().splitlines()]
+    assert all(not check(row) for row in rows)  # every row passes OpenAI's file checks
+    assert any(m.get("weight") == 0 for row in rows for m in row["messages"])  # weight-0 turns
+    assert any(row["messages"][-1].get("tool_calls") for row in rows)  # rows ending at a tool call
+    assert any(m["role"] == "tool" for row in rows for m in row["messages"])  # tool results
+    assert any(len(row["messages"]) == 3 and "tools" not in row for row in rows)  # single-turn
+
+
+def test_chat_base_tokenizer_renders_tools_and_closes_turns():
+    from pipeline.demo import train_tokenizer
+
+    tok = train_tokenizer(["where is my order"] * 10, 300, chat=True)
+    assert tok.eos_token == "<|im_end|>"
+    messages = [
+        {"role": "user", "content": "where is my order 12?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "lookup_order", "arguments": '{"order_id": 12}'}}]},
+    ]  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "lookup_order", "parameters": {}}}]
+    text = tok.apply_chat_template(messages, tools=tools, tokenize=False)
+    assert '<tool_call>{"name": "lookup_order", "arguments": {"order_id": 12}}</tool_call><|im_end|>' in text
+    assert text.count("lookup_order") == 2  # the definition and the call
+    prompt = tok.apply_chat_template(messages[:1], tools=tools, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
