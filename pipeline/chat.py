@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,8 @@ ROLES = ("system", "user", "assistant", "tool")
 # Every check ``normalize`` and ``check`` report, by name (the validation report lists each, found or not).
 CHECKS = (
     "legacy_functions", "messages", "message_type", "role", "content_type", "weight", "assistant_empty",
-    "tool_calls", "tool_arguments", "tool_call_id", "tools", "last_message", "no_trainable",
+    "tool_calls", "tool_arguments", "tool_call_id", "tools", "last_message", "no_prompt",
+    "no_trainable",
 )  # fmt: skip
 
 # (check, field, message): the caller turns these into its own reason objects.
@@ -95,7 +96,7 @@ def check(row: dict[str, Any]) -> list[Problem]:
     Checks: a ``messages`` list; known roles; content a string or a list of text parts (null only beside tool
     calls); an assistant message with text or tool calls; weight 0 or 1; well-formed tool calls whose
     arguments are a JSON string; a tool message answering an earlier call by its id; the last message from the
-    assistant; at least one trained assistant message; ``tools`` a list of function definitions.
+    assistant with a message before it; at least one trained assistant message; ``tools`` a list of function definitions.
     """
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -114,7 +115,7 @@ def check(row: dict[str, Any]) -> list[Problem]:
             problems.append(("role", f"{where}.role", f"unknown role {_clip(role)!r}; expected one of {list(ROLES)}"))
             continue
         content = message.get("content")
-        has_text = content_text(content) is not None and content_text(content) != ""
+        has_text = bool(content_text(content))
         if not _content_ok(content, allow_null=role == "assistant"):
             problems.append(
                 (
@@ -146,6 +147,9 @@ def check(row: dict[str, Any]) -> list[Problem]:
         problems.append(
             ("last_message", f"messages[{len(messages) - 1}]", "the last message is not from the assistant")
         )
+    elif len(messages) == 1:
+        # Evaluation prompts with everything before the final answer; a template cannot render nothing.
+        problems.append(("no_prompt", "messages", "only an assistant message: no prompt before the answer"))
     if not trained and not any(p[0] in ("role", "message_type") for p in problems):
         problems.append(("no_trainable", "messages", "no assistant message with weight 1: nothing to train on"))
     return problems
@@ -243,8 +247,7 @@ def looks_like(row: Any) -> str | None:
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages as a chat template expects them: content one string ('' beside tool calls), no ``weight``.
 
-    Tool-call arguments stay JSON strings, as in OpenAI's format; templates that want objects get them through
-    ``tool_calls_for_template``.
+    Tool-call arguments stay JSON strings, as in OpenAI's format.
     """
     out = []
     for message in messages:
@@ -362,13 +365,6 @@ def map_texts(row: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
             m["tool_calls"] = [_map_arguments(c, fn) for c in m["tool_calls"]]
         messages.append(m)
     return {**row, "messages": messages}
-
-
-def texts(row: dict[str, Any]) -> Iterator[str]:
-    """Every message text and tool-call argument string of a row (what the PII scan reads)."""
-    seen: list[str] = []
-    map_texts(row, lambda text: seen.append(text) or text)
-    yield from seen
 
 
 def _map_arguments(call: Any, fn: Callable[[str], str]) -> Any:

@@ -186,6 +186,7 @@ MALFORMED = {
         },
         "last_message",
     ),
+    "no_prompt": ({"messages": [{"role": "assistant", "content": "y"}]}, "no_prompt"),
     "no_trainable": (
         {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]},
         "no_trainable",
