@@ -96,7 +96,8 @@ def check(row: dict[str, Any]) -> list[Problem]:
     Checks: a ``messages`` list; known roles; content a string or a list of text parts (null only beside tool
     calls); an assistant message with text or tool calls; weight 0 or 1; well-formed tool calls whose
     arguments are a JSON string; a tool message answering an earlier call by its id; the last message from the
-    assistant with a message before it; at least one trained assistant message; ``tools`` a list of function definitions.
+    assistant, with a message before it; at least one trained assistant message; ``tools`` a list of function
+    definitions.
     """
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:

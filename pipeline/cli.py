@@ -204,6 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_export)
 
+    p = commands.add_parser(
+        "split", help="split one data file into train and eval with no leakage (copies stay on one side)"
+    )
+    p.add_argument("file", help="the data file (JSONL, CSV or Parquet), e.g. an OpenAI training file")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of rows for eval (default 0.1)")
+    p.add_argument("--out", required=True, help="directory for train.<ext>, eval.<ext> and split_manifest.json")
+    p.add_argument("--seed", type=int, default=0, help="which groups go to eval (default 0): same seed, same split")
+    p.add_argument(
+        "--contract",
+        help="contract whose dataset.text_fields and near-duplicate threshold define a copy (default: inferred "
+        "from the rows: a chat conversation before its final answer, else the 'note' or 'text' field)",
+    )
+    p.add_argument(
+        "--text-field", dest="text_fields", action="append", metavar="FIELD", help="field to compare (repeatable)"
+    )
+    p.add_argument("--force", action="store_true", help="replace splits already in --out")
+    p.set_defaults(handler=cmd_split)
+
     p = commands.add_parser("runs", help="list tracked runs: each system's main metric and the verdict vs baseline")
     p.add_argument("recipe", nargs="?", help="recipe whose store and experiment to list (default: every experiment)")
     p.add_argument("--limit", type=int, default=20, help="newest N runs (default 20)")
@@ -726,6 +744,27 @@ def _record_export(outcome: Outcome, report: dict, overrides: list[str], hosts: 
         license_acknowledged=report["license_acknowledgment"],
         tracking_uri=report.get("tracking_uri"),
     )
+
+
+def cmd_split(args: argparse.Namespace, outcome: Outcome) -> int:
+    """Split one file into train and eval; the manifest records counts, the seed and SHA-256s."""
+    from pipeline.holdout import split_file, summary
+
+    manifest = split_file(
+        args.file,
+        args.out,
+        args.eval_fraction,
+        seed=args.seed,
+        contract_path=args.contract,
+        text_fields=args.text_fields,
+        force=args.force,
+    )
+    outcome.run_dir = Path(args.out)
+    for line in summary(manifest):
+        print(line)
+    train, evaluation = (manifest["outputs"][name]["path"] for name in ("train", "eval"))
+    print(f"Use them with: --set data.train={train} --set data.eval={evaluation}")
+    return EXIT_OK
 
 
 def cmd_runs(args: argparse.Namespace, outcome: Outcome) -> int:

@@ -16,9 +16,11 @@ import json
 import os
 import secrets
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 RUNS_ROOT = Path("runs")
 
@@ -41,13 +43,25 @@ def read_json(path: str | Path) -> dict[str, Any]:
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write a file atomically: a temporary file in the same directory, then a rename over the target."""
+    with atomic_open(path) as handle:
+        handle.write(text.encode("utf-8"))
+    return Path(path)
+
+
+@contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file written in a temporary file beside ``path`` and renamed over it only when the block ends.
+
+    Streams of any size (a split of a million rows) are never visible half-written; on an error the temporary
+    file is removed and ``path`` is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -59,7 +73,6 @@ def write_text(path: str | Path, text: str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def sha256_file(path: str | Path) -> str:

@@ -472,14 +472,7 @@ class ContractRun:
 
     def _text(self, row: dict[str, Any]) -> str | None:
         fields = self.rules.text_fields
-        if not fields:
-            return None
-        if self.conversation is not None and "messages" in fields:
-            others = " ".join(str(row.get(f) or "") for f in fields if f != "messages")
-            return normalize(f"{chat.prompt_text(row)} {others}".strip())
-        if len(fields) == 1:
-            return normalize(str(row.get(fields[0]) or ""))
-        return normalize(" ".join(str(row.get(f) or "") for f in fields))
+        return dedup_text(row, fields, self.conversation is not None) if fields else None
 
     def _row_id(self, row: Any) -> str | int | None:
         value = row.get(self.contract.id_field) if isinstance(row, dict) and self.contract.id_field else None
@@ -632,6 +625,21 @@ class ContractRun:
             "uncovered_labels": len(uncovered),
             "labels": dict(sorted(uncovered.items())[:100]),
         }
+
+
+def dedup_text(row: dict[str, Any], fields: list[str], conversation: bool) -> str:
+    """The normalized text that duplicates and leakage compare: ``fields`` joined by a space.
+
+    In a conversation (``messages`` among the fields of a chat contract), the messages count as the conversation
+    before its final answer (``chat.prompt_text``). ``split`` groups rows by this same text, so a file it splits
+    passes this module's leakage check.
+    """
+    if conversation and "messages" in fields:
+        others = " ".join(str(row.get(f) or "") for f in fields if f != "messages")
+        return normalize(f"{chat.prompt_text(row)} {others}".strip())
+    if len(fields) == 1:
+        return normalize(str(row.get(fields[0]) or ""))
+    return normalize(" ".join(str(row.get(f) or "") for f in fields))
 
 
 def validate_split(name: str, path: str | Path, contract: DataContract) -> SplitResult:

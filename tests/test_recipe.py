@@ -1,4 +1,3 @@
-
 import pytest
 from conftest import ROOT, write_recipe
 from helpers import run_cli
