@@ -522,7 +522,13 @@ def run_dir_of(uri: str, run_id: str) -> str | None:
 
 
 def annotate_run(uri: str, run_id: str, tags: dict[str, str], files: list[Path]) -> None:
-    """Add tags and files to an existing (possibly finished) run, e.g. the audit entry of the command."""
+    """Add tags and files to an existing (possibly finished) run, e.g. the audit entry of the command.
+
+    Raises:
+        OSError: The server does not answer (found in seconds: MLflow's own retries would hold the command's
+            exit for minutes after its work is done).
+    """
+    probe_store(uri)
     client = client_for(uri)
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
