@@ -111,6 +111,44 @@ def test_labels_cover_exactly_the_trained_assistant_turns(tokenizer, row):
     assert example["row"] == 7
 
 
+def test_packing_keeps_each_conversation_and_its_turn_masks_whole(tokenizer):
+    """training.packing on chat examples, step by step as TRL trains them: labels built from assistant_masks,
+    then best-fit-decreasing packing, then the padding-free collator. Every packed segment is one whole
+    conversation with its own labels, and position ids restart at each one (no attention across them)."""
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rows = []
+    for i in range(12):
+        row = json.loads(json.dumps([MULTI_TURN, TOOL_ROW][i % 2]))
+        row["messages"][1]["content"] = f"ticket {i} " * (1 + i % 5)
+        rows.append(row)
+    examples = [training_example({**r, "_row": i}, CHAT, "chat", tokenizer) for i, r in enumerate(rows)]
+    labelled = {
+        "input_ids": [e["input_ids"] for e in examples],
+        "labels": [[t if m else -100 for t, m in zip(e["input_ids"], e["assistant_masks"], strict=True)]
+                   for e in examples],
+    }  # fmt: skip
+    longest = max(len(ids) for ids in labelled["input_ids"])
+    packed = pack_dataset(Dataset.from_dict(labelled), seq_length=2 * longest, strategy="bfd")
+    assert len(packed) < len(examples)  # something was packed
+    whole = dict(zip(map(tuple, labelled["input_ids"]), labelled["labels"], strict=True))
+    seen = 0
+    for row in packed:
+        at = 0
+        for length in row["seq_lengths"]:
+            ids = tuple(row["input_ids"][at : at + length])
+            assert ids in whole  # a whole conversation, never a piece of one
+            assert row["labels"][at : at + length] == whole[ids]
+            at, seen = at + length, seen + 1
+    assert seen == len(examples)
+    collator = DataCollatorForLanguageModeling(tokenizer.pad_token_id, padding_free=True)
+    batch = collator([packed[0]])
+    assert batch["labels"][0].tolist() == packed[0]["labels"]
+    assert batch["position_ids"][0].tolist() == [p for length in packed[0]["seq_lengths"] for p in range(length)]
+
+
 def test_each_trained_turn_must_end_with_the_end_of_turn_token(tokenizer):
     eos = {tokenizer.convert_tokens_to_ids("<|im_end|>")}
     example = training_example({**TOOL_ROW, "_row": 3}, CHAT, "chat", tokenizer)
