@@ -9,6 +9,7 @@
 * ``ui``: the MLflow UI for the recipe's (or the default) store, on loopback only.
 * ``export``: the adapter (PEFT format), and with ``--merge`` verified merged weights and a model card.
 * ``runs``: tracked runs, each system's main metric and the verdict against the baseline.
+* ``split``: one data file into train and eval with no leakage between them, and a manifest.
 
 Exit codes: 0 success; 1 the job ran and failed (``errors.JobFailed``: a contract broken, training or
 evaluation failed); 2 the request itself is wrong (``errors.UsageError``: recipe, arguments, a missing file or
@@ -30,6 +31,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import JobFailed, UsageError
+from pipeline.launch import add_arguments as launch_args
 from pipeline.os_errors import describe_os_error, wrapped_os_error
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="validate, train the adapter, evaluate, and log everything to MLflow")
     _recipe_args(p)
     p.add_argument("--force", action="store_true", help="train even if the plan says it does not fit the GPU")
-    _distributed_args(p)
+    launch_args(p)
     p.set_defaults(handler=cmd_train)
 
     p = commands.add_parser(
@@ -409,6 +411,7 @@ def cmd_plan(args: argparse.Namespace, outcome: Outcome) -> int:
 
 def cmd_train(args: argparse.Namespace, outcome: Outcome) -> int:
     """The whole job. The last line names the run directory and the MLflow run id."""
+    from pipeline import launch
     from pipeline.model import DeviceUnavailable, ModelNotFound, RevisionMismatch, resolve_model_path
 
     recipe = _load(args, outcome)
@@ -421,10 +424,14 @@ def cmd_train(args: argparse.Namespace, outcome: Outcome) -> int:
     # A missing base or a wrong revision is found here, before the slow torch/transformers/trl import
     # (benchmarks/cli.md) and before the data contract reads the splits.
     resolve_model_path(recipe.model.path, recipe.model.revision)
-    run_dir = _train_run_dir(args, recipe)
-    processes = _num_processes(args, recipe)  # its DeviceUnavailable is about the command line, not the recipe
+    run_dir = launch.train_run_dir(args, recipe)
+    processes = launch.num_processes(args, recipe)  # its DeviceUnavailable is about the command line, not the recipe
     if (processes > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
-        return _launch(args, recipe, run_dir, processes, outcome)
+        from pipeline import rundir
+
+        run_dir = run_dir or rundir.new_run_dir(recipe.name, None)
+        outcome.run_dir = run_dir
+        return launch.launch(args, recipe, run_dir, processes)
     from pipeline.train import train  # heavy: torch, transformers, trl
 
     outcome.name_recipe(args.recipe, ModelNotFound, RevisionMismatch, DeviceUnavailable)
@@ -473,131 +480,8 @@ def cmd_evaluate(args: argparse.Namespace, outcome: Outcome) -> int:
     return EXIT_OK
 
 
-# --------------------------------------------------------------------------------------------------
-# train --resume and multi-process launches (torchrun)
-
-
-def _distributed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="",
-        metavar="RUN",
-        help="continue RUN (a run directory; default: the newest run of the recipe) from its newest complete "
-        "checkpoint, with optimizer, scheduler, RNG and data position restored; same recipe and --set required",
-    )
-    p.add_argument(
-        "--num-processes",
-        type=int,
-        metavar="N",
-        help="training processes on this machine, one per GPU (default: hardware.num_gpus on a GPU, 1 on a CPU); "
-        "above 1 the command relaunches itself under torchrun: DDP, or FSDP with hardware.distributed: fsdp",
-    )
-    p.add_argument("--nnodes", type=int, default=1, help="machines in a multi-node job (default 1)")
-    p.add_argument("--node-rank", type=int, default=0, help="this machine's index in a multi-node job, 0..nnodes-1")
-    p.add_argument(
-        "--master-addr",
-        default="127.0.0.1",
-        help="address of node 0 in a multi-node job; must be in the recipe's privacy.allowed_hosts",
-    )
-    p.add_argument("--master-port", type=int, default=29500, help="port for the rendezvous on node 0 (default 29500)")
-
-
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-def _train_run_dir(args: argparse.Namespace, recipe) -> Path | None:  # noqa: ANN001 - pipeline.recipe.Recipe
-    """The run directory for train: --run-dir, the run --resume names (checked), or None for a new one."""
-    from pipeline import checkpoints, rundir
-
-    if args.resume is None:
-        if args.nnodes > 1 and not args.run_dir:
-            raise checkpoints.ResumeError(
-                "--nnodes: a multi-node job needs --run-dir on storage every node shares, so all ranks write "
-                "and resume the same run"
-            )
-        return Path(args.run_dir) if args.run_dir else None
-    if args.run_dir:
-        raise checkpoints.ResumeError("--resume RUN names the run directory; drop --run-dir")
-    run_dir = checkpoints.resolve_run(rundir.RUNS_ROOT, recipe.name, args.resume or None)
-    checkpoints.check_resumable(run_dir, recipe.to_yaml())
-    return run_dir
-
-
-def _num_processes(args: argparse.Namespace, recipe) -> int:  # noqa: ANN001 - pipeline.recipe.Recipe
-    """Processes to start on this machine; checked against the GPUs it has before anything starts."""
-    from pipeline.model import DeviceUnavailable
-
-    if args.num_processes is not None and args.num_processes < 1:
-        raise DeviceUnavailable(f"--num-processes {args.num_processes}: must be 1 or more")
-    if "LOCAL_RANK" in os.environ:
-        return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # already a worker
-    wanted = args.num_processes
-    if wanted is None:
-        wanted = 1 if recipe.hardware.device == "cpu" else recipe.hardware.num_gpus
-    if wanted > 1 and recipe.hardware.device != "cpu":
-        from pipeline.env import gather
-
-        env = gather()
-        if env.cuda and env.num_gpus < wanted:
-            raise DeviceUnavailable(
-                f"{wanted} processes (one per GPU) but this machine has {env.num_gpus} GPU(s); set "
-                f"--num-processes {env.num_gpus} or hardware.num_gpus"
-            )
-        if not env.cuda and recipe.hardware.device == "cuda":
-            raise DeviceUnavailable(f"{wanted} GPU processes requested but no CUDA GPU is visible")
-    if args.nnodes > 1:
-        from pipeline.egress import install_egress_guard
-
-        allowed, _ = install_egress_guard(None).decide(args.master_addr)
-        if not allowed:
-            raise DeviceUnavailable(
-                f"--master-addr {args.master_addr} is not loopback and not in privacy.allowed_hosts: add it there "
-                "(the nodes of one job must reach each other) or run on one machine"
-            )
-    return wanted
-
-
-def _launch(  # noqa: ANN001 - recipe: pipeline.recipe.Recipe
-    args: argparse.Namespace, recipe, run_dir: Path | None, processes: int, outcome: Outcome
-) -> int:
-    """Run this same train command as ``processes`` workers under torchrun and wait for them.
-
-    torchrun (``torch.distributed.run``) starts the workers, gives each its RANK / LOCAL_RANK / WORLD_SIZE and
-    a rendezvous; the trainer (accelerate underneath) then sets up DDP or FSDP from those variables. All ranks
-    get the same run directory, chosen here, so they read and write one run.
-    """
-    import subprocess
-
-    from pipeline import rundir
-
-    if run_dir is None:
-        run_dir = rundir.new_run_dir(recipe.name, None)
-    outcome.run_dir = run_dir
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
-    if args.nnodes > 1:
-        command += [
-            f"--nnodes={args.nnodes}",
-            f"--node-rank={args.node_rank}",
-            f"--master-addr={args.master_addr}",
-            f"--master-port={args.master_port}",
-        ]
-    else:
-        command += ["--standalone"]  # a local rendezvous on a free loopback port
-    command += ["-m", "pipeline", "train", args.recipe]
-    for override in args.overrides:
-        command += ["--set", override]
-    command += ["--resume", str(run_dir)] if args.resume is not None else ["--run-dir", str(run_dir)]
-    if args.force:
-        command.append("--force")
-    kind = recipe.hardware.distributed.upper()
-    print(f"Launching {processes} x {args.nnodes} training processes ({kind}) with torchrun; run directory {run_dir}")
-    code = subprocess.call(command)
-    if code != 0:
-        raise JobFailed(f"a training process failed (torchrun exit code {code}); see the messages above")
-    print(f"Run directory: {run_dir}")
-    return EXIT_OK
 
 
 def cmd_ui(args: argparse.Namespace, outcome: Outcome) -> int:

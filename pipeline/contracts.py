@@ -25,9 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline import chat, icd10cm
 from pipeline.pii import PII_ENTITIES
-from pipeline.recipe import RecipeError, format_validation_errors
+from pipeline.recipe import RecipeError
 from pipeline.records import ContractFailed as ContractFailed  # re-exported: callers catch contracts.ContractFailed
 from pipeline.records import Reason, json_type
+from pipeline.schema_errors import format_validation_errors
 
 FieldType = Literal["string", "integer", "number", "boolean", "list", "object"]
 

@@ -15,17 +15,16 @@ This module is a leaf: it imports only pydantic, yaml and the standard library, 
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.egress import redact_secrets
 from pipeline.errors import UsageError
+from pipeline.schema_errors import format_validation_errors
 
 RECIPE_KEYS_ALLOWED_OUTSIDE_SCHEMA = ("extends",)
 
@@ -627,7 +626,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(format_validation_errors(exc, Recipe, origin, default_file=str(path))) from None
+        raise RecipeError(
+            format_validation_errors(
+                exc, Recipe, origin, default_file=str(path), top_level_extras=RECIPE_KEYS_ALLOWED_OUTSIDE_SCHEMA
+            )
+        ) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -712,97 +715,6 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             node[key] = {}
         node = node[key]
     node[keys[-1]] = value
-
-
-def format_validation_errors(
-    exc: ValidationError, schema: type[BaseModel], origin: dict[str, str], default_file: str
-) -> list[str]:
-    """Turn pydantic errors into ``file: dotted.path: what (expected ...)`` lines with key hints.
-
-    Args:
-        exc: The validation error.
-        schema: The model that was validated, to suggest near-miss keys.
-        origin: Which file set each dotted key (for recipes merged through ``extends``).
-        default_file: The file named when a key has no recorded origin.
-    """
-    lines = []
-    for err in exc.errors():
-        loc = [str(part) for part in err["loc"] if not _is_union_tag(part)]
-        dotted = ".".join(loc) or "(top level)"
-        source = _source_of(dotted, origin, default_file)
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            allowed = _fields_at(schema, loc[:-1])
-            if schema is Recipe and not loc[:-1]:
-                allowed = allowed + list(RECIPE_KEYS_ALLOWED_OUTSIDE_SCHEMA)
-            hint = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
-            message = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
-            if allowed:
-                message += f"; allowed here: {', '.join(sorted(allowed))}"
-        elif kind == "missing":
-            message = "required key is missing"
-        else:
-            # The value is shown to help, except a secret in it (a URL with a password): that is masked.
-            message = redact_secrets(f"{err['msg']}, got {err.get('input')!r}")
-        lines.append(f"{source}: {dotted}: {message}")
-    # Several union members can report the same location; keep the first line per location.
-    seen, unique = set(), []
-    for line in lines:
-        key = line.split(": ", 2)[1] if line.count(": ") >= 2 else line
-        if key not in seen:
-            seen.add(key)
-            unique.append(line)
-    return unique
-
-
-def _is_union_tag(part: Any) -> bool:
-    """Pydantic inserts the union member ('literal[...]', 'list[str]') into error locations; drop it."""
-    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
-
-
-def _source_of(dotted: str, origin: dict[str, str], default_file: str) -> str:
-    parts = dotted.split(".")
-    for cut in range(len(parts), 0, -1):
-        key = ".".join(parts[:cut])
-        if key in origin:
-            return origin[key]
-    return default_file
-
-
-def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
-    """The keys a section accepts, found by walking the schema along ``loc``."""
-    current: Any = model
-    parts = list(loc)
-    while True:
-        current = _model_in(current)
-        origin = get_origin(current)
-        if origin in (dict, list) and parts:
-            parts.pop(0)  # a mapping key or list index: step into the value type
-            current = get_args(current)[-1]
-            continue
-        if not parts:
-            break
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        field = current.model_fields.get(parts.pop(0))
-        if field is None:
-            return []
-        current = field.annotation
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def _model_in(annotation: Any) -> Any:
-    """``Section | None`` -> ``Section``: the schema a union refers to, if any."""
-    if get_origin(annotation) in (Union, UnionType):
-        for member in get_args(annotation):
-            if (isinstance(member, type) and issubclass(member, BaseModel)) or get_origin(member) in (
-                dict,
-                list,
-            ):
-                return member
-    return annotation
 
 
 # --------------------------------------------------------------------------------------------------
