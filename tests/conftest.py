@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -74,6 +75,25 @@ def tiny_recipe_data(tiny_assets) -> dict:
         "eval": {"batch_size": 12, "max_new_tokens": 8},
         "tracking": {"uri": f"sqlite:///{root / 'mlruns.db'}", "experiment": "tiny-tests"},
     }
+
+
+@pytest.fixture
+def recipe_with(tiny_recipe_data, tmp_path):
+    """``recipe_with("name.yaml", training={"max_steps": 2}, task="chat")``: the tiny recipe with changes, written.
+
+    A mapping merges into the tiny recipe's section of that name (keys not given keep the tiny values, and the
+    shipped quickstart's below them through ``extends``); any other value replaces the key. Returns the path of
+    ``tmp_path / name``.
+    """
+
+    def make(name: str = "recipe.yaml", /, **changes: Any) -> Path:
+        data = dict(tiny_recipe_data)
+        for key, value in changes.items():
+            base = data.get(key)
+            data[key] = {**base, **value} if isinstance(value, dict) and isinstance(base, dict) else value
+        return write_recipe(tmp_path / name, data)
+
+    return make
 
 
 @pytest.fixture(scope="session")

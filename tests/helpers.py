@@ -74,8 +74,7 @@ def free_port() -> int:
 def start_mlflow_server(root: Path):
     """A real ``mlflow server`` on a free loopback port with proxied artifacts; a context manager yielding its URL.
 
-    Written for tests that need a remote store (export of a run id from it); tests/test_lineage.py starts the same
-    server in its own fixture.
+    For tests that need a remote store: the lineage checks through its REST API, export of a run id from it.
     """
     import contextlib
     import os

@@ -373,19 +373,15 @@ def test_scoring_compares_text_json_and_tool_calls():
     assert CHAT.target(rows[2]) == '{"tool_calls": [{"name": "lookup_order", "arguments": {"order_id": 12}}]}'
 
 
-def test_recipe_refuses_chat_settings_that_cannot_work(tiny_recipe_data, tmp_path):
-    from conftest import write_recipe
+def test_recipe_refuses_chat_settings_that_cannot_work(recipe_with, tmp_path):
 
     from pipeline.recipe import load_recipe
 
-    data = {**tiny_recipe_data, "task": "chat", "data": {**tiny_recipe_data["data"], "prompt_format": "plain"}}
     with pytest.raises(RecipeError, match="prompt_format: plain cannot render conversations"):
-        load_recipe(write_recipe(tmp_path / "plain.yaml", data))
+        load_recipe(recipe_with("plain.yaml", task="chat", data={"prompt_format": "plain"}))
     baseline = {"provider": "anthropic", "model": "claude-x", "send_data": False}
     with pytest.raises(RecipeError, match="provider anthropic cannot take OpenAI-format conversations"):
-        load_recipe(
-            write_recipe(tmp_path / "anthropic.yaml", {**tiny_recipe_data, "task": "chat", "baseline": baseline})
-        )
+        load_recipe(recipe_with("anthropic.yaml", task="chat", baseline=baseline))
 
 
 # --------------------------------------------------------------------------------------------------

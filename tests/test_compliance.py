@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import write_recipe
 from fake_llm import FakeLLM
 
 from pipeline.cli import main
@@ -36,7 +35,7 @@ def baseline_server():
 
 
 def test_planted_phi_and_secrets_never_leave_train_evaluate_or_export(
-    tmp_path, tiny_assets, tiny_recipe_data, baseline_server, monkeypatch, capfd
+    tmp_path, tiny_assets, recipe_with, baseline_server, monkeypatch, capfd
 ):
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
@@ -47,30 +46,23 @@ def test_planted_phi_and_secrets_never_leave_train_evaluate_or_export(
         for row in rows[:2]:
             row["note"] += phi
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = write_recipe(
-        tmp_path / "recipe.yaml",
-        {
-            **tiny_recipe_data,
-            "data": {
-                **tiny_recipe_data["data"],
-                "train": str(tmp_path / "train.jsonl"),
-                "eval": str(tmp_path / "eval.jsonl"),
-            },
-            "training": {**tiny_recipe_data["training"], "max_steps": 2, "logging_steps": 1},
-            "eval": {"batch_size": 10, "max_new_tokens": 4},
-            "baseline": {
-                "provider": "openai",
-                "model": "gpt-test",
-                "base_url": baseline_server.base_url,
-                "api_key_env": "OPENAI_API_KEY",
-                "send_data": True,
-                "few_shot": 2,
-                "price_input_per_1m": 2.5,
-                "price_output_per_1m": 10.0,
-            },
-            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "experiment": "compliance"},
-            "model": {**tiny_recipe_data["model"], "license_accepted": True},
+    recipe = recipe_with(
+        "recipe.yaml",
+        data={"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl")},
+        training={"max_steps": 2, "logging_steps": 1},
+        eval={"batch_size": 10, "max_new_tokens": 4},
+        baseline={
+            "provider": "openai",
+            "model": "gpt-test",
+            "base_url": baseline_server.base_url,
+            "api_key_env": "OPENAI_API_KEY",
+            "send_data": True,
+            "few_shot": 2,
+            "price_input_per_1m": 2.5,
+            "price_output_per_1m": 10.0,
         },
+        tracking={"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "experiment": "compliance"},
+        model={"license_accepted": True},
     )
     run_dir = tmp_path / "run"
     assert main(["train", str(recipe), "--run-dir", str(run_dir)]) == 0

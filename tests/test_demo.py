@@ -101,6 +101,39 @@ def test_openai_migration_quickstart_meets_the_acceptance_bar(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["data"]["turns_cut_by_max_length"] == 0
 
+    # Any well-formed OpenAI file, not only the demo's: one file of other conversations, split, then validated.
+    import random
+
+    rng = random.Random(11)
+    words = "refund invoice parcel login password courier charge warranty screen battery delayed".split()
+    lines = []
+    for i in range(300):
+        ask = " ".join(rng.choice(words) for _ in range(12))
+        messages = [{"role": "user", "content": f"case {i}: {ask}"}]
+        messages += [{"role": "assistant", "content": "ok", "weight": 0}]
+        messages += [{"role": "user", "content": [{"type": "text", "text": "and now?"}]}]
+        messages += [{"role": "assistant", "content": json.dumps({"queue": rng.choice(words), "priority": "low"})}]
+        lines.append(json.dumps({"messages": messages}))
+    (tmp_path / "mine.jsonl").write_text("\n".join(lines) + "\n")
+    split = run_cli("split", str(tmp_path / "mine.jsonl"), "--out", str(tmp_path / "mine"))
+    assert split.returncode == 0, split.stderr[-2000:]
+    checked = run_cli(
+        "validate",
+        "recipes/openai_migration_quickstart.yaml",
+        "--run-dir",
+        str(tmp_path / "validate"),
+        "--set",
+        f"model.path={demo / 'tiny-llama-chat'}",
+        "--set",
+        f"data.train={tmp_path / 'mine' / 'train.jsonl'}",
+        "--set",
+        f"data.eval={tmp_path / 'mine' / 'eval.jsonl'}",
+    )
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    report = json.loads((tmp_path / "validate" / "validation" / "report.json").read_text())
+    assert report["splits"]["train"]["rows_accepted"] + report["splits"]["eval"]["rows_accepted"] == 300
+    assert report["splits"]["eval"]["checks"]["leakage"]["count"] == 0
+
 
 def test_chat_demo_data_is_deterministic_and_has_every_kind(tmp_path):
     from pipeline.chat import check

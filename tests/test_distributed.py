@@ -7,21 +7,20 @@ import subprocess
 import sys
 
 import torch
-from conftest import ROOT, write_recipe
+from conftest import ROOT
 from helpers import make_env
 
 from pipeline.recipe import load_recipe
 
 
-def test_ddp_two_processes_on_cpu(tiny_recipe_data, tmp_path):
+def test_ddp_two_processes_on_cpu(recipe_with, tmp_path):
     db = tmp_path / "mlruns.db"
-    data = {
-        **tiny_recipe_data,
-        "training": {**tiny_recipe_data["training"], "max_steps": None, "num_epochs": 1, "save_steps": 4},
-        "eval": {"batch_size": 4, "max_new_tokens": 4, "max_examples": 4, "systems": ["finetuned"]},
-        "tracking": {"uri": f"sqlite:///{db}", "experiment": "ddp"},
-    }
-    path = write_recipe(tmp_path / "ddp.yaml", data)
+    path = recipe_with(
+        "ddp.yaml",
+        training={"max_steps": None, "num_epochs": 1, "save_steps": 4},
+        eval={"batch_size": 4, "max_new_tokens": 4, "max_examples": 4, "systems": ["finetuned"]},
+        tracking={"uri": f"sqlite:///{db}", "experiment": "ddp"},
+    )
     run = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "train", str(path), "--num-processes", "2", "--run-dir", str(run)],

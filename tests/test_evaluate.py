@@ -159,29 +159,26 @@ def _evaluate(recipe: Path, run: str, *extra: str) -> subprocess.CompletedProces
     )
 
 
-def test_evaluate_adds_the_baseline_to_an_existing_run(trained_run, tiny_assets, tiny_recipe_data, run_copy, tmp_path):
+def test_evaluate_adds_the_baseline_to_an_existing_run(trained_run, tiny_assets, recipe_with, run_copy, tmp_path):
     run_dir, db = run_copy
     rows = [json.loads(line) for line in (tiny_assets["data"] / "eval.jsonl").read_text().splitlines()]
     server = FakeLLM("openai", _answer_gold({r["note"]: r["codes"] for r in rows}))
     try:
-        recipe = write_recipe(
-            tmp_path / "with_baseline.yaml",
-            {
-                **tiny_recipe_data,
-                "baseline": {
-                    "provider": "openai",
-                    "model": "gpt-test",
-                    "base_url": server.base_url,
-                    "api_key_env": KEY_ENV,
-                    "send_data": True,
-                    "price_input_per_1m": 2.5,
-                    "price_output_per_1m": 10.0,
-                    "max_concurrency": 4,
-                },
-                "eval": {**tiny_recipe_data["eval"], "bootstrap_samples": 500},
-                "cost": {"gpu_price_per_hour": 2.0},
-                "tracking": {"uri": f"sqlite:///{db}", "experiment": "tiny-tests"},
+        recipe = recipe_with(
+            "with_baseline.yaml",
+            baseline={
+                "provider": "openai",
+                "model": "gpt-test",
+                "base_url": server.base_url,
+                "api_key_env": KEY_ENV,
+                "send_data": True,
+                "price_input_per_1m": 2.5,
+                "price_output_per_1m": 10.0,
+                "max_concurrency": 4,
             },
+            eval={"bootstrap_samples": 500},
+            cost={"gpu_price_per_hour": 2.0},
+            tracking={"uri": f"sqlite:///{db}", "experiment": "tiny-tests"},
         )
         result = _evaluate(recipe, str(run_dir), "--systems", "baseline")
         assert result.returncode == 0, result.stderr[-3000:]
@@ -272,11 +269,9 @@ def test_train_and_evaluate_choose_the_same_default_systems():
     assert default_systems(load_recipe(quickstart, ["eval.systems=[base, finetuned]"])) == ["base", "finetuned"]
 
 
-def test_evaluate_refuses_a_recipe_that_does_not_match_the_run(tiny_recipe_data, run_copy, tmp_path):
+def test_evaluate_refuses_a_recipe_that_does_not_match_the_run(recipe_with, run_copy, tmp_path):
     run_dir, _ = run_copy
-    recipe = write_recipe(
-        tmp_path / "other.yaml", {**tiny_recipe_data, "model": {"path": str(tmp_path)}, "tracking": {"enabled": False}}
-    )
+    recipe = recipe_with("other.yaml", model={"path": str(tmp_path)}, tracking={"enabled": False})
     result = _evaluate(recipe, str(run_dir))
     assert result.returncode == 2
     assert "model.path: the run used" in result.stderr and "Traceback" not in result.stderr

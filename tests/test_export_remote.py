@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, write_recipe
+from conftest import ROOT
 from helpers import start_mlflow_server
 
 # The guard main() installs, but refusing loopback too, so the remote-store rule is exercised on a loopback server
@@ -39,15 +39,12 @@ def _remote_run(url: str, run_dir) -> str:
     return run_id
 
 
-def test_export_of_a_run_id_in_a_remote_store_follows_the_allowed_hosts_rule(trained_run, tiny_recipe_data, tmp_path):
+def test_export_of_a_run_id_in_a_remote_store_follows_the_allowed_hosts_rule(trained_run, recipe_with, tmp_path):
     from mlflow.tracking import MlflowClient
 
     with start_mlflow_server(tmp_path) as url:
         run_id = _remote_run(url, trained_run.run_dir)
-        recipe = write_recipe(
-            tmp_path / "remote.yaml",
-            {**tiny_recipe_data, "tracking": {"uri": url}, "privacy": {"allowed_hosts": ["127.0.0.1"]}},
-        )
+        recipe = recipe_with("remote.yaml", tracking={"uri": url}, privacy={"allowed_hosts": ["127.0.0.1"]})
         accept = ["--set", "model.license_accepted=true"]
         cases = [
             ("refused", ["--tracking-uri", url, "--out", str(tmp_path / "a")]),

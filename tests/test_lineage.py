@@ -3,15 +3,12 @@
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 from conftest import ROOT
+from helpers import start_mlflow_server
 
 
 @pytest.fixture(scope="module")
@@ -117,43 +114,11 @@ def test_runs_lists_each_system_main_metric_and_the_verdict(trained_run, tmp_pat
     assert f"{trained_run.metrics['finetuned']['micro_f1']:.3f}" in row and row.endswith("no baseline")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on a free loopback port, with proxied artifacts; stopped after the module."""
-    root = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    log = (root / "server.log").open("w")
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--workers", "1"]
-    command += ["--artifacts-destination", str(root / "artifacts")]
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.read().decode().strip() == "OK":
-                        break
-            except OSError:
-                assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
-                time.sleep(1)
-        else:
-            pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+    with start_mlflow_server(tmp_path_factory.mktemp("server")) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_remote_server_gets_params_within_limits_inputs_tags_and_a_registered_version(
@@ -198,12 +163,9 @@ def test_remote_server_gets_params_within_limits_inputs_tags_and_a_registered_ve
     assert any(line.startswith(tracker.run_id[:12]) and "0.500" in line for line in listed.stdout.splitlines())
 
 
-def test_runs_reads_the_store_and_experiment_of_a_recipe(mlflow_server, tmp_path, tiny_recipe_data):
-    from conftest import write_recipe
+def test_runs_reads_the_store_and_experiment_of_a_recipe(mlflow_server, tmp_path, recipe_with):
 
-    recipe = write_recipe(
-        tmp_path / "r.yaml", {**tiny_recipe_data, "tracking": {"uri": mlflow_server, "experiment": "remote"}}
-    )
+    recipe = recipe_with("r.yaml", tracking={"uri": mlflow_server, "experiment": "remote"})
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "runs", str(recipe)], cwd=ROOT, capture_output=True, text=True, timeout=300
     )

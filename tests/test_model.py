@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, write_recipe
+from conftest import ROOT
 
 from pipeline.model import ModelNotFound, resolve_model_path
 
@@ -40,7 +40,7 @@ def test_directory_without_config_is_refused(tmp_path):
         resolve_model_path(str(tmp_path))
 
 
-def test_chat_template_path_trains_with_eos_closed_completions(tiny_assets, tiny_recipe_data, tmp_path):
+def test_chat_template_path_trains_with_eos_closed_completions(tiny_assets, recipe_with, tmp_path):
     """The 70B Instruct path: prompts go through the chat template and every completion ends with EOS."""
     model_dir = tmp_path / "chat-model"
     shutil.copytree(tiny_assets["model"], model_dir)
@@ -48,16 +48,13 @@ def test_chat_template_path_trains_with_eos_closed_completions(tiny_assets, tiny
     config = json.loads(config_path.read_text())
     config["chat_template"] = CHAT_TEMPLATE
     config_path.write_text(json.dumps(config))
-    path = write_recipe(
-        tmp_path / "chat.yaml",
-        {
-            **tiny_recipe_data,
-            "model": {"path": str(model_dir)},
-            "data": {**tiny_recipe_data["data"], "prompt_format": "chat"},
-            "training": {**tiny_recipe_data["training"], "max_steps": 2},
-            "eval": {"max_examples": 4},
-            "tracking": {"enabled": False},
-        },
+    path = recipe_with(
+        "chat.yaml",
+        model={"path": str(model_dir)},
+        data={"prompt_format": "chat"},
+        training={"max_steps": 2},
+        eval={"max_examples": 4},
+        tracking={"enabled": False},
     )
     from pipeline.recipe import load_recipe
     from pipeline.train import train
@@ -72,17 +69,10 @@ def test_chat_template_path_trains_with_eos_closed_completions(tiny_assets, tiny
     assert len(predictions) == 8
 
 
-def test_chat_format_without_template_is_a_recipe_error(tiny_assets, tiny_recipe_data, tmp_path):
+def test_chat_format_without_template_is_a_recipe_error(tiny_assets, recipe_with, tmp_path):
     from helpers import run_main
 
-    path = write_recipe(
-        tmp_path / "chat.yaml",
-        {
-            **tiny_recipe_data,
-            "data": {**tiny_recipe_data["data"], "prompt_format": "chat"},
-            "tracking": {"enabled": False},
-        },
-    )
+    path = recipe_with("chat.yaml", data={"prompt_format": "chat"}, tracking={"enabled": False})
     result = run_main("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "data.prompt_format: 'chat' needs a chat template" in result.stderr
@@ -162,13 +152,10 @@ def test_cache_snapshot_directory_is_checked_by_its_commit(tmp_path):
         resolve_model_path(str(snapshot), "abcdef1")
 
 
-def test_train_with_a_mismatched_revision_stops_before_loading_weights(tmp_path, tiny_recipe_data):
+def test_train_with_a_mismatched_revision_stops_before_loading_weights(tmp_path, recipe_with):
     from helpers import run_cli
 
-    recipe = write_recipe(
-        tmp_path / "r.yaml",
-        {**tiny_recipe_data, "model": {"path": tiny_recipe_data["model"]["path"], "revision": "deadbeef"}},
-    )
+    recipe = recipe_with("r.yaml", model={"revision": "deadbeef"})
     result = run_cli("train", str(recipe), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2, result.stderr
     assert "model.revision: deadbeef cannot be verified" in result.stderr and "Traceback" not in result.stderr

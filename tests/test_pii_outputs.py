@@ -6,12 +6,10 @@ byte scan of everything the run wrote.
 
 import json
 
-from conftest import write_recipe
-
 PLANTED = {"ssn": "536-22-8726", "phone": "617-726-2000", "mrn": "00412345", "email": "jane.doe@mgh.harvard.edu"}
 
 
-def test_redacted_phi_never_appears_in_run_outputs_or_mlflow(tmp_path, tiny_assets, tiny_recipe_data):
+def test_redacted_phi_never_appears_in_run_outputs_or_mlflow(tmp_path, tiny_assets, recipe_with):
     from pipeline.recipe import load_recipe
     from pipeline.train import train
 
@@ -21,18 +19,13 @@ def test_redacted_phi_never_appears_in_run_outputs_or_mlflow(tmp_path, tiny_asse
         rows = rows[:48] if split == "train" else rows[:12]  # the contract wants at least 10 eval rows
         rows[1]["note"] += phi
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe_data = {
-        **tiny_recipe_data,
-        "data": {
-            **tiny_recipe_data["data"],
-            "train": str(tmp_path / "train.jsonl"),
-            "eval": str(tmp_path / "eval.jsonl"),
-        },
-        "training": {**tiny_recipe_data["training"], "max_steps": 2, "logging_steps": 1},
-        "eval": {"batch_size": 12, "max_new_tokens": 4},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "experiment": "phi"},
-    }
-    recipe_path = write_recipe(tmp_path / "phi.yaml", recipe_data)
+    recipe_path = recipe_with(
+        "phi.yaml",
+        data={"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl")},
+        training={"max_steps": 2, "logging_steps": 1},
+        eval={"batch_size": 12, "max_new_tokens": 4},
+        tracking={"uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "experiment": "phi"},
+    )
     result = train(load_recipe(recipe_path), recipe_source=recipe_path, run_dir=tmp_path / "run")
 
     report = json.loads((result.run_dir / "validation" / "report.json").read_text())

@@ -285,8 +285,7 @@ def test_checkpointing_and_optimizer_choices_move_the_estimate():
     assert needed("lora.dropout=0") < needed()  # no dropout copies in the recomputed layer
 
 
-def test_a_recipe_that_does_not_fit_is_refused_with_suggestions(tmp_path, tiny_recipe_data):
-    from conftest import write_recipe
+def test_a_recipe_that_does_not_fit_is_refused_with_suggestions(tmp_path, recipe_with):
     from helpers import run_main
 
     out = tmp_path / "plan"
@@ -297,10 +296,7 @@ def test_a_recipe_that_does_not_fit_is_refused_with_suggestions(tmp_path, tiny_r
     assert "does not fit: " in result.stdout and "training.max_length 32768 -> 8192: " in result.stdout
     assert json.loads((out / "plan.json").read_text())["fit"]["fits"] is False
 
-    path = write_recipe(
-        tmp_path / "big.yaml",
-        {**tiny_recipe_data, "hardware": {"device": "auto", "gpu_memory_gb": 0.001}, "tracking": {"enabled": False}},
-    )
+    path = recipe_with("big.yaml", hardware={"device": "auto", "gpu_memory_gb": 0.001}, tracking={"enabled": False})
     refused = run_main("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert refused.returncode == 1
     assert "does not fit" in refused.stderr and "Refused before loading any weights" in refused.stderr
@@ -405,8 +401,7 @@ def test_every_shipped_config_matches_its_published_size():
         assert config["torch_dtype"] == "bfloat16" and config["tie_word_embeddings"] is False
 
 
-def test_a_recipe_that_does_not_fit_never_calls_load_base(tmp_path, tiny_recipe_data, monkeypatch):
-    from conftest import write_recipe
+def test_a_recipe_that_does_not_fit_never_calls_load_base(tmp_path, recipe_with, monkeypatch):
 
     import pipeline.train
     from pipeline.plan import DoesNotFit
@@ -416,17 +411,15 @@ def test_a_recipe_that_does_not_fit_never_calls_load_base(tmp_path, tiny_recipe_
         raise AssertionError("load_base was called for a recipe that does not fit")
 
     monkeypatch.setattr(pipeline.train, "load_base", load_base)
-    data = {**tiny_recipe_data, "hardware": {"device": "auto", "gpu_memory_gb": 0.001}, "tracking": {"enabled": False}}
-    path = write_recipe(tmp_path / "big.yaml", data)
+    path = recipe_with("big.yaml", hardware={"device": "auto", "gpu_memory_gb": 0.001}, tracking={"enabled": False})
     with pytest.raises(DoesNotFit, match="Refused before loading any weights"):
         pipeline.train.train(load(path), recipe_source=path, run_dir=tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert saved["fit"]["fits"] is False and saved["memory"]["needed_gib"] > 0.001
 
 
-def test_train_force_goes_past_the_refusal(tmp_path, tiny_recipe_data, monkeypatch):
+def test_train_force_goes_past_the_refusal(tmp_path, recipe_with, monkeypatch):
     """`train --force` with a recipe that does not fit reaches load_base (a sentinel stops it there)."""
-    from conftest import write_recipe
 
     import pipeline.train
     from pipeline.cli import main
@@ -438,8 +431,7 @@ def test_train_force_goes_past_the_refusal(tmp_path, tiny_recipe_data, monkeypat
         raise PastTheRefusal
 
     monkeypatch.setattr(pipeline.train, "load_base", load_base)
-    data = {**tiny_recipe_data, "hardware": {"device": "auto", "gpu_memory_gb": 0.001}, "tracking": {"enabled": False}}
-    path = write_recipe(tmp_path / "big.yaml", data)
+    path = recipe_with("big.yaml", hardware={"device": "auto", "gpu_memory_gb": 0.001}, tracking={"enabled": False})
     with pytest.raises(PastTheRefusal):
         main(["train", str(path), "--force", "--run-dir", str(tmp_path / "run")])
     # The plan said it does not fit (without --force the same recipe is refused: the tests above).

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, write_recipe
+from conftest import ROOT
 from helpers import run_cli
 from safetensors.torch import load_file
 
@@ -72,8 +72,8 @@ def test_check_resumable_refuses_finished_runs_and_changed_recipes(tmp_path):
         checkpoints.check_resumable(run, "name: a\n")
 
 
-def test_resume_errors_are_exit_2_before_any_model_loads(tiny_recipe_data, tmp_path):
-    path = write_recipe(tmp_path / "r.yaml", {**tiny_recipe_data, "tracking": {"enabled": False}})
+def test_resume_errors_are_exit_2_before_any_model_loads(recipe_with, tmp_path):
+    path = recipe_with("r.yaml", tracking={"enabled": False})
     missing = run_cli("train", str(path), "--resume", str(tmp_path / "nope"))
     assert missing.returncode == 2 and f"--resume {tmp_path / 'nope'}: no such run directory" in missing.stderr
 
@@ -89,20 +89,19 @@ def _adapter(run_dir):
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def test_kill_9_then_resume_ends_with_the_uninterrupted_adapter(trained_run, tiny_recipe_data, tmp_path):
+def test_kill_9_then_resume_ends_with_the_uninterrupted_adapter(trained_run, recipe_with, tmp_path):
     """SIGKILL a real `python -m pipeline train` after two checkpoints, corrupt the newest, resume, compare.
 
     The reference is the shared session run (conftest.trained_run): the same recipe, trained without a break;
     checkpoint frequency and the tracking store do not change the arithmetic.
     """
     db = tmp_path / "mlruns.db"
-    data = {
-        **tiny_recipe_data,
-        "training": {**tiny_recipe_data["training"], "save_steps": 3},
-        "eval": {"batch_size": 4, "max_new_tokens": 4, "max_examples": 4, "systems": ["finetuned"]},
-        "tracking": {"uri": f"sqlite:///{db}", "experiment": "resume"},
-    }
-    path = write_recipe(tmp_path / "resume.yaml", data)
+    path = recipe_with(
+        "resume.yaml",
+        training={"save_steps": 3},
+        eval={"batch_size": 4, "max_new_tokens": 4, "max_examples": 4, "systems": ["finetuned"]},
+        tracking={"uri": f"sqlite:///{db}", "experiment": "resume"},
+    )
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
@@ -174,11 +173,11 @@ def test_replace_dir_publishes_only_complete_directories(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-def test_resume_refuses_a_changed_train_split_and_keeps_the_original_report(tiny_recipe_data, tmp_path):
+def test_resume_refuses_a_changed_train_split_and_keeps_the_original_report(recipe_with, tmp_path):
     from pipeline.recipe import load_recipe
     from pipeline.train import train
 
-    path = write_recipe(tmp_path / "r.yaml", {**tiny_recipe_data, "tracking": {"enabled": False}})
+    path = recipe_with("r.yaml", tracking={"enabled": False})
     recipe = load_recipe(path)
     run = tmp_path / "run"
     run.mkdir()
@@ -192,10 +191,10 @@ def test_resume_refuses_a_changed_train_split_and_keeps_the_original_report(tiny
     assert json.loads((run / "validation" / "report.json").read_text()) == report
 
 
-def test_resume_checkpoint_says_what_it_skips_and_where_it_resumes(tiny_recipe_data, tmp_path, capsys):
+def test_resume_checkpoint_says_what_it_skips_and_where_it_resumes(recipe_with, tmp_path, capsys):
     from pipeline.recipe import load_recipe
 
-    path = write_recipe(tmp_path / "r.yaml", {**tiny_recipe_data, "tracking": {"enabled": False}})
+    path = recipe_with("r.yaml", tracking={"enabled": False})
     recipe = load_recipe(path)
     run = tmp_path / "run"
     run.mkdir()

@@ -120,22 +120,18 @@ def test_ui_serves_the_store_on_loopback_only(tmp_path, trained_run):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_unreachable_tracking_server_does_not_stop_training_and_sync_uploads_later(tmp_path, tiny_recipe_data):
+def test_unreachable_tracking_server_does_not_stop_training_and_sync_uploads_later(tmp_path, recipe_with):
     import json
     import os
 
-    from conftest import write_recipe
     from helpers import run_cli
 
     dead = f"http://127.0.0.1:{_free_port()}"  # loopback port with nothing listening
-    path = write_recipe(
-        tmp_path / "r.yaml",
-        {
-            **tiny_recipe_data,
-            "training": {**tiny_recipe_data["training"], "max_steps": 4, "logging_steps": 2},
-            "eval": {"max_examples": 2},
-            "tracking": {"uri": dead, "experiment": "offline-test"},
-        },
+    path = recipe_with(
+        "r.yaml",
+        training={"max_steps": 4, "logging_steps": 2},
+        eval={"max_examples": 2},
+        tracking={"uri": dead, "experiment": "offline-test"},
     )
     result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-2000:]

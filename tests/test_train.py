@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import ROOT, write_recipe
+from conftest import ROOT
 from helpers import run_cli
 from safetensors.torch import load_file
 
@@ -93,14 +93,11 @@ def test_eval_scores_both_systems_and_writes_predictions(trained_run):
     assert "was skipped: baseline.send_data is false" in report
 
 
-def test_completion_cut_by_max_length_is_quarantined_by_the_contract(tiny_recipe_data, tmp_path):
-    path = write_recipe(
-        tmp_path / "short.yaml",
-        {
-            **tiny_recipe_data,
-            "training": {**tiny_recipe_data["training"], "max_length": 40},
-            "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment": "short"},
-        },
+def test_completion_cut_by_max_length_is_quarantined_by_the_contract(recipe_with, tmp_path):
+    path = recipe_with(
+        "short.yaml",
+        training={"max_length": 40},
+        tracking={"uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment": "short"},
     )
     result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
     # The contract's token check (with the recipe's tokenizer) catches it: every row is quarantined with the
@@ -124,20 +121,17 @@ def test_completion_cut_by_max_length_is_quarantined_by_the_contract(tiny_recipe
     assert {"validation/report.json", "validation/quarantine.jsonl", "validation/report.md"} <= logged
 
 
-def test_completion_cut_by_max_length_stops_before_the_first_step(tiny_assets, tiny_recipe_data, tmp_path):
+def test_completion_cut_by_max_length_stops_before_the_first_step(tiny_assets, recipe_with, tmp_path):
     # Without the contract's token check, the loss-mask check on what TRL prepared is the second line of defence.
     contract = yaml.safe_load((ROOT / "data_contracts" / "medical_coding.yaml").read_text())
     contract.pop("tokens")
     contract_path = tmp_path / "no_tokens.yaml"
     contract_path.write_text(yaml.safe_dump(contract))
-    path = write_recipe(
-        tmp_path / "short.yaml",
-        {
-            **tiny_recipe_data,
-            "data": {**tiny_recipe_data["data"], "contract": str(contract_path)},
-            "training": {**tiny_recipe_data["training"], "max_length": 40},
-            "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment": "short"},
-        },
+    path = recipe_with(
+        "short.yaml",
+        data={"contract": str(contract_path)},
+        training={"max_length": 40},
+        tracking={"uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment": "short"},
     )
     result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 1, result.stderr[-2000:]
@@ -146,11 +140,8 @@ def test_completion_cut_by_max_length_stops_before_the_first_step(tiny_assets, t
     assert not (tmp_path / "run" / "adapter").exists()
 
 
-def test_missing_model_is_one_clear_error(tiny_recipe_data, tmp_path):
-    path = write_recipe(
-        tmp_path / "nomodel.yaml",
-        {**tiny_recipe_data, "model": {"path": str(tmp_path / "absent")}, "tracking": {"enabled": False}},
-    )
+def test_missing_model_is_one_clear_error(recipe_with, tmp_path):
+    path = recipe_with("nomodel.yaml", model={"path": str(tmp_path / "absent")}, tracking={"enabled": False})
     result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert f"model.path: {tmp_path / 'absent'}: no such directory" in result.stderr

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from conftest import write_recipe
 from helpers import make_env
 
 from pipeline.recipe import load_recipe
@@ -46,13 +45,10 @@ def test_precision_auto_follows_the_machine(tiny_recipe_path):
     assert resolve_precision(load_recipe(tiny_recipe_path, ["training.precision=bf16"]), "cuda", old_gpu) == "bf16"
 
 
-def test_flash_attention_is_refused_clearly_where_it_cannot_run(tiny_recipe_data, tmp_path):
+def test_flash_attention_is_refused_clearly_where_it_cannot_run(recipe_with, tmp_path):
     from helpers import run_main
 
-    path = write_recipe(
-        tmp_path / "fa.yaml",
-        {**tiny_recipe_data, "model": {**tiny_recipe_data["model"], "attn_implementation": "flash_attention_2"}},
-    )
+    path = recipe_with("fa.yaml", model={"attn_implementation": "flash_attention_2"})
     result = run_main("train", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "model.attn_implementation is 'flash_attention_2' but" in result.stderr
@@ -68,17 +64,16 @@ def test_save_total_limit_keeps_a_fallback(tiny_recipe_path):
         load_recipe(tiny_recipe_path, ["training.save_total_limit=1"])
 
 
-def test_packed_training_run(tiny_recipe_data, tmp_path):
+def test_packed_training_run(recipe_with, tmp_path):
     """Packing on a real 4-bit run: fewer, fuller rows, the loss-mask check still sees every example."""
     from pipeline.train import train
 
-    data = {
-        **tiny_recipe_data,
-        "training": {**tiny_recipe_data["training"], "packing": True, "max_steps": 2},
-        "eval": {"batch_size": 4, "max_new_tokens": 4, "max_examples": 4, "systems": ["finetuned"]},
-        "tracking": {"enabled": False},
-    }
-    path = write_recipe(tmp_path / "packed.yaml", data)
+    path = recipe_with(
+        "packed.yaml",
+        training={"packing": True, "max_steps": 2},
+        eval={"batch_size": 4, "max_new_tokens": 4, "max_examples": 4, "systems": ["finetuned"]},
+        tracking={"enabled": False},
+    )
     result = train(load_recipe(path), recipe_source=path, run_dir=tmp_path / "run")
     masks = result.summary["data"]
     assert masks["examples"] == result.plan["train_rows"]  # every accepted row checked before packing
