@@ -9,6 +9,7 @@
 * ``ui``: the MLflow UI for the recipe's (or the default) store, on loopback only.
 * ``export``: the adapter (PEFT format), and with ``--merge`` verified merged weights and a model card.
 * ``runs``: tracked runs, each system's main metric and the verdict against the baseline.
+* ``promote``: point a registry alias (``champion``) at a run's adapter version, refused if it lost.
 * ``split``: one data file into train and eval with no leakage between them, and a manifest.
 
 Exit codes: 0 success; 1 the job ran and failed (``errors.JobFailed``: a contract broken, training or
@@ -54,6 +55,7 @@ class Outcome:
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     license_acknowledged: Any = None
+    promotion: dict[str, Any] | None = None  # promote: which alias moved to which version, from which
     recipe_label: str | None = None  # the recipe the errors in ``names_recipe`` are about
     names_recipe: tuple[type[BaseException], ...] = ()
 
@@ -224,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace splits already in --out")
     p.set_defaults(handler=cmd_split)
 
+    p = commands.add_parser(
+        "promote", help="point a registry alias (champion) at a run's adapter version; refused if it lost"
+    )
+    p.add_argument("run", help="run directory (runs/<name>/<id>/) or MLflow run id")
+    p.add_argument("--alias", default="champion", help="the alias to move (default champion)")
+    p.add_argument("--tracking-uri", help="MLflow store of an MLflow run id (default MLFLOW_TRACKING_URI)")
+    p.set_defaults(handler=cmd_promote)
+
     p = commands.add_parser("runs", help="list tracked runs: each system's main metric and the verdict vs baseline")
     p.add_argument("recipe", nargs="?", help="recipe whose store and experiment to list (default: every experiment)")
     p.add_argument("--limit", type=int, default=20, help="newest N runs (default 20)")
@@ -307,6 +317,7 @@ def _audit(args: argparse.Namespace, outcome: Outcome, code: int, guard) -> None
         "egress": guard.decisions,
         "mlflow_run_id": outcome.mlflow_run_id,
         "license_acknowledged": outcome.license_acknowledged,
+        **({"promotion": outcome.promotion} if outcome.promotion else {}),
     }
     try:
         entry = audit.append(audit_log_path(), record)
@@ -651,10 +662,40 @@ def cmd_split(args: argparse.Namespace, outcome: Outcome) -> int:
     return EXIT_OK
 
 
+def cmd_promote(args: argparse.Namespace, outcome: Outcome) -> int:
+    """Move an alias to the run's adapter version; the audit entry records which version, by whom and when."""
+    import json
+    import re
+
+    from pipeline.promote import promote
+    from pipeline.tracking import tracking_uri
+
+    run_dir = Path(args.run)
+    if run_dir.is_dir():
+        recipe = _load_run_recipe(run_dir, outcome)  # its allow-list and its store
+        summary = run_dir / "summary.json"
+        run_id = json.loads(summary.read_text(encoding="utf-8")).get("mlflow_run_id") if summary.is_file() else None
+        if not run_id:
+            raise UsageError(f"{run_dir}: the run has no MLflow run id (tracking disabled, or not finished)")
+        uri = args.tracking_uri or tracking_uri(recipe)
+    elif re.fullmatch(r"[0-9a-f]{32}", args.run):
+        run_id, uri = args.run, args.tracking_uri or tracking_uri()
+    else:
+        raise UsageError(f"{args.run}: no such run directory, and not an MLflow run id (32 hex digits)")
+    outcome.update(mlflow_run_id=run_id, tracking_uri=uri)
+    done = promote(uri, run_id, args.alias)
+    outcome.promotion = done
+    moved = f" (was version {done['previous_version']})" if done["previous_version"] else ""
+    print(f"{done['name']}@{done['alias']} -> version {done['version']}{moved}; run {run_id}")
+    print(f"Serve it as models:/{done['name']}@{done['alias']}")
+    return EXIT_OK
+
+
 def cmd_runs(args: argparse.Namespace, outcome: Outcome) -> int:
     """Tracked runs in the terminal, newest first."""
     from pipeline.egress import EgressBlocked, redact_secrets
-    from pipeline.tracking import list_runs, probe_store, render_runs, tracking_uri
+    from pipeline.runlookup import list_runs, render_runs
+    from pipeline.tracking import probe_store, tracking_uri
 
     if args.recipe:
         recipe = _load(args_with_no_overrides(args), outcome)

@@ -40,6 +40,7 @@ from pipeline.generation import (
 )
 from pipeline.judge import JudgeResult, judge_sentence, log_judge, report_lines, run_judge
 from pipeline.recipe import Recipe
+from pipeline.review import NOTE_TAG, run_note
 from pipeline.runlookup import RunNotFound, resolve_run  # one lookup for evaluate --run and export (re-exported)
 from pipeline.tasks import Task
 
@@ -765,4 +766,7 @@ def evaluate_existing(
             device=device,
             reuse_previous=True,
         )
+        registered = rundir.read_json(run_dir / "summary.json").get("registered_model")
+        adapter = str(run_dir / "adapter") if (run_dir / "adapter").is_dir() else None
+        tracker.set_tags({NOTE_TAG: run_note(rundir.read_json(result.eval_dir / "metrics.json"), adapter, registered)})
     return result, run_dir, tracker.run_id

@@ -1,16 +1,18 @@
 """Finding a run named on the command line: its directory, or its MLflow run id in a store.
 
-The one lookup behind ``evaluate --run RUN`` and ``export RUN`` (it sits above ``tracking``, which it reads).
+The one lookup behind ``evaluate --run RUN`` and ``export RUN``, and the ``runs`` listing (each run's main metric,
+verdict and registry versions with their aliases). It sits above ``tracking``, which it reads.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pipeline.egress import redact_secrets
 from pipeline.errors import JobFailed, UsageError
-from pipeline.tracking import download_run, probe_store, run_dir_of
+from pipeline.tracking import client_for, download_run, probe_store, run_dir_of
 
 
 class RunNotFound(UsageError):
@@ -74,3 +76,114 @@ def resolve_run(run: str, uri: str, *, flag: str = "", download_to: Path | None 
 
 class StoreUnreachable(JobFailed):
     """The MLflow store a command must read from does not answer (exit 1)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# `runs`: the tracked runs, newest first
+
+
+def run_metrics_json(client: Any, run_id: str) -> dict[str, Any] | None:
+    """The run's ``eval/metrics.json`` artifact (systems, per_label, and comparison/cost when present)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, "eval/metrics.json", tmp)
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - a run without evaluation (failed, or still running)
+        return None
+
+
+def list_runs(uri: str, experiment: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    """Runs of one experiment (or all), newest first: systems' main metric and the verdict vs the baseline.
+
+    The verdict and main metric come from the run's ``eval/metrics.json`` (``comparison`` when a baseline was
+    scored); the systems' values from the run's ``eval.<system>.<metric>`` metrics.
+    """
+    client = client_for(uri)
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        ids = [found.experiment_id] if found else []
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return []
+    rows = []
+    for run in client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=limit):
+        results = run_metrics_json(client, run.info.run_id) or {}
+        main = results.get("main_metric") or run.data.tags.get("eval.main_metric") or "micro_f1"
+        systems = {
+            key.split(".")[1]: value
+            for key, value in run.data.metrics.items()
+            if key.startswith("eval.") and key.count(".") == 2 and key.endswith(f".{main}")
+        }
+        comparison = results.get("comparison") or {}
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "run_name": run.info.run_name,
+                "experiment_id": run.info.experiment_id,
+                "status": run.info.status,
+                "start_time": run.info.start_time,
+                "main_metric": main,
+                "systems": systems,
+                "verdict": comparison.get("verdict"),
+                "baseline_skipped": (results.get("baseline") or {}).get("reason")
+                if (results.get("baseline") or {}).get("status") == "skipped"
+                else None,
+                "difference": comparison.get("difference"),
+                "ci95": comparison.get("ci95"),
+                "base_model": run.data.tags.get("base_model"),
+                "registry": registry_versions(client, run.info.run_id),
+            }
+        )
+    return rows
+
+
+def registry_versions(client: Any, run_id: str) -> list[str]:
+    """The run's registry versions with their aliases: ``["tiny v3 @candidate,champion"]``."""
+    try:
+        versions = client.search_model_versions(f"run_id = '{run_id}'")
+    except Exception:  # noqa: BLE001 - a store without a registry still lists its runs
+        return []
+    out = []
+    for v in sorted(versions, key=lambda v: (v.name, int(v.version))):
+        # A search result leaves aliases out (MLflow 3.17, SQL and REST stores); the version itself has them.
+        aliases = ",".join(sorted(client.get_model_version(v.name, v.version).aliases or []))
+        out.append(f"{v.name} v{v.version}" + (f" @{aliases}" if aliases else ""))
+    return out
+
+
+def render_runs(rows: list[dict[str, Any]]) -> str:
+    """The ``runs`` table for the terminal."""
+    if not rows:
+        return "No runs found."
+    from datetime import datetime
+
+    systems = list(dict.fromkeys(s for row in rows for s in row["systems"]))
+    header = ["run id", "name", "status", "started", "metric", *systems, "vs baseline", "registry"]
+    table = [header]
+    for row in rows:
+        started = (
+            datetime.fromtimestamp(row["start_time"] / 1000).strftime("%Y-%m-%d %H:%M") if row["start_time"] else "-"
+        )
+        verdict = row["verdict"] or (
+            f"skipped: {row['baseline_skipped']}" if row.get("baseline_skipped") else "no baseline"
+        )
+        if row["verdict"] and row["difference"] is not None:
+            verdict = f"{row['verdict']} ({row['difference']:+.3f})"
+        values = [f"{row['systems'][s]:.3f}" if s in row["systems"] else "-" for s in systems]
+        table.append(
+            [
+                row["run_id"][:12],
+                row["run_name"] or "-",
+                row["status"],
+                started,
+                row["main_metric"],
+                *values,
+                verdict,
+                "; ".join(row.get("registry") or []) or "-",
+            ]  # fmt: skip
+        )
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table)

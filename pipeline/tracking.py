@@ -347,13 +347,22 @@ def probe_store(uri: str, timeout: float = 3.0) -> None:
             pass
 
 
+# MLflow 3's UI guesses an experiment's kind and opened ours on the GenAI view (empty traces); this tag opens the
+# model-training view (runs table, loss curves, metrics side by side). A kind the user set is left alone.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+CANDIDATE = "candidate"
+
+
 def start_run(client: Any, uri: str, experiment: str, run_name: str) -> str:
-    """Create (or reuse) the experiment and start a run in it; returns the run id."""
+    """Create (or reuse) the experiment, tagged as model development, and start a run in it; returns the run id."""
+    key, kind = EXPERIMENT_KIND
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        experiment_id = client.create_experiment(experiment, artifact_location=artifact_root(uri))
+        experiment_id = client.create_experiment(experiment, artifact_location=artifact_root(uri), tags={key: kind})
     else:
         experiment_id = found.experiment_id
+        if key not in (found.tags or {}):
+            client.set_experiment_tag(experiment_id, key, kind)
     return client.create_run(experiment_id, run_name=run_name).info.run_id
 
 
@@ -685,6 +694,8 @@ def register_version(
         description=description,
         await_creation_for=0,
     )
+    # Aliases replaced the registry's stages: the newest version is the candidate; `promote` moves champion.
+    client.set_registered_model_alias(name, CANDIDATE, str(version.version))
     return str(version.version)
 
 
@@ -696,81 +707,3 @@ def download_run(uri: str, run_id: str, dest: Path) -> Path:
         if item.path in ("adapter", "recipe.resolved.yaml", "validation", "eval", "summary.json", "plan.json"):
             client.download_artifacts(run_id, item.path, str(dest))
     return dest
-
-
-def run_metrics_json(client: Any, run_id: str) -> dict[str, Any] | None:
-    """The run's ``eval/metrics.json`` artifact (systems, per_label, and comparison/cost when present)."""
-    import tempfile
-
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = client.download_artifacts(run_id, "eval/metrics.json", tmp)
-            return json.loads(Path(path).read_text(encoding="utf-8"))
-    except Exception:  # noqa: BLE001 - a run without evaluation (failed, or still running)
-        return None
-
-
-def list_runs(uri: str, experiment: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
-    """Runs of one experiment (or all), newest first: systems' main metric and the verdict vs the baseline.
-
-    The verdict and main metric come from the run's ``eval/metrics.json`` (``comparison`` when a baseline was
-    scored); the systems' values from the run's ``eval.<system>.<metric>`` metrics.
-    """
-    client = client_for(uri)
-    if experiment is not None:
-        found = client.get_experiment_by_name(experiment)
-        ids = [found.experiment_id] if found else []
-    else:
-        ids = [e.experiment_id for e in client.search_experiments()]
-    if not ids:
-        return []
-    rows = []
-    for run in client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=limit):
-        results = run_metrics_json(client, run.info.run_id) or {}
-        main = results.get("main_metric") or run.data.tags.get("eval.main_metric") or "micro_f1"
-        systems = {
-            key.split(".")[1]: value
-            for key, value in run.data.metrics.items()
-            if key.startswith("eval.") and key.count(".") == 2 and key.endswith(f".{main}")
-        }
-        comparison = results.get("comparison") or {}
-        rows.append(
-            {
-                "run_id": run.info.run_id,
-                "run_name": run.info.run_name,
-                "experiment_id": run.info.experiment_id,
-                "status": run.info.status,
-                "start_time": run.info.start_time,
-                "main_metric": main,
-                "systems": systems,
-                "verdict": comparison.get("verdict"),
-                "difference": comparison.get("difference"),
-                "ci95": comparison.get("ci95"),
-                "base_model": run.data.tags.get("base_model"),
-            }
-        )
-    return rows
-
-
-def render_runs(rows: list[dict[str, Any]]) -> str:
-    """The ``runs`` table for the terminal."""
-    if not rows:
-        return "No runs found."
-    from datetime import datetime
-
-    systems = list(dict.fromkeys(s for row in rows for s in row["systems"]))
-    header = ["run id", "name", "status", "started", "metric", *systems, "vs baseline"]
-    table = [header]
-    for row in rows:
-        started = (
-            datetime.fromtimestamp(row["start_time"] / 1000).strftime("%Y-%m-%d %H:%M") if row["start_time"] else "-"
-        )
-        verdict = row["verdict"] or "no baseline"
-        if row["verdict"] and row["difference"] is not None:
-            verdict = f"{row['verdict']} ({row['difference']:+.3f})"
-        values = [f"{row['systems'][s]:.3f}" if s in row["systems"] else "-" for s in systems]
-        table.append(
-            [row["run_id"][:12], row["run_name"] or "-", row["status"], started, row["main_metric"], *values, verdict]
-        )
-    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
-    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table)

@@ -43,6 +43,7 @@ from pipeline.model import (
 )
 from pipeline.plan import DoesNotFit, find_model_config, make_plan, render_plan
 from pipeline.recipe import Recipe
+from pipeline.review import NOTE_TAG, run_note
 from pipeline.tracking import Tracker, dataset_inputs, lineage_tags, params_for
 
 
@@ -448,9 +449,11 @@ def _publish_adapter(trainer: Any, tokenizer: Any, partial: Path, out: Path, tra
 
 
 def _save_summary(tracker: Tracker, out: Path, summary: dict[str, Any]) -> None:
-    """The run's total time and final loss as metrics, and ``summary.json``, written and logged."""
+    """The run's total time and final loss as metrics, ``summary.json`` written and logged, the run's description."""
     tracker.log_metrics({"train.total_seconds": summary["total_seconds"], "train.final_loss": summary["train_loss"]})
     tracker.write_artifact(out / "summary.json", summary)
+    document = rundir.read_json(out / "eval" / "metrics.json")
+    tracker.set_tags({NOTE_TAG: run_note(document, str(out / "adapter"), summary["registered_model"])})
 
 
 def register_adapter(

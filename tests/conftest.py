@@ -168,3 +168,12 @@ def no_network_beyond_loopback(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
     yield
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real ``mlflow server`` on a free loopback port for the session (it takes ~30 s to start on 2 cores)."""
+    from helpers import start_mlflow_server
+
+    with start_mlflow_server(tmp_path_factory.mktemp("server")) as url:
+        yield url

@@ -5,10 +5,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from helpers import start_mlflow_server
 
 
 @pytest.fixture(scope="module")
@@ -103,22 +103,17 @@ def test_runs_lists_each_system_main_metric_and_the_verdict(trained_run, tmp_pat
     result = _runs_cli(uri=uri)
     assert result.returncode == 0, result.stderr[-2000:]
     header, line = result.stdout.strip().splitlines()
-    assert header.split()[-5:] == ["base", "finetuned", "baseline", "vs", "baseline"]
+    assert header.split()[-6:] == ["base", "finetuned", "baseline", "vs", "baseline", "registry"]
     assert run_id[:12] in line and "0.050" in line and "0.800" in line and "0.700" in line
-    assert line.endswith("better (+0.100)")
+    assert line.endswith("better (+0.100)  -")  # no registered version
 
-    # The session's trained run has no baseline: said so, not left blank or crashed.
+    # The session's trained run skipped its baseline (send_data false): said so with the reason, and its adapter
+    # version is the registry's candidate.
     trained = _runs_cli(uri=trained_run.summary["tracking_uri"])
     assert trained.returncode == 0, trained.stderr[-2000:]
     row = next(x for x in trained.stdout.splitlines() if x.startswith(trained_run.mlflow_run_id[:12]))
-    assert f"{trained_run.metrics['finetuned']['micro_f1']:.3f}" in row and row.endswith("no baseline")
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on a free loopback port, with proxied artifacts; stopped after the module."""
-    with start_mlflow_server(tmp_path_factory.mktemp("server")) as url:
-        yield url
+    assert f"{trained_run.metrics['finetuned']['micro_f1']:.3f}" in row
+    assert "skipped: baseline.send_data is false" in row and row.endswith("@candidate")
 
 
 def test_remote_server_gets_params_within_limits_inputs_tags_and_a_registered_version(
@@ -171,3 +166,62 @@ def test_runs_reads_the_store_and_experiment_of_a_recipe(mlflow_server, tmp_path
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "remote-run" in result.stdout
+
+
+def _rest(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read().decode())
+
+
+def test_a_reviewer_gets_the_training_view_a_description_and_promotion_by_alias(mlflow_server, recipe_with, tmp_path):
+    """Through the server's REST API, as the UI reads it: the experiment kind, the run's description, the metrics a
+    reviewer compares, the registered version with its `candidate` alias; then `promote` moves `champion`."""
+    from helpers import run_main
+
+    from pipeline.recipe import load_recipe
+    from pipeline.train import train
+
+    path = recipe_with(
+        "review.yaml",
+        training={"max_steps": 2, "logging_steps": 1},
+        eval={"max_examples": 4},
+        tracking={"uri": mlflow_server, "experiment": "review", "registered_model": "review-tiny"},
+        cost={"gpu_price_per_hour": 2.0},
+    )
+    result = train(load_recipe(path), recipe_source=path, run_dir=tmp_path / "run")
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    experiment = _rest(f"{api}/experiments/get-by-name?experiment_name=review")["experiment"]
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+    run = _rest(f"{api}/runs/get?run_id={result.mlflow_run_id}")["run"]
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    note = tags["mlflow.note.content"]
+    base, tuned = (result.metrics[s]["micro_f1"] for s in ("base", "finetuned"))
+    assert f"**micro_f1**: base {base:.3f}, finetuned {tuned:.3f}" in note
+    assert "**Against the baseline**: skipped (baseline.send_data is false" in note
+    assert str(tmp_path / "run" / "adapter") in note
+    assert "registry review-tiny version 1" in note and "**Cost per 1,000 cases**: self-hosted fine-tune $" in note
+    metrics = {m["key"] for m in run["data"]["metrics"]}
+    assert {"eval.base.micro_f1", "eval.finetuned.micro_f1", "train.loss"} <= metrics
+    candidate = _rest(f"{api}/registered-models/alias?name=review-tiny&alias=candidate")["model_version"]
+    assert candidate["version"] == "1" and candidate["run_id"] == result.mlflow_run_id
+
+    promoted = run_main("promote", str(tmp_path / "run"))
+    assert promoted.returncode == 0, promoted.stderr[-2000:]
+    assert "review-tiny@champion -> version 1" in promoted.stdout
+    champion = _rest(f"{api}/registered-models/alias?name=review-tiny&alias=champion")["model_version"]
+    assert champion["version"] == "1"
+    audit = [json.loads(line) for line in Path(os.environ["PIPELINE_AUDIT_LOG"]).read_text().splitlines()]
+    entry = next(e for e in reversed(audit) if e["command"] == "promote")
+    assert entry["promotion"]["version"] == "1" and entry["promotion"]["alias"] == "champion"
+    assert entry["user"] and entry["time"]
+    listed = _runs_cli(uri=mlflow_server)
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(result.mlflow_run_id[:12]))
+    assert row.endswith("review-tiny v1 @candidate,champion") and "skipped: baseline.send_data is false" in row
+
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=mlflow_server).set_tag(result.mlflow_run_id, "eval.comparison.verdict", "worse")
+    refused = run_main("promote", result.mlflow_run_id, "--tracking-uri", mlflow_server, "--alias", "prod")
+    assert refused.returncode == 1 and "its verdict against the baseline is 'worse'" in refused.stderr

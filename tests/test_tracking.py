@@ -288,6 +288,32 @@ def test_tracking_uri_is_explicit_then_environment_then_configured_then_the_defa
     assert tracking_uri(recipe, explicit="sqlite:///flag.db") == "sqlite:///flag.db"
 
 
+def test_experiments_open_on_the_training_view_unless_the_user_chose_a_kind(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.recipe import load_recipe
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("theirs", tags={"mlflow.experimentKind": "genai_development"})
+    client.create_experiment("untagged")
+    for name in ("ours", "theirs", "untagged"):
+        recipe = load_recipe(
+            ROOT / "recipes" / "quickstart.yaml", [f"tracking.uri={uri}", f"tracking.experiment={name}"]
+        )
+        with Tracker(recipe, run_name=name):
+            pass
+    kinds = {
+        n: client.get_experiment_by_name(n).tags.get("mlflow.experimentKind") for n in ("ours", "theirs", "untagged")
+    }
+    assert kinds == {
+        "ours": "custom_model_development",
+        "theirs": "genai_development",
+        "untagged": "custom_model_development",
+    }
+
+
 def test_tracker_as_a_context_manager_closes_its_run_finished_or_failed(tmp_path):
     from mlflow.tracking import MlflowClient
 
