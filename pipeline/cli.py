@@ -409,6 +409,16 @@ def cmd_plan(args: argparse.Namespace, outcome: Outcome) -> int:
     model_dir = recipe.model.path if Path(recipe.model.path).is_dir() else None
     plan = make_plan(recipe, rows, config, exact=args.exact, model_dir=model_dir)
     print(render_plan(plan, source))
+    if recipe.task == "chat":
+        from pipeline.data import check_tool_rendering
+        from pipeline.model import tokenizer_or_reason
+
+        tokenizer, why = tokenizer_or_reason(recipe)
+        if tokenizer is None:
+            print(f"  (tool calls not checked against the chat template: {why})")
+        else:
+            checked = check_tool_rendering(recipe, tokenizer)
+            print(f"  ({checked:,} rows with tools or tool calls render through the base's chat template)")
     if not train_file.is_file():
         print(f"  (data.train {train_file} not found: steps assume 0 rows)")
     else:

@@ -175,6 +175,47 @@ def _conversation_lengths(tokenizer: Any, row: dict[str, Any]) -> tuple[int, int
     return tokenized.prompt_tokens, len(tokenized.input_ids)
 
 
+def check_tool_rendering(recipe: Recipe, tokenizer: Any, limit: int = 1000) -> int:
+    """``plan``'s look at a chat recipe's data: do the base's template render its tools and tool calls?
+
+    ``plan`` reads no data otherwise, but a base whose template drops tool calls would waste a GPU booking: the
+    first ``limit`` well-formed rows of each split that carry tools or tool calls are rendered as training will
+    render them. Returns the rows checked.
+
+    Raises:
+        TemplateCannotRender: Some of those rows cannot be rendered (the message names them), as ``validate``.
+    """
+    from pipeline.records import iter_records
+    from pipeline.splits import TemplateCannotRender
+
+    checked = 0
+    for path in (recipe.data.train, recipe.data.eval):
+        if not Path(path).is_file():
+            continue
+        problems: list[tuple[int, str]] = []
+        seen = 0
+        for record in iter_records(path, "auto", 16 << 20, {}):
+            if record.reasons or not isinstance(record.value, dict):
+                continue
+            row, issues = chat.normalize(record.value)
+            if issues or chat.check(row):
+                continue  # validate quarantines it; not a template question
+            calls = any(isinstance(m, dict) and m.get("tool_calls") for m in row["messages"])
+            if not (row.get("tools") or calls):
+                continue
+            try:
+                chat.tokenize(tokenizer, row)
+            except chat.TemplateProblem as problem:
+                problems.append((record.row, str(problem)))
+            seen += 1
+            if seen >= limit:
+                break
+        if problems:
+            raise TemplateCannotRender(str(path), problems)
+        checked += seen
+    return checked
+
+
 def render_report(report: dict[str, Any]) -> str:
     """A terminal table of the validation report: counts per split, then what each check found."""
     contract = report["contract"]

@@ -180,6 +180,14 @@ def test_a_template_that_drops_tool_calls_is_an_error_naming_the_rows(tmp_path):
     run = ContractRun(load_contract(CONTRACT), measure_tokens=token_counter(tok, CHAT, "chat"), max_length=512)
     with pytest.raises(TemplateCannotRender, match=r"rows 2: .*tool call 'lookup_order'"):
         run.split("train", path)
+    # `plan` reads no data otherwise, but it renders the rows with tools the same way before a GPU is booked.
+    from types import SimpleNamespace
+
+    from pipeline.data import check_tool_rendering
+
+    recipe = SimpleNamespace(data=SimpleNamespace(train=str(path), eval=str(tmp_path / "absent.jsonl")))
+    with pytest.raises(TemplateCannotRender, match=r"train.jsonl: rows 2: .*tool call 'lookup_order'"):
+        check_tool_rendering(recipe, tok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,6 +500,8 @@ def test_chat_recipe_validates_trains_and_scores_the_final_turn(chat_run_recipe,
     from pipeline.cli import main
 
     assert main(["validate", str(chat_run_recipe), "--run-dir", str(tmp_path / "v")]) == 0
+    assert main(["plan", str(chat_run_recipe), "--run-dir", str(tmp_path / "p")]) == 0
+    assert "rows with tools or tool calls render through the base's chat template" in capsys.readouterr().out
     report = json.loads((tmp_path / "v" / "validation" / "report.json").read_text())
     assert report["splits"]["train"]["rows_accepted"] == 48 and report["dataset"]["tokens"]["status"] == "measured"
 
