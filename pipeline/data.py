@@ -85,7 +85,7 @@ def validate_data(
     rundir.write_text(out / "report.md", report_markdown(report))
     save_validation_plots(out, splits, run.max_tokens)
     print(render_report(report))
-    problems = over_threshold(contract, splits)
+    problems = over_threshold(contract, splits, out / "quarantine.jsonl")
     if problems:
         raise ContractFailed("\n".join(problems))
     return ValidatedData(contract=contract, train=splits[0], eval=splits[1], report=report)

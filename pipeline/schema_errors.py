@@ -72,7 +72,9 @@ def _source_of(dotted: str, origin: dict[str, str], default_file: str) -> str:
         key = ".".join(parts[:cut])
         if key in origin:
             return origin[key]
-    return default_file
+    # An unknown section only --set created (``--set foo.bar=1``): the command line is to blame, not the file.
+    below = {source for key, source in origin.items() if key.startswith(f"{dotted}.")}
+    return below.pop() if len(below) == 1 else default_file
 
 
 def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:

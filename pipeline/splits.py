@@ -669,8 +669,13 @@ def build_report(
     }
 
 
-def over_threshold(contract: DataContract, splits: list[SplitResult]) -> list[str]:
-    """Messages for splits whose quarantined fraction, emptiness or size should stop the job."""
+def over_threshold(
+    contract: DataContract, splits: list[SplitResult], quarantine: str | Path = "validation/quarantine.jsonl"
+) -> list[str]:
+    """Messages for splits whose quarantined fraction, emptiness or size should stop the job.
+
+    ``quarantine``: the quarantine file the messages point to (the run's ``validation/quarantine.jsonl``).
+    """
     problems = []
     for split in splits:
         if split.rows_in == 0:
@@ -687,7 +692,7 @@ def over_threshold(contract: DataContract, splits: list[SplitResult]) -> list[st
             failed = ", ".join(f"{check} x{n}" for check, n in split.check_counts.most_common(3))
             problems.append(
                 f"{split.path}: no row of the {split.name} split passed the contract ({failed}); "
-                "see validation/quarantine.jsonl"
+                f"see {quarantine}"
             )
             continue
         fraction = split.rows_quarantined / split.rows_in
@@ -695,7 +700,7 @@ def over_threshold(contract: DataContract, splits: list[SplitResult]) -> list[st
             problems.append(
                 f"{split.path}: {split.rows_quarantined} of {split.rows_in} {split.name} rows quarantined "
                 f"({fraction:.1%}), above the contract's max_quarantine_fraction "
-                f"{contract.max_quarantine_fraction:.1%}; see validation/quarantine.jsonl"
+                f"{contract.max_quarantine_fraction:.1%}; see {quarantine}"
             )
         least = contract.dataset.min_rows.get(split.name)  # type: ignore[call-overload]
         if least is not None and split.rows_accepted < least:

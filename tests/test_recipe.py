@@ -123,6 +123,9 @@ def test_overrides_go_through_the_same_validation_and_win():
         load_recipe(ROOT / "recipes/quickstart.yaml", ["training.learnig_rate=1"])
     with pytest.raises(RecipeError, match="expected section.key=value"):
         load_recipe(ROOT / "recipes/quickstart.yaml", ["training.learning_rate"])
+    # A section only --set made up is the command line's mistake, and the error says so (not the recipe file).
+    with pytest.raises(RecipeError, match=r"^--set: foo: unknown key"):
+        load_recipe(ROOT / "recipes/quickstart.yaml", ["foo.bar=1"])
 
 
 def test_recipe_is_frozen():

@@ -105,6 +105,7 @@ def test_completion_cut_by_max_length_is_quarantined_by_the_contract(recipe_with
     assert result.returncode == 1, result.stderr[-2000:]
     assert "data contract failed" in result.stderr and "Traceback" not in result.stderr
     assert "no row of the train split passed the contract (max_tokens x160)" in result.stderr
+    assert f"see {tmp_path / 'run' / 'validation' / 'quarantine.jsonl'}" in result.stderr  # the file, not a pattern
     quarantine = [json.loads(line) for line in (tmp_path / "run" / "validation" / "quarantine.jsonl").open()]
     assert {r["check"] for q in quarantine for r in q["reasons"]} == {"max_tokens"}
     assert any("above max_tokens 40: truncation would cut" in r["message"] for q in quarantine for r in q["reasons"])
