@@ -393,8 +393,25 @@ def cmd_validate(args: argparse.Namespace, outcome: Outcome) -> int:
     outcome.run_dir = out
     rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
     validate_data(recipe, out, tokenizer_or_reason, args.recipe, keep_rows=False)  # only the reports, not the rows
+    _warn_refused_hosts(recipe, args.recipe)
     print(f"Recipe {args.recipe} is valid; data meets the contract. Reports: {out / 'validation'}")
     return EXIT_OK
+
+
+def _warn_refused_hosts(recipe, source: str) -> None:  # noqa: ANN001 - pipeline.recipe.Recipe
+    """Every host the recipe names that the egress guard would refuse: the key, the host, the line that allows it."""
+    from pipeline.baseline import DEFAULT_BASE_URL
+    from pipeline.egress import refused_destinations
+
+    destinations = []
+    if recipe.tracking.enabled and recipe.tracking.uri:
+        destinations.append(("tracking.uri", recipe.tracking.uri))
+    for key, section in (("baseline", recipe.baseline), ("judge", recipe.judge)):
+        if section is not None and section.send_data:  # nothing is sent otherwise
+            url = section.base_url or DEFAULT_BASE_URL.get(section.provider, "")
+            destinations.append((f"{key}.base_url", url))
+    for line in refused_destinations(destinations, recipe.privacy.allowed_hosts):
+        print(f"warning: {source}: {line}", file=sys.stderr)
 
 
 def cmd_plan(args: argparse.Namespace, outcome: Outcome) -> int:
@@ -409,6 +426,7 @@ def cmd_plan(args: argparse.Namespace, outcome: Outcome) -> int:
     model_dir = recipe.model.path if Path(recipe.model.path).is_dir() else None
     plan = make_plan(recipe, rows, config, exact=args.exact, model_dir=model_dir)
     print(render_plan(plan, source))
+    _warn_refused_hosts(recipe, args.recipe)
     if recipe.task == "chat":
         from pipeline.data import check_tool_rendering
         from pipeline.model import tokenizer_or_reason

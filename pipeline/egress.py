@@ -51,8 +51,12 @@ class EgressGuard:
     _resolved_for: tuple[str, ...] = field(default=(), repr=False)
     _addresses: dict[str, set[str]] = field(default_factory=dict, repr=False)
 
-    def decide(self, host: str) -> tuple[bool, str]:
-        """(allowed, reason) for a destination host name or address."""
+    def decide(self, host: str, resolve: bool = True) -> tuple[bool, str]:
+        """(allowed, reason) for a destination host name or address.
+
+        ``resolve=False`` decides from the list alone, without looking up the listed names (for checking a
+        recipe's hosts ahead of time, which must send nothing, not even a DNS query).
+        """
         host = host.strip("[]").lower()
         if self.allow_loopback and _is_loopback(host):
             return True, "loopback"
@@ -64,7 +68,7 @@ class EgressGuard:
                 return True, f"privacy.allowed_hosts: {entry}"
         # Libraries resolve a name first and then connect to the address: an address that an allowed name
         # resolves to is allowed too (names are resolved once, when first needed).
-        for entry, addresses in self._resolved().items():
+        for entry, addresses in (self._resolved() if resolve else {}).items():
             if host in addresses:
                 return True, f"privacy.allowed_hosts: {entry} ({host})"
         return False, "not loopback and not on privacy.allowed_hosts"
@@ -113,6 +117,26 @@ class EgressGuard:
 
 
 _GUARD: EgressGuard | None = None
+
+
+def refused_destinations(destinations: list[tuple[str, str]], allowed_hosts: tuple[str, ...] | list[str]) -> list[str]:
+    """``(recipe key, URL)`` pairs whose host the guard would refuse, each as a line saying how to allow it.
+
+    ``validate`` and ``plan`` call it so that a tracking server or endpoint the recipe cannot reach is said before
+    a run starts, not when ``train`` goes offline. Decided from the list alone: nothing is looked up.
+    """
+    from urllib.parse import urlparse
+
+    guard = EgressGuard(tuple(allowed_hosts))
+    lines = []
+    for key, url in destinations:
+        host = urlparse(url).hostname if "://" in url else None
+        if host and not guard.decide(host, resolve=False)[0]:
+            lines.append(
+                f"{key}: {host} is not loopback and not on privacy.allowed_hosts, so the egress guard will refuse "
+                f"it; to allow it add to the recipe: privacy: {{allowed_hosts: [{host}]}}"
+            )
+    return lines
 
 
 def install_egress_guard(allowed_hosts: tuple[str, ...] | list[str] | None = None) -> EgressGuard:

@@ -691,8 +691,7 @@ def over_threshold(
         if split.rows_accepted == 0:
             failed = ", ".join(f"{check} x{n}" for check, n in split.check_counts.most_common(3))
             problems.append(
-                f"{split.path}: no row of the {split.name} split passed the contract ({failed}); "
-                f"see {quarantine}"
+                f"{split.path}: no row of the {split.name} split passed the contract ({failed}); see {quarantine}"
             )
             continue
         fraction = split.rows_quarantined / split.rows_in

@@ -47,6 +47,33 @@ def test_decision_function(host, allowed, monkeypatch):
     assert set(lookups) <= {"mlflow.internal"}  # only names on the allow-list are ever resolved
 
 
+def test_validate_and_plan_name_every_host_the_guard_would_refuse(recipe_with, tmp_path, monkeypatch):
+    """tracking.uri, baseline.base_url and judge.base_url (the last two only when they would send) are checked
+    against privacy.allowed_hosts before any run, from the list alone: nothing is looked up or contacted."""
+    import socket
+
+    from helpers import run_main
+
+    def no_lookup(*_args, **_kwargs):
+        raise AssertionError("the host check must not resolve names")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+    path = recipe_with(
+        "hosts.yaml",
+        tracking={"uri": "http://10.1.2.3:5000"},
+        baseline={"provider": "openai", "model": "gpt-4o", "send_data": True, "base_url": "https://llm.corp/v1"},
+        judge={"provider": "openai", "model": "judge", "base_url": "http://judge.internal:8000/v1", "send_data": False},
+        privacy={"allowed_hosts": ["llm.corp"]},
+    )
+    for command in ("validate", "plan"):
+        result = run_main(command, str(path), "--run-dir", str(tmp_path / command))
+        assert result.returncode == 0, result.stderr[-2000:]
+        lines = [line for line in result.stderr.splitlines() if "egress guard will refuse" in line]
+        assert len(lines) == 1, result.stderr  # llm.corp is allowed; the judge sends nothing
+        assert "tracking.uri: 10.1.2.3 is not loopback" in lines[0]
+        assert "privacy: {allowed_hosts: [10.1.2.3]}" in lines[0]
+
+
 def test_the_test_sandbox_refuses_names_and_addresses_beyond_loopback():
     import socket
 
