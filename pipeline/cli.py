@@ -327,22 +327,27 @@ def _audit(args: argparse.Namespace, outcome: Outcome, code: int, guard) -> None
     except OSError as exc:
         print(f"warning: could not append to the audit log {audit_log_path()}: {exc}", file=sys.stderr)
         return
-    if outcome.mlflow_run_id and outcome.tracking_uri:
-        from pipeline.tracking import annotate_run
+    from pipeline.tracking import annotate_run, queue_annotation
 
+    tags = {"audit.entry_hash": entry["hash"], "audit.entry_seq": str(entry["seq"])}
+    failure = None
+    if outcome.mlflow_run_id and outcome.tracking_uri:
         try:
-            annotate_run(
-                outcome.tracking_uri,
-                outcome.mlflow_run_id,
-                {"audit.entry_hash": entry["hash"], "audit.entry_seq": str(entry["seq"])},
-                files=[audit_log_path()],
-            )
+            annotate_run(outcome.tracking_uri, outcome.mlflow_run_id, tags, files=[audit_log_path()])
+            return
         except Exception as exc:  # noqa: BLE001 - the entry is safe in the log; MLflow is a copy
-            print(
-                f"warning: could not attach the audit entry to MLflow run {outcome.mlflow_run_id}: "
-                f"{type(exc).__name__}",
-                file=sys.stderr,
-            )
+            failure = type(exc).__name__
+    # A run kept offline (its store was down) gets the entry in its queue, so `sync` uploads it with the rest
+    # (export's: in the exported run's queue, where its other MLflow calls went).
+    if inputs_run_dir is not None and queue_annotation(Path(inputs_run_dir), tags, [audit_log_path()]):
+        if failure:
+            print(f"warning: MLflow is unreachable ({failure}); the audit entry is queued for sync", file=sys.stderr)
+        return
+    if failure:
+        print(
+            f"warning: could not attach the audit entry to MLflow run {outcome.mlflow_run_id}: {failure}",
+            file=sys.stderr,
+        )
 
 
 def _load(args: argparse.Namespace, outcome: Outcome):  # noqa: ANN202 - returns pipeline.recipe.Recipe

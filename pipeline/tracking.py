@@ -301,16 +301,39 @@ class Tracker:
             )
 
     def _queue(self, kind: str, payload: dict[str, Any]) -> None:
-        if self._pending is None:
-            return
-        self._pending.parent.mkdir(parents=True, exist_ok=True)
-        with self._pending.open("a+b") as handle:
-            # A line cut short by kill -9 (train --resume appends after it) must not swallow the next one.
-            size, torn = handle.seek(0, os.SEEK_END), False
-            if size:
-                handle.seek(size - 1)
-                torn = handle.read(1) != b"\n"
-            handle.write((("\n" if torn else "") + json.dumps({"op": kind, **payload}) + "\n").encode("utf-8"))
+        if self._pending is not None:
+            append_op(self._pending, kind, payload)
+
+
+def append_op(pending: Path, kind: str, payload: dict[str, Any]) -> None:
+    """One operation at the end of a run's queue (``tracking/pending.jsonl``) for ``sync``."""
+    pending.parent.mkdir(parents=True, exist_ok=True)
+    with pending.open("a+b") as handle:
+        # A line cut short by kill -9 (train --resume appends after it) must not swallow the next one.
+        size, torn = handle.seek(0, os.SEEK_END), False
+        if size:
+            handle.seek(size - 1)
+            torn = handle.read(1) != b"\n"
+        handle.write((("\n" if torn else "") + json.dumps({"op": kind, **payload}) + "\n").encode("utf-8"))
+
+
+def queue_annotation(run_dir: Path, tags: dict[str, str], files: list[Path]) -> bool:
+    """Queue the tags and files ``annotate_run`` could not send, in a run that is queued for ``sync``.
+
+    Each file is copied into ``tracking/`` first, so ``sync`` uploads it as it was now. False when the run has no
+    queue (it was tracked live, or not at all): there is nothing ``sync`` would send it with.
+    """
+    import shutil
+
+    pending = Path(run_dir) / "tracking" / "pending.jsonl"
+    if not pending.is_file():
+        return False
+    append_op(pending, "tags", tags)
+    for path in files:
+        if Path(path).is_file():
+            kept = shutil.copyfile(path, pending.parent / Path(path).name)
+            append_op(pending, "artifact", {"path": str(kept), "artifact_path": "audit"})
+    return True
 
 
 def _rejected(exc: Exception) -> bool:

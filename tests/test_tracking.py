@@ -139,7 +139,8 @@ def test_unreachable_tracking_server_does_not_stop_training_and_sync_uploads_lat
     assert "Base model license: Apache License 2.0" in result.stdout  # train prints the license obligations
     pending = tmp_path / "run" / "tracking" / "pending.jsonl"
     ops = [json.loads(line)["op"] for line in pending.read_text().splitlines()]
-    assert ops[0] == "start" and "params" in ops and "metrics" in ops and ops[-1] == "end"
+    assert ops[0] == "start" and "params" in ops and "metrics" in ops
+    assert ops[-3:] == ["end", "tags", "artifact"]  # the command's audit entry, queued after the run closed
 
     store = f"sqlite:///{tmp_path / 'later.db'}"
     synced = subprocess.run(
@@ -158,6 +159,9 @@ def test_unreachable_tracking_server_does_not_stop_training_and_sync_uploads_lat
     assert run.info.status == "FINISHED" and run.data.params["training.max_steps"] == "4"
     assert "eval.finetuned.micro_f1" in run.data.metrics
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train.loss")] == [2, 4]
+    # The train command's audit entry reached the run through the queue, as it does for a run tracked live.
+    assert run.data.tags["audit.entry_seq"] and len(run.data.tags["audit.entry_hash"]) == 64
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "audit")] == ["audit/audit.jsonl"]
     assert not pending.exists() and (tmp_path / "run" / "tracking" / "synced.jsonl").is_file()
     again = run_cli("sync", str(tmp_path / "run"))
     assert again.returncode == 2 and "nothing to sync" in again.stderr
