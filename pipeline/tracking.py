@@ -162,8 +162,12 @@ class Tracker:
     def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> None:
-        """Close the run FINISHED, or FAILED when an exception ends the block (the exception goes on)."""
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, *_: Any) -> None:
+        """Close the run FINISHED, or FAILED with the reason as the ``failure_reason`` tag (the exception goes on)."""
+        if exc_type is not None:
+            # What the terminal said, first line (a disk full, a broken contract), so the UI shows why it failed.
+            reason = f"{exc_type.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+            self.set_tags({"failure_reason": redact_secrets(reason)[:MAX_PARAM_VALUE]})
         self.end("FAILED" if exc_type is not None else "FINISHED")
 
     def write_artifact(self, path: str | Path, content: Any) -> Path:

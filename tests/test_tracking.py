@@ -333,6 +333,8 @@ def test_tracker_as_a_context_manager_closes_its_run_finished_or_failed(tmp_path
     client = MlflowClient(tracking_uri=uri)
     assert client.get_run(ok.run_id).info.status == "FINISHED"
     assert client.get_run(failed.run_id).info.status == "FAILED"
+    assert client.get_run(failed.run_id).data.tags["failure_reason"] == "RuntimeError: boom"  # why, in the UI
+    assert "failure_reason" not in client.get_run(ok.run_id).data.tags
     assert json.loads((tmp_path / "ok" / "summary.json").read_text()) == {"a": 1}
     assert [a.path for a in client.list_artifacts(ok.run_id)] == ["summary.json"]
 
