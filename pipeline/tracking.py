@@ -132,6 +132,7 @@ class Tracker:
         self._experiment = recipe.tracking.experiment or recipe.name
         self._run_name = run_name
         self.run_id = run_id  # kept if the store is down, so `sync` adds to this run rather than a new one
+        bound_http_retries()
         try:
             probe_store(self.uri)
             self._client = client_for(self.uri)
@@ -351,6 +352,22 @@ def _rejected(exc: Exception) -> bool:
         return status is not None and 400 <= int(status()) < 500
     except Exception:  # noqa: BLE001 - an exception type with an unexpected get_http_status_code
         return False
+
+
+# MLflow's HTTP client retries a failed call 7 times with doubling backoff and waits up to 120 s a request: a
+# tracking server killed mid-run stalled training ~5.5 minutes before the run went offline. A run queues what it
+# cannot send (``sync`` uploads it later), so it gives up in seconds; ``sync`` itself keeps MLflow's defaults.
+HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+
+
+def bound_http_retries() -> None:
+    """Bound MLflow's HTTP retries and timeouts for this process (values the user set in the environment win)."""
+    for key, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(key, value)
 
 
 def client_for(uri: str) -> Any:

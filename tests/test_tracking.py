@@ -318,6 +318,46 @@ def test_experiments_open_on_the_training_view_unless_the_user_chose_a_kind(tmp_
     }
 
 
+def test_a_server_that_dies_mid_run_costs_seconds_not_minutes(tmp_path, monkeypatch):
+    """A store that accepts connections and drops every request (a server dying): the run goes offline within
+    seconds (MLflow alone retries 7 times with doubling backoff, minutes) and queues everything after."""
+    import socket
+    import threading
+
+    from pipeline.recipe import load_recipe
+    from pipeline.tracking import HTTP_BOUNDS, Tracker
+
+    for key in HTTP_BOUNDS:
+        monkeypatch.delenv(key, raising=False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drop_everything():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connection.close()
+
+    thread = threading.Thread(target=drop_everything, daemon=True)
+    thread.start()
+    uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"tracking.uri={uri}"])
+    started = time.monotonic()
+    try:
+        tracker = Tracker(recipe, run_name="dying", run_dir=tmp_path)
+        tracker.log_metrics({"train.loss": 1.0}, step=1)
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+    assert tracker.offline and time.monotonic() - started < 30
+    ops = [json.loads(line)["op"] for line in (tmp_path / "tracking" / "pending.jsonl").read_text().splitlines()]
+    assert ops == ["start", "metrics"]
+
+
 def test_tracker_as_a_context_manager_closes_its_run_finished_or_failed(tmp_path):
     from mlflow.tracking import MlflowClient
 
