@@ -188,8 +188,8 @@ def _settings_section(recipe: Recipe, summary: dict[str, Any]) -> list[str]:
 def _loss_text(summary: dict[str, Any]) -> str:
     """The training loss the run reported, named for what it is: the mean over the run's optimizer steps.
 
-    ``summary.json`` holds the trainer's ``training_loss``, the mean of the logged losses over the steps, not the
-    last logged one (which is lower on a run that is still learning); newer runs may name it ``train_loss_mean``.
+    ``summary.json``'s ``train_loss_mean`` (runs before it have the trainer's ``train_loss``, the same figure on a
+    run that was not resumed), not the last logged loss, which is lower on a run that is still learning.
     """
     for key in ("train_loss_mean", "train_loss"):
         if isinstance(summary.get(key), (int, float)):

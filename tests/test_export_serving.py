@@ -104,7 +104,7 @@ def test_weakest_labels_lists_only_labels_below_the_model_and_says_when_there_ar
 
 def test_the_card_names_the_loss_for_what_it_is(trained_run, tmp_path):
     card = _card(trained_run, tmp_path)
-    steps, loss = trained_run.summary["optimizer_steps"], trained_run.summary["train_loss"]
+    steps, loss = trained_run.summary["optimizer_steps"], trained_run.summary["train_loss_mean"]
     assert f"({steps} optimizer steps, mean training loss {loss:.4f})" in card
     assert "final loss" not in card
 

@@ -145,7 +145,13 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_adapter(trained_run, rec
     assert [e["step"] for e in log if "loss" in e] == [4, 8, 12]  # history from before the kill is kept
     with sqlite3.connect(db) as con:
         statuses = con.execute("select run_uuid, status from runs").fetchall()
+        # Step 4 was logged before the kill and trained again after the resume from step 3: one point, not two.
+        steps = con.execute("select step from metrics where key = 'train.loss' order by step").fetchall()
     assert statuses == [(killed_run_id, "FINISHED")]
+    assert [s for (s,) in steps] == [4, 8, 12]
+    # The loss over all 12 steps, as the uninterrupted run reports it (the trainer's own figure covers only 4-12).
+    assert summary["train_loss_steps"] == "1-12"
+    assert summary["train_loss_mean"] == pytest.approx(trained_run.summary["train_loss_mean"], abs=1e-4)
 
 
 def test_resume_defaults_to_the_newest_run_of_the_recipe(tmp_path):
