@@ -89,6 +89,35 @@ def verify(checkpoint: str | Path) -> str | None:
     return None
 
 
+def rotate(checkpoints_dir: str | Path, keep: int) -> list[Path]:
+    """Delete checkpoints older than the newest ``keep`` sealed ones; returns what was deleted.
+
+    Called right after a checkpoint is sealed, never before: the trainer's own rotation deleted old checkpoints
+    before the new one was sealed, so with one kept a crash in between left nothing to resume from. Only a
+    sealed checkpoint counts towards ``keep``; one newer than every sealed checkpoint is never deleted here.
+    """
+    import shutil
+
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    found = sorted(
+        (p for p in checkpoints_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+        key=checkpoint_step,
+        reverse=True,
+    )
+    sealed = [p for p in found if (p / SEAL).is_file()]
+    if len(sealed) <= keep:
+        return []
+    oldest_kept = checkpoint_step(sealed[keep - 1])
+    deleted = []
+    for path in found:
+        if checkpoint_step(path) < oldest_kept:  # type: ignore[operator]
+            shutil.rmtree(path)
+            deleted.append(path)
+    return deleted
+
+
 @dataclass
 class Found:
     """The checkpoint to resume from (None when there is none) and the ones skipped on the way, with reasons."""

@@ -183,9 +183,9 @@ class TrainingSection(_Section):
     save_steps: int = Field(default=200, gt=0, description="Write a checkpoint every N optimizer steps.")
     save_total_limit: int = Field(
         default=2,
-        ge=2,
-        description="Checkpoints kept on disk (oldest deleted first). At least 2, so that a checkpoint cut short by "
-        "a crash always leaves a complete one to resume from.",
+        ge=1,
+        description="Sealed checkpoints kept on disk; the oldest is deleted only after the newest is sealed, so a "
+        "crash at any moment leaves a complete one to resume from (1 is safe; 2 also survives a corrupted disk).",
     )
     # Sequence handling and loss (TRL's SFTConfig names).
     packing: bool = Field(

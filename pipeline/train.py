@@ -133,7 +133,7 @@ def sft_config(recipe: Recipe, run_dir: Path, device: str, env: Env) -> Any:
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # SealCheckpoints rotates, after sealing (checkpoints.rotate)
         report_to="none",  # pipeline logs to MLflow itself: one run, our param names
         disable_tqdm=True,  # progress is printed by ProgressCallback, readable in logs
         max_length=t.max_length,
@@ -394,7 +394,7 @@ def _sft_trainer(
         args=sft_config(recipe, run_dir, device, env),
         train_dataset=to_dataset(train_examples),
         processing_class=tokenizer,
-        callbacks=[progress, SealCheckpoints()],
+        callbacks=[progress, SealCheckpoints(recipe.training.save_total_limit)],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressCallback prints lines
     restore_adapter_dtype(trainer.model, recipe)
@@ -539,14 +539,18 @@ class SealCheckpoints(TrainerCallback):
     barrier after them, so every rank waits here first and rank 0 then seals every file present.
     """
 
+    def __init__(self, keep: int):
+        self.keep = keep  # training.save_total_limit
+
     def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-        """Called by the trainer on every rank after each checkpoint."""
+        """Called by the trainer on every rank after each checkpoint: seal it, then delete the oldest."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # all ranks' files are on disk before rank 0 hashes the directory
         if state.is_world_process_zero:
             checkpoints.seal(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+            checkpoints.rotate(args.output_dir, self.keep)
 
 
 class ProgressCallback(TrainerCallback):

@@ -57,11 +57,46 @@ def test_flash_attention_is_refused_clearly_where_it_cannot_run(recipe_with, tmp
     assert "Traceback" not in result.stderr
 
 
-def test_save_total_limit_keeps_a_fallback(tiny_recipe_path):
-    from pipeline.recipe import RecipeError
+def test_save_total_limit_1_always_leaves_a_sealed_checkpoint(tiny_recipe_path, tmp_path, monkeypatch):
+    """The oldest checkpoint goes only after the newest is sealed: a kill between the two (injected here in the
+    deletion) leaves the new one sealed and the old one whole, and resume takes the new one."""
+    import shutil
+    from types import SimpleNamespace
 
-    with pytest.raises(RecipeError, match="training.save_total_limit"):
-        load_recipe(tiny_recipe_path, ["training.save_total_limit=1"])
+    from pipeline import checkpoints
+    from pipeline.train import SealCheckpoints, sft_config
+
+    recipe = load_recipe(tiny_recipe_path, ["training.save_total_limit=1"])
+    assert sft_config(recipe, tmp_path, "cpu", make_env(1)).save_total_limit is None  # the trainer rotates nothing
+
+    def checkpoint(step):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        (path / "optimizer.pt").write_bytes(b"x" * 100)
+        return path
+
+    seal = SealCheckpoints(recipe.training.save_total_limit)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=3)
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    checkpoint(3)
+    seal.on_save(args, state, None)
+    checkpoint(6)  # written, not yet sealed: the old checkpoint must still be there
+    assert checkpoints.latest_valid(tmp_path, set_aside=False).checkpoint.name == "checkpoint-3"
+
+    def killed(path, *a, **k):
+        raise KeyboardInterrupt("killed while deleting the old checkpoint")
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    state.global_step = 6
+    with pytest.raises(KeyboardInterrupt):
+        seal.on_save(args, state, None)
+    assert checkpoints.latest_valid(tmp_path, set_aside=False).checkpoint.name == "checkpoint-6"
+    assert checkpoints.verify(tmp_path / "checkpoint-3") is None  # untouched, a second fallback
+    monkeypatch.undo()
+    checkpoint(9)
+    state.global_step = 9
+    seal.on_save(args, state, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-9"]
 
 
 def test_packed_training_run(recipe_with, tmp_path):
