@@ -61,6 +61,7 @@ def test_removed_reordered_or_truncated_entries_are_detected(tmp_path, how):
 
 def test_every_command_is_audited_and_verify_exits_1_on_tampering(tmp_path, tiny_assets):
     env_log = tmp_path / "audit.jsonl"
+    session_log = os.environ["PIPELINE_AUDIT_LOG"]
     os.environ["PIPELINE_AUDIT_LOG"] = str(env_log)  # inherited by the subprocesses below
     try:
         data = tiny_assets["data"]
@@ -94,7 +95,7 @@ def test_every_command_is_audited_and_verify_exits_1_on_tampering(tmp_path, tiny
         bad = run_cli("audit", "verify")
         assert bad.returncode == 1 and "does not follow the previous entry" in bad.stderr
     finally:
-        os.environ["PIPELINE_AUDIT_LOG"] = str(tmp_path / "elsewhere.jsonl")
+        os.environ["PIPELINE_AUDIT_LOG"] = session_log  # the later tests append to the session's log again
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,30 +6,54 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT
 from helpers import make_env
 
 from pipeline.recipe import load_recipe
 
+DDP_SECTIONS = {
+    "training": {"max_steps": None, "num_epochs": 1, "save_steps": 4},
+    "eval": {"batch_size": 4, "max_new_tokens": 4, "max_examples": 4, "systems": ["finetuned"]},
+}
 
-def test_ddp_two_processes_on_cpu(recipe_with, tmp_path):
-    db = tmp_path / "mlruns.db"
-    path = recipe_with(
-        "ddp.yaml",
-        training={"max_steps": None, "num_epochs": 1, "save_steps": 4},
-        eval={"batch_size": 4, "max_new_tokens": 4, "max_examples": 4, "systems": ["finetuned"]},
-        tracking={"uri": f"sqlite:///{db}", "experiment": "ddp"},
-    )
-    run = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train", str(path), "--num-processes", "2", "--run-dir", str(run)],
-        cwd=tmp_path,  # a stray run directory from another rank would appear under tmp_path/runs
+
+def _ddp_recipe(tiny_recipe_data, root, db):
+    from conftest import write_recipe
+
+    data = {**tiny_recipe_data, "tracking": {"uri": f"sqlite:///{db}", "experiment": "ddp"}}
+    for key, value in DDP_SECTIONS.items():
+        data[key] = {**tiny_recipe_data.get(key, {}), **value}
+    return write_recipe(root / "ddp.yaml", data)
+
+
+def _train(*args, cwd):
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", *args],
+        cwd=cwd,  # a stray run directory from another rank would appear under cwd/runs
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=400,
     )
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_recipe_data, tmp_path_factory):
+    """One 2-process DDP run on this machine (torchrun --standalone, gloo)."""
+    root = tmp_path_factory.mktemp("ddp")
+    db = root / "mlruns.db"
+    path = _ddp_recipe(tiny_recipe_data, root, db)
+    run = root / "run"
+    proc = _train(str(path), "--num-processes", "2", "--run-dir", str(run), cwd=root)
+    stdout, stderr = proc.communicate(timeout=400)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), path, run, db
+
+
+def test_ddp_two_processes_on_cpu(ddp_run):
+    result, path, run, db = ddp_run
+    tmp_path = run.parent
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Launching 2 x 1 training processes (DDP) with torchrun" in result.stdout
 
@@ -53,6 +77,35 @@ def test_ddp_two_processes_on_cpu(recipe_with, tmp_path):
         assert con.execute("select status from runs").fetchall() == [("FINISHED",)]
     # Printing is rank 0's job too: one plan, not two.
     assert result.stdout.count("effective batch = micro-batch") == 1
+
+
+def test_two_nodes_on_loopback_train_like_two_processes_on_one(ddp_run, tmp_path):
+    """torchrun --nnodes 2, one CPU process per node, rendezvous on 127.0.0.1: the same adapter as the
+    single-node 2-process run, and one run directory, evaluation and MLflow run written by node 0's rank 0."""
+    from helpers import free_port
+
+    _, path, single, _ = ddp_run
+    run, port = tmp_path / "run", str(free_port())
+    common = ["--nnodes", "2", "--num-processes", "1", "--master-addr", "127.0.0.1", "--master-port", port]
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    nodes = [
+        _train(str(path), *common, "--node-rank", str(rank), "--run-dir", str(run), cwd=tmp_path / f"node{rank}")
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=400) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr[-4000:]
+    assert "Launching 1 x 2 training processes (DDP) with torchrun" in outputs[0][0]
+    from safetensors.torch import load_file
+
+    two_nodes = load_file(run / "adapter" / "adapter_model.safetensors")
+    one_node = load_file(single / "adapter" / "adapter_model.safetensors")
+    assert set(two_nodes) == set(one_node)
+    for name, tensor in one_node.items():
+        torch.testing.assert_close(two_nodes[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert (run / "eval" / "metrics.json").is_file()
+    assert not any((tmp_path / f"node{rank}" / "runs").exists() for rank in (0, 1))
 
 
 def test_fsdp_qlora_settings(tiny_recipe_path, monkeypatch):
