@@ -27,7 +27,7 @@ def wrapped_os_error(exc: BaseException) -> OSError | None:
     ``SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')`` and
     ``torch.save`` a ``RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos ...')``. The
     error is rebuilt here so it gets the same one-line explanation as any other (neither message names the file:
-    ``describe_os_error`` names the run directory).
+    ``describe_os_error`` names the file written last in the run directory).
     """
     import errno
 
@@ -61,8 +61,9 @@ def describe_os_error(
 
     from pipeline.audit import current_user
 
-    # No file named (a library's error rebuilt by wrapped_os_error, or a bare OSError): the run directory is.
-    where = exc.filename or (f"{run_dir}/..." if run_dir else "(unknown file)")
+    # No file named (a library's error rebuilt by wrapped_os_error, or a bare OSError): the file written last in
+    # the run directory is the one the write failed on (a checkpoint's optimizer.pt, the adapter's weights).
+    where = exc.filename or _last_written(run_dir) or (f"{run_dir}/..." if run_dir else "(unknown file)")
     if exc.filename2:
         where = f"{where} -> {exc.filename2}"
     kept = "files written before it are intact (outputs are written to a temporary file, then renamed)"
@@ -93,6 +94,23 @@ def describe_os_error(
     if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
         return f"{where}: {exc.strerror}: a file and a directory share the name; pick another --run-dir.", EXIT_USAGE
     return f"{where}: {exc.strerror or type(exc).__name__}; {kept}.", EXIT_FAILED
+
+
+def _last_written(run_dir: str | os.PathLike | None) -> str | None:
+    """The most recently modified file under ``run_dir``, named as such (None without one)."""
+    if not run_dir or not os.path.isdir(run_dir):
+        return None
+    newest: tuple[int, str] | None = None
+    for folder, _, names in os.walk(run_dir):
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                stamp = os.stat(path).st_mtime_ns
+            except OSError:
+                continue
+            if newest is None or stamp > newest[0]:
+                newest = (stamp, path)
+    return f"{newest[1]} (the file written last in {run_dir}; the error names none)" if newest else None
 
 
 def _is_output(filename: str | os.PathLike, roots: tuple) -> bool:
