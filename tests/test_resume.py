@@ -89,17 +89,27 @@ def _adapter(run_dir):
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def test_kill_9_then_resume_ends_with_the_uninterrupted_adapter(trained_run, recipe_with, tmp_path):
+def test_kill_9_then_resume_ends_with_the_uninterrupted_adapter(recipe_with, tmp_path):
     """SIGKILL a real `python -m pipeline train` after two checkpoints, corrupt the newest, resume, compare.
 
-    The reference is the shared session run (conftest.trained_run): the same recipe, trained without a break;
-    checkpoint frequency and the tracking store do not change the arithmetic.
+    With LoRA dropout on, so the RNG state restored from the checkpoint decides the result: the reference is the
+    same recipe trained without a break (checkpoint frequency and the tracking store do not change the
+    arithmetic).
     """
+    from pipeline.recipe import load_recipe
+    from pipeline.train import train
+
+    quick_eval = {"batch_size": 4, "max_new_tokens": 4, "max_examples": 4, "systems": ["finetuned"]}
+    reference_recipe = recipe_with(
+        "reference.yaml", lora={"dropout": 0.1}, eval=quick_eval, tracking={"enabled": False}
+    )
+    uninterrupted = train(load_recipe(reference_recipe), recipe_source=reference_recipe, run_dir=tmp_path / "reference")
     db = tmp_path / "mlruns.db"
     path = recipe_with(
         "resume.yaml",
+        lora={"dropout": 0.1},
         training={"save_steps": 3},
-        eval={"batch_size": 4, "max_new_tokens": 4, "max_examples": 4, "systems": ["finetuned"]},
+        eval=quick_eval,
         tracking={"uri": f"sqlite:///{db}", "experiment": "resume"},
     )
     run = tmp_path / "run"
@@ -131,7 +141,7 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_adapter(trained_run, rec
     assert skipped in resumed.stdout
     assert f"Resuming {run} from {run / 'checkpoints' / 'checkpoint-3'} (step 3)" in resumed.stdout
 
-    reference, got = _adapter(trained_run.run_dir), _adapter(run)
+    reference, got = _adapter(uninterrupted.run_dir), _adapter(run)
     assert set(reference) == set(got)
     for name, tensor in reference.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
@@ -151,7 +161,7 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_adapter(trained_run, rec
     assert [s for (s,) in steps] == [4, 8, 12]
     # The loss over all 12 steps, as the uninterrupted run reports it (the trainer's own figure covers only 4-12).
     assert summary["train_loss_steps"] == "1-12"
-    assert summary["train_loss_mean"] == pytest.approx(trained_run.summary["train_loss_mean"], abs=1e-4)
+    assert summary["train_loss_mean"] == pytest.approx(uninterrupted.summary["train_loss_mean"], abs=1e-4)
 
 
 def test_resume_defaults_to_the_newest_run_of_the_recipe(tmp_path):
