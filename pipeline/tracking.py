@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,9 @@ class Tracker:
         self.uri = tracking_uri(recipe, explicit=uri)
         self.offline = False
         self._pending = Path(run_dir) / "tracking" / "pending.jsonl" if run_dir is not None else None
+        self._sender: Any = None  # the metrics sender thread, started on the first metrics call
+        self._in_flight: list[Any] = []
+        self._lock = threading.Lock()
         if not self.enabled:
             return
         self._experiment = recipe.tracking.experiment or recipe.name
@@ -217,9 +221,11 @@ class Tracker:
         payload = {"name": name, "artifact_path": artifact_path, "tags": tags, "description": description}
         if not self.enabled:
             return None
+        self.flush()
         if not self.offline:
             try:
-                return register_version(self._client, self.run_id, **payload)
+                with self._lock:
+                    return register_version(self._client, self.run_id, **payload)
             except Exception as exc:  # noqa: BLE001 - the job goes on without the server
                 if _rejected(exc):  # refused (a name the registry does not accept): queueing would be refused again
                     self._reject("register", payload, exc)
@@ -237,8 +243,10 @@ class Tracker:
         """
         if not self.enabled or self.offline:
             return {}
+        self.flush()  # the eval metrics just logged are part of what it carries
         try:
-            run = self._client.get_run(self.run_id)
+            with self._lock:
+                run = self._client.get_run(self.run_id)
         except Exception as exc:  # noqa: BLE001 - the job goes on without the server
             self._go_offline(exc)
             return {}
@@ -251,22 +259,45 @@ class Tracker:
         return carried
 
     def end(self, status: str = "FINISHED") -> None:
-        """Close the run as FINISHED, FAILED or KILLED."""
+        """Close the run as FINISHED, FAILED or KILLED (after every metric still in flight)."""
         self._op("end", {"status": status})
+        if self._sender is not None:
+            self._sender.shutdown(wait=True)
+            self._sender = None
+
+    def flush(self) -> None:
+        """Wait for the metrics in flight: every other call waits for them, so the store sees calls in order."""
+        in_flight, self._in_flight = self._in_flight, []
+        for future in in_flight:
+            future.result()
 
     def _op(self, kind: str, payload: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        if not self.offline:
-            try:
-                apply_op(self._client, self.run_id, kind, payload)
-                return
-            except Exception as exc:  # noqa: BLE001 - the job goes on without the server
-                if _rejected(exc):
-                    self._reject(kind, payload, exc)
+        if kind == "metrics" and not self.offline:
+            # The training loop logs every logging_steps: a slow or dying server must not hold a step. One
+            # background thread sends them in order; the trainer goes on at once.
+            if self._sender is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-tracking")
+            self._in_flight.append(self._sender.submit(self._send, kind, payload))
+            return
+        self.flush()
+        self._send(kind, payload)
+
+    def _send(self, kind: str, payload: dict[str, Any]) -> None:
+        with self._lock:  # the sender thread and the caller never both talk to the store or write the queue
+            if not self.offline:
+                try:
+                    apply_op(self._client, self.run_id, kind, payload)
                     return
-                self._go_offline(exc)
-        self._queue(kind, payload)
+                except Exception as exc:  # noqa: BLE001 - the job goes on without the server
+                    if _rejected(exc):
+                        self._reject(kind, payload, exc)
+                        return
+                    self._go_offline(exc)
+            self._queue(kind, payload)
 
     def _reject(self, kind: str, payload: dict[str, Any], exc: Exception) -> None:
         reason = redact_secrets(str(exc)).splitlines()[0][:300] if str(exc) else type(exc).__name__

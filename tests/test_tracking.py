@@ -359,6 +359,36 @@ def test_a_server_that_dies_mid_run_costs_seconds_not_minutes(tmp_path, monkeypa
     assert ops == ["start", "metrics"]
 
 
+def test_metrics_leave_the_training_loop_at_once_and_reach_the_store_in_order(tmp_path, monkeypatch):
+    """A slow store does not hold a training step: metrics go out on a background thread, in order, and every
+    other call (and the end of the run) waits for them."""
+    from mlflow.tracking import MlflowClient
+
+    import pipeline.tracking as tracking
+    from pipeline.recipe import load_recipe
+
+    real = tracking.apply_op
+
+    def slow(client, run_id, kind, payload):
+        if kind == "metrics":
+            time.sleep(0.5)  # a store taking half a second per call
+        real(client, run_id, kind, payload)
+
+    monkeypatch.setattr(tracking, "apply_op", slow)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"tracking.uri={uri}"])
+    with tracking.Tracker(recipe, run_name="slow-store") as tracker:
+        started = time.monotonic()
+        for step in range(1, 5):
+            tracker.log_metrics({"train.loss": 1.0 / step}, step=step)
+        assert time.monotonic() - started < 0.5  # 2 s of sending did not hold the loop
+        tracker.set_tags({"after": "the metrics"})
+    client = MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(tracker.run_id, "train.loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(s, 1.0 / s) for s in range(1, 5)]
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
 def test_tracker_as_a_context_manager_closes_its_run_finished_or_failed(tmp_path):
     from mlflow.tracking import MlflowClient
 
