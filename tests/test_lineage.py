@@ -222,6 +222,12 @@ def test_a_reviewer_gets_the_training_view_a_description_and_promotion_by_alias(
 
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri=mlflow_server).set_tag(result.mlflow_run_id, "eval.comparison.verdict", "worse")
+    store = MlflowClient(tracking_uri=mlflow_server)
+    store.set_tag(result.mlflow_run_id, "export.verified", "False")  # what a failed `export --merge` records
+    refused = run_main("promote", result.mlflow_run_id, "--tracking-uri", mlflow_server, "--alias", "prod")
+    assert refused.returncode == 1 and "its merged export failed verification" in refused.stderr
+    store.set_tag(result.mlflow_run_id, "export.verified", "True")
+    store.set_tag(result.mlflow_run_id, "eval.comparison.verdict", "worse")
     refused = run_main("promote", result.mlflow_run_id, "--tracking-uri", mlflow_server, "--alias", "prod")
     assert refused.returncode == 1 and "its verdict against the baseline is 'worse'" in refused.stderr
+    assert "prod" not in store.get_model_version("review-tiny", "1").aliases

@@ -87,7 +87,11 @@ def test_ui_serves_the_store_on_loopback_only(tmp_path, trained_run):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-        env={**__import__("os").environ, "MLFLOW_TRACKING_URI": trained_run.summary["tracking_uri"]},
+        env={
+            **__import__("os").environ,
+            "MLFLOW_TRACKING_URI": trained_run.summary["tracking_uri"],
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job-runner processes (tests/helpers.py)
+        },
     )
     try:
         deadline = time.time() + 90
