@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT
-from helpers import run_cli
+from helpers import run_cli, run_main
 from safetensors.torch import load_file
 
 
@@ -99,7 +99,7 @@ def test_completion_cut_by_max_length_is_quarantined_by_the_contract(recipe_with
         training={"max_length": 40},
         tracking={"uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment": "short"},
     )
-    result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    result = run_main("train", str(path), "--run-dir", str(tmp_path / "run"))  # in-process: no second torch import
     # The contract's token check (with the recipe's tokenizer) catches it: every row is quarantined with the
     # reason, and the run stops before the model loads.
     assert result.returncode == 1, result.stderr[-2000:]
@@ -134,7 +134,7 @@ def test_completion_cut_by_max_length_stops_before_the_first_step(tiny_assets, r
         training={"max_length": 40},
         tracking={"uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment": "short"},
     )
-    result = run_cli("train", str(path), "--run-dir", str(tmp_path / "run"))
+    result = run_main("train", str(path), "--run-dir", str(tmp_path / "run"))  # in-process: no second torch import
     assert result.returncode == 1, result.stderr[-2000:]
     assert "training data check failed before the first step" in result.stderr
     assert "Raise training.max_length (now 40)" in result.stderr
