@@ -72,7 +72,6 @@ class _Rows:
     texts: list[str] = field(default_factory=list)  # per readable position (signatures are computed in batches)
     without_text: dict[str, int] = field(default_factory=dict)  # why -> rows
     first_lines: list[int] = field(default_factory=list)  # line numbers of the first rows without text
-    sample: list[dict[str, Any]] = field(default_factory=list)
 
 
 def split_file(
