@@ -78,6 +78,7 @@ def model_card(
     lines += _license_section(ack, lic)
     lines += _data_section(validation)
     lines += _settings_section(recipe, summary)
+    lines += _prompt_section(rundir.read_json(run_dir / "prompt.json"))
     lines += ["## Evaluation", "", *_eval_section(metrics_json)]
     if merge_report:
         lines += _merge_section(merge_report)
@@ -87,6 +88,32 @@ def model_card(
         lines += _serving_section(serving)
     lines += _use_and_limitations(recipe, kind, validation, metrics_json)
     return "\n".join(lines) + "\n"
+
+
+def _prompt_section(record: dict[str, Any]) -> list[str]:
+    """The prompt the model was trained and evaluated with (the run's prompt.json): serve it with the same one."""
+    rendering = record.get("rendering")
+    if not rendering:
+        return []
+    fence = "````"
+    lines = [
+        "## Prompt",
+        "",
+        f"Trained and evaluated with this prompt (task `{rendering.get('task')}`, answer type "
+        f"`{rendering.get('answer')}`, target field `{rendering.get('target')}`, prompt format "
+        f"`{rendering.get('prompt_format')}`); send the same one when serving. prompt.json in the run holds it "
+        "with one rendered example.",
+        "",
+    ]
+    if rendering.get("system_prompt"):
+        lines += ["System prompt:", "", fence, rendering["system_prompt"], fence, ""]
+    if rendering.get("user_prompt"):
+        lines += ["User prompt template:", "", fence, rendering["user_prompt"], fence, ""]
+    if record.get("skeleton"):
+        lines += ["The whole prompt, placeholders left in:", "", fence, record["skeleton"], fence, ""]
+    if rendering.get("chat_template_sha256"):
+        lines += [f"Chat template SHA-256: `{rendering['chat_template_sha256']}`.", ""]
+    return lines
 
 
 def _header(recipe: Recipe, *, model_name: str, kind: str, lic: Any, mlflow_run_id: str | None) -> list[str]:

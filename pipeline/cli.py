@@ -434,6 +434,14 @@ def cmd_plan(args: argparse.Namespace, outcome: Outcome) -> int:
     from pipeline.plan import find_model_config, make_plan, render_plan
 
     recipe = _load(args, outcome)
+    if Path(recipe.data.contract).is_file():  # the task against the contract's fields, as validate checks it
+        from pipeline.contracts import load_contract
+        from pipeline.data import task_problems
+        from pipeline.recipe import RecipeError
+
+        problems = task_problems(recipe, load_contract(recipe.data.contract), args.recipe)
+        if problems:
+            raise RecipeError(problems)
     train_file = Path(recipe.data.train)
     rows = _count_lines(train_file) if train_file.is_file() else 0
     config, source = find_model_config(recipe.model.path)

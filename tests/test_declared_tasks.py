@@ -147,6 +147,8 @@ def test_validate_reports_every_task_contract_mismatch_by_its_key_with_exit_2(re
     assert result.returncode == 2, result.stderr
     err = result.stderr
     assert "task.target: 'categroy' is not a field of" in err and "(did you mean 'category'?)" in err
+    planned = run_main("plan", str(path), "--run-dir", str(tmp_path / "p"))  # plan checks the task the same way
+    assert planned.returncode == 2 and "task.target: 'categroy' is not a field of" in planned.stderr
 
     path = _legal_recipe(recipe_with, legal, "two.yaml", user_prompt="Clause: {clause_txt} {category}")
     err = run_main("validate", str(path), "--run-dir", str(tmp_path / "v2")).stderr

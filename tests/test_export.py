@@ -91,6 +91,9 @@ def test_model_card_has_every_section_and_no_raw_data(exported, tiny_assets, tra
     card = (out / "merged" / "README.md").read_text()
     for heading in ("## License", "## Training data", "## Training settings", "## Evaluation", "## Merge"):
         assert heading in card, heading
+    # The prompt it was trained with, as prompt.json records it: the medical preset through the plain format.
+    assert "## Prompt" in card and "You are a certified medical coder." in card
+    assert "Note: {note}\nCodes:" in card and "prompt format `plain`" in card
     for heading in ("## Intended use", "## Limitations"):
         assert heading in card
     assert trained_run.mlflow_run_id in card and "Apache License 2.0" in card
