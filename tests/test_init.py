@@ -1,0 +1,262 @@
+"""`python -m pipeline init`: a contract and a recipe inferred from one file, the split, and the refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from pipeline.contracts import load_contract
+from pipeline.errors import UsageError
+from pipeline.scaffold import init_project
+
+WORDS = [f"w{i}" for i in range(300)]
+
+
+def text(rng: random.Random, low: int = 6, high: int = 30) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def clause_rows(n: int = 60, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    labels = ["payment", "termination", "liability"]
+    return [{"clause_id": f"C-{i:04d}", "clause_text": text(rng), "category": labels[i % 3]} for i in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def written(root: Path, name: str) -> tuple[dict, dict, str, str]:
+    contract_text = (root / "data_contracts" / f"{name}.yaml").read_text(encoding="utf-8")
+    recipe_text = (root / "recipes" / f"{name}.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(contract_text), yaml.safe_load(recipe_text), contract_text, recipe_text
+
+
+def line_of(text: str, start: str) -> str:
+    return next(line for line in text.splitlines() if line.strip().startswith(start))
+
+
+def test_csv_with_its_own_column_names(tmp_path):
+    rows = clause_rows()
+    write_csv(tmp_path / "clauses.csv", rows)
+    result = init_project(tmp_path / "clauses.csv", root=tmp_path)
+
+    assert (result.name, result.contract, result.recipe) == (
+        "clauses",
+        "data_contracts/clauses.yaml",
+        "recipes/clauses.yaml",
+    )
+    contract, recipe, contract_text, recipe_text = written(tmp_path, "clauses")
+    loaded = load_contract(tmp_path / result.contract)  # the contract loader accepts what init wrote
+    assert loaded.format == "csv" and loaded.id_field == "clause_id"
+    category = loaded.fields["category"]
+    assert category.type == "string" and category.required and category.enum == ["liability", "payment", "termination"]
+    assert "3 distinct values in 60 rows: payment 20, termination 20, liability 20" in line_of(contract_text, "enum:")
+    longest = max(len(r["clause_text"]) for r in rows)
+    clause_text = loaded.fields["clause_text"]
+    assert (clause_text.min_length, clause_text.max_length) == (1, math.ceil(1.5 * longest))
+    assert f"longest {longest} chars in 60 rows; limit = 1.5x" in contract_text
+    assert clause_text.pii == "warn" and loaded.fields["clause_id"].pii is None
+    assert loaded.dataset.text_fields == ["clause_text"] and loaded.dataset.label_field == "category"
+    assert (loaded.dataset.exact_duplicates, loaded.dataset.near_duplicates, loaded.dataset.leakage) == (
+        "quarantine",
+        "report",
+        "quarantine",
+    )
+    assert loaded.tokens is not None and contract["pii"]["min_score"] == 0.4
+
+    assert recipe["task"] == {"answer": "label", "target": "category", "user_prompt": "{clause_text}"}
+    assert recipe["extends"] == str(ROOT / "recipes" / "quickstart.yaml")  # not in tmp_path: the checkout's, absolute
+    assert recipe["data"] == {
+        "contract": "data_contracts/clauses.yaml",
+        "train": "data/clauses/train.csv",
+        "eval": "data/clauses/eval.csv",
+    }
+    assert recipe["name"] == "clauses" and recipe["tracking"] == {"experiment": "clauses"}
+    assert "named like a target" in line_of(recipe_text, "target:")
+    # The split: every row on one side, the header on both, the manifest beside them.
+    with (tmp_path / "data/clauses/train.csv").open() as f1, (tmp_path / "data/clauses/eval.csv").open() as f2:
+        train, evaluation = list(csv.DictReader(f1)), list(csv.DictReader(f2))
+    assert len(train) + len(evaluation) == 60 and len(evaluation) == 6
+    assert sorted(r["clause_id"] for r in train + evaluation) == sorted(r["clause_id"] for r in rows)
+    manifest = json.loads((tmp_path / "data/clauses/split_manifest.json").read_text())
+    assert manifest["compared"]["text_fields"] == ["clause_text"]
+    assert any("answer label from 'category'" in line for line in result.lines)
+
+
+def test_jsonl_list_target_missing_fields_and_mixed_types(tmp_path):
+    rng = random.Random(1)
+    codes = ["A", "B", "C", "D"]
+    rows = []
+    for i in range(40):
+        row = {"id": f"n{i}", "note": text(rng, 10, 40), "codes": rng.sample(codes, rng.randint(1, 3)), "age": 30 + i}
+        if i % 10 == 0:
+            del row["age"]  # missing in 4 of 40 rows
+        rows.append(row)
+    rows[5]["age"] = "forty"  # one value of another type
+    write_jsonl(tmp_path / "notes.jsonl", rows)
+    init_project(tmp_path / "notes.jsonl", root=tmp_path)
+
+    contract, recipe, contract_text, _ = written(tmp_path, "notes")
+    loaded = load_contract(tmp_path / "data_contracts/notes.yaml")
+    assert recipe["task"] == {"answer": "labels", "target": "codes", "user_prompt": "{note}"}
+    rule = loaded.fields["codes"]
+    assert rule.type == "list" and rule.items.enum == codes and rule.unique_items
+    most = max(len(r["codes"]) for r in rows)
+    assert (rule.min_items, rule.max_items) == (1, math.ceil(1.5 * most))
+    age = loaded.fields["age"]
+    assert age.type == "integer" and age.required is False
+    assert "missing or null in 4 of 40 rows" in contract_text
+    assert "1 value(s) of another type (string 1) are quarantined" in contract_text
+    assert loaded.id_field == "id" and loaded.dataset.text_fields == ["note"]
+
+
+def test_parquet_with_a_number_field(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rng = random.Random(2)
+    rows = [{"text": text(rng), "label": ["pos", "neg"][i % 2], "score": rng.random()} for i in range(40)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "reviews.parquet")
+    result = init_project(tmp_path / "reviews.parquet", root=tmp_path, name="reviews-v1")
+
+    loaded = load_contract(tmp_path / result.contract)
+    assert loaded.format == "parquet" and loaded.id_field is None
+    assert loaded.fields["label"].enum == ["neg", "pos"]
+    assert loaded.fields["score"].type == "number" and loaded.fields["score"].required
+    assert loaded.fields["text"].max_length == math.ceil(1.5 * max(len(r["text"]) for r in rows))
+    _, recipe, _, _ = written(tmp_path, "reviews-v1")
+    assert recipe["task"]["answer"] == "label" and recipe["data"]["train"] == "data/reviews-v1/train.parquet"
+    assert pq.read_table(tmp_path / "data/reviews-v1/eval.parquet").num_rows == 4
+
+
+def test_openai_chat_file_trains_as_task_chat(tmp_path):
+    rng = random.Random(3)
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Route the ticket."},
+                {"role": "user", "content": text(rng)},
+                {"role": "assistant", "content": rng.choice(["billing", "shipping"])},
+            ]
+        }
+        for _ in range(30)
+    ]
+    write_jsonl(tmp_path / "openai_train.jsonl", rows)
+    result = init_project(tmp_path / "openai_train.jsonl", root=tmp_path)
+
+    loaded = load_contract(tmp_path / result.contract)
+    assert loaded.conversation is not None and loaded.conversation.pii == "warn"
+    assert loaded.dataset.text_fields == ["messages"] and loaded.tokens is not None
+    assert loaded.fields["messages"].type == "list" and loaded.fields["messages"].max_items == 5  # 3 x 1.5
+    _, recipe, _, _ = written(tmp_path, "openai_train")
+    assert recipe["task"] == "chat"
+    assert recipe["extends"] == str(ROOT / "recipes" / "openai_migration_quickstart.yaml")
+    with pytest.raises(UsageError, match="trains as task: chat"):
+        init_project(tmp_path / "openai_train.jsonl", root=tmp_path, target="messages", name="other")
+
+
+def test_never_overwrites_without_force(tmp_path):
+    write_csv(tmp_path / "clauses.csv", clause_rows())
+    init_project(tmp_path / "clauses.csv", root=tmp_path)
+    contract = tmp_path / "data_contracts/clauses.yaml"
+    contract.write_text("# my edits\n" + contract.read_text())
+    with pytest.raises(UsageError) as refused:
+        init_project(tmp_path / "clauses.csv", root=tmp_path)
+    message = str(refused.value)
+    for path in ("data_contracts/clauses.yaml", "recipes/clauses.yaml", "data/clauses/train.csv"):
+        assert path in message
+    assert "--force" in message
+    assert contract.read_text().startswith("# my edits")
+    init_project(tmp_path / "clauses.csv", root=tmp_path, force=True)
+    assert not contract.read_text().startswith("# my edits")
+
+
+def test_eval_file_given_and_parent_in_the_working_directory(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    for name in ("quickstart.yaml", "medical_coding.yaml"):
+        (tmp_path / "recipes" / name).write_text((ROOT / "recipes" / name).read_text())
+    write_jsonl(tmp_path / "train.jsonl", clause_rows(30, seed=4))
+    write_jsonl(tmp_path / "dev.jsonl", clause_rows(9, seed=5))
+    result = init_project(tmp_path / "train.jsonl", root=tmp_path, eval_file=tmp_path / "dev.jsonl", name="legal")
+
+    _, recipe, contract_text, _ = written(tmp_path, "legal")
+    assert recipe["extends"] == "quickstart.yaml"  # beside it: relative, as every shipped recipe
+    assert recipe["data"]["train"] == "train.jsonl" and recipe["data"]["eval"] == "dev.jsonl"
+    assert not (tmp_path / "data").exists()  # no split
+    assert "from 39 rows of " in contract_text  # both files profiled
+    assert result.train == "train.jsonl"
+    production = init_project(
+        tmp_path / "train.jsonl", root=tmp_path, eval_file=tmp_path / "dev.jsonl", base="production"
+    )
+    assert yaml.safe_load((tmp_path / production.recipe).read_text())["extends"] == "medical_coding.yaml"
+
+
+def test_csv_labels_separated_by_semicolons_and_text_answers(tmp_path):
+    rng = random.Random(6)
+    rows = [{"note": text(rng), "codes": ";".join(rng.sample(["E11.9", "I10", "J45.909"], 2))} for _ in range(30)]
+    write_csv(tmp_path / "coded.csv", rows)
+    init_project(tmp_path / "coded.csv", root=tmp_path, answer="labels")
+    loaded = load_contract(tmp_path / "data_contracts/coded.yaml")
+    assert loaded.fields["codes"].type == "list" and loaded.fields["codes"].items.vocabulary == "icd10cm"
+    assert loaded.fields["codes"].max_items == 3
+
+    docs = [{"document": text(rng, 40, 80), "summary": text(rng, 5, 12)} for _ in range(30)]
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    init_project(tmp_path / "docs.jsonl", root=tmp_path)
+    loaded = load_contract(tmp_path / "data_contracts/docs.yaml")
+    _, recipe, _, _ = written(tmp_path, "docs")
+    assert recipe["task"] == {"answer": "text", "target": "summary", "user_prompt": "{document}"}
+    assert loaded.fields["summary"].pii == "warn" and loaded.fields["summary"].enum is None
+    assert loaded.dataset.text_fields == ["document"] and loaded.dataset.label_field is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"target": "nope"}, "--target nope: no such field; the rows have: clause_id (string), clause_text (string)"),
+        ({"target": "clause_text", "answer": "label"}, "every value of 'clause_text' is distinct"),
+        ({"target": "clause_text", "answer": "json"}, "field 'clause_text' holds string values"),
+        ({"target": "clause_id", "answer": "number"}, "--answer number: field 'clause_id' holds string values"),
+        ({"name": "bad name!"}, "--name 'bad name!': use 1-64 letters"),
+        ({"eval_fraction": 0.001}, "leaves no eval row"),
+    ],
+)
+def test_refusals_name_the_problem_and_write_nothing(tmp_path, kwargs, expected):
+    write_csv(tmp_path / "clauses.csv", clause_rows())
+    with pytest.raises(UsageError) as refused:
+        init_project(tmp_path / "clauses.csv", root=tmp_path, **kwargs)
+    assert expected in str(refused.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clauses.csv"]
+
+
+def test_no_target_named_asks_for_one(tmp_path):
+    rng = random.Random(7)
+    write_jsonl(tmp_path / "x.jsonl", [{"question": text(rng), "reply": text(rng)} for _ in range(20)])
+    with pytest.raises(UsageError, match=r"which field is the answer\? .*question \(string\), reply \(string\)\. "
+                       r"Pass --target FIELD"):  # fmt: skip
+        init_project(tmp_path / "x.jsonl", root=tmp_path)
+    many = [{"text": text(rng), "label": f"l{i}"} for i in range(100)]  # 100 distinct labels in 100 rows: free text
+    write_jsonl(tmp_path / "many.jsonl", many)
+    with pytest.raises(UsageError, match="every value of 'label' is distinct"):
+        init_project(tmp_path / "many.jsonl", root=tmp_path, answer="label")
+    with pytest.raises(UsageError, match="--answer labels: field 'label' holds string values .*; use --answer label"):
+        init_project(tmp_path / "many.jsonl", root=tmp_path, answer="labels")  # JSON Lines: a list is a JSON array
+    result = init_project(tmp_path / "many.jsonl", root=tmp_path)  # without --answer: text, not a 100-label enum
+    assert yaml.safe_load((tmp_path / result.recipe).read_text())["task"]["answer"] == "text"
