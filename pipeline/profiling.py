@@ -48,20 +48,22 @@ class FieldStats:
     most: int = 0
     repeats: int = 0  # lists that repeat an item
     roles: int = 0  # lists of message objects with a role (OpenAI chat)
+    text: bool = False  # CSV cells: every value is text, typed only when all of them parse
     items: FieldStats | None = None
 
-    def add(self, value: Any) -> None:
-        """Count one non-null value."""
+    def add(self, value: Any, kind: str | None = None) -> None:
+        """Count one non-null value; ``kind``: the type a CSV cell (``value``, its text) is read as."""
         self.present += 1
-        kind = json_type(value)
+        kind = kind or json_type(value)
         self.kinds[kind] += 1
-        if kind == "string":
+        self.text |= isinstance(value, str) and kind != "string"
+        if isinstance(value, str):
             n = len(value)
             self.shortest = n if self.shortest is None else min(self.shortest, n)
             self.longest, self.chars = max(self.longest, n), self.chars + n
             self.with_space += " " in value.strip()
         if kind in ("string", "integer", "number", "boolean"):
-            key = (kind, value)
+            key = (kind, value)  # a CSV cell keeps its text: the column may yet turn out to be text
             if key in self.values or (
                 not self.overflow and len(self.values) <= LABELS_MAX and len(str(value)) <= SHORT
             ):
@@ -83,8 +85,8 @@ class FieldStats:
     @property
     def kind(self) -> str:
         """The contract type: the most common one; integer and number values together are numbers."""
-        if not self.kinds:
-            return "string"
+        if not self.kinds or (self.text and "string" in self.kinds):
+            return "string"  # a CSV column with one cell that is not a number is text (its numbers stay text)
         if set(self.kinds) <= {"integer", "number"}:
             return "number" if "number" in self.kinds else "integer"
         return self.kinds.most_common(1)[0][0]
@@ -152,9 +154,9 @@ def profile(files: list[Path], list_fields: frozenset[str] = frozenset()) -> Pro
                 result.rows += 1
                 for name, cell in value.items():
                     stats = result.fields.setdefault(name, FieldStats())
-                    cell = _cell(cell, name in list_fields) if csv else cell
-                    if cell is not None:
-                        stats.add(cell)
+                    typed = _cell(cell, name in list_fields) if csv else cell
+                    if typed is not None:
+                        stats.add(cell if csv and not isinstance(typed, list) else typed, json_type(typed))
         except DataFileError as exc:
             raise UsageError(str(exc)) from None
     if not result.rows:
@@ -261,6 +263,11 @@ def _answer(where: Path, target: str, stats: FieldStats, answer: str | None, row
         hint = f"; use --answer {fix[kind]}" if kind in fix else ""
         raise UsageError(f"{where}: --answer {answer}: field {target!r} holds {kind} values ({seen}){hint}")
     labels = stats.items if answer == "labels" else stats
+    if answer == "labels" and (labels is None or labels.kind not in ("string", "integer")):
+        raise UsageError(
+            f"{where}: --answer labels: {target!r} holds lists of {labels.kind if labels else 'nothing'} ({seen}); a "
+            "label set is made of strings (or integers)"
+        )
     if answer in ("label", "labels") and labels is not None and not is_icd(labels):
         if labels.overflow or labels.distinct > LABELS_MAX:
             raise UsageError(

@@ -89,6 +89,9 @@ def emit(nodes: list[Y], indent: int = 0) -> list[str]:
             continue
         block = isinstance(node.value, list) and node.value and isinstance(node.value[0], Y)
         line = f"{pad}{_flow(node.key)}:" + ("" if block else f" {_flow(node.value)}")
+        sequence = isinstance(node.value, list) and not block and len(line) > WIDTH  # a long label set: one a line
+        if sequence:
+            line = f"{pad}{_flow(node.key)}:"
         if node.note and len(line) + len(node.note) + 4 > WIDTH:
             lines += _comment(node.note, indent)
         elif node.note:
@@ -96,6 +99,8 @@ def emit(nodes: list[Y], indent: int = 0) -> list[str]:
         lines.append(line)
         if block:
             lines += emit(node.value, indent + 2)
+        elif sequence:
+            lines += [f"{pad}  - {_flow(item)}" for item in node.value]
     return lines
 
 
@@ -139,7 +144,7 @@ def contract_nodes(name: str, prof: Profile, ch: Choices) -> list[Y]:
     nodes = [
         Y("name", name),
         Y("version", 1),
-        Y("description", f"Written by `python -m pipeline init` from {prof.source}."),
+        Y("description", f"Rows like those of {' + '.join(f.name for f in prof.files)} (inferred by pipeline init)."),
         Y("format", prof.fmt),
         Y("id_field", ch.id_field, "named like an identifier" if ch.id_field else "no id field: reports give rows"),
         Y("extra_fields", "ignore", "fields not listed here are kept and not checked"),
@@ -213,7 +218,9 @@ def _enum(stats: FieldStats, rows: int) -> Y:
     note = f"{stats.distinct:,} distinct values in {rows:,} rows: {shown}"
     if once:
         note += f"; seen once: {', '.join(once[:5])}{', ...' if len(once) > 5 else ''} (a typo?)"
-    return Y("enum", sorted((v for _, v in stats.values), key=str), note)
+    typed = stats.kind != "string"  # CSV cells of a number or boolean column are kept as their text
+    values = [json.loads(v) if typed and isinstance(v, str) else v for _, v in stats.values]
+    return Y("enum", sorted(values, key=str), note)
 
 
 def _lengths(stats: FieldStats, rows: int) -> list[Y]:
@@ -251,9 +258,9 @@ class Parent:
 
 _PRODUCTION = "Llama-3.3-70B-Instruct in 4-bit NF4 on one 80 GB GPU (python -m pipeline plan: does it fit?)"
 _BASE_HINTS = {
-    "quickstart.yaml": "the tiny demo base on a CPU in minutes: it proves the job end to end on your data, its scores "
+    "quickstart.yaml": "The tiny demo base on a CPU in minutes: it proves the job end to end on your data, its scores "
     "mean little (build it once: python scripts/make_demo_assets.py); --base production for Llama-3.3-70B",
-    "openai_migration_quickstart.yaml": "the tiny demo chat base on a CPU (build it once: python "
+    "openai_migration_quickstart.yaml": "The tiny demo chat base on a CPU (build it once: python "
     "scripts/make_demo_assets.py --chat); --base production for Llama-3.3-70B",
     "medical_coding.yaml": _PRODUCTION,
     "openai_migration.yaml": _PRODUCTION,

@@ -200,7 +200,7 @@ def test_eval_file_given_and_parent_in_the_working_directory(tmp_path):
     assert recipe["extends"] == "quickstart.yaml"  # beside it: relative, as every shipped recipe
     assert recipe["data"]["train"] == "train.jsonl" and recipe["data"]["eval"] == "dev.jsonl"
     assert not (tmp_path / "data").exists()  # no split
-    assert "from 39 rows of " in contract_text  # both files profiled
+    assert "3 distinct values in 39 rows" in contract_text  # both files profiled
     assert result.train == "train.jsonl"
     production = init_project(
         tmp_path / "train.jsonl", root=tmp_path, eval_file=tmp_path / "dev.jsonl", base="production"
@@ -260,3 +260,40 @@ def test_no_target_named_asks_for_one(tmp_path):
         init_project(tmp_path / "many.jsonl", root=tmp_path, answer="labels")  # JSON Lines: a list is a JSON array
     result = init_project(tmp_path / "many.jsonl", root=tmp_path)  # without --answer: text, not a 100-label enum
     assert yaml.safe_load((tmp_path / result.recipe).read_text())["task"]["answer"] == "text"
+
+
+def test_csv_cells_are_typed_as_the_reader_types_them(tmp_path):
+    rng = random.Random(8)
+    rows = [
+        {
+            "text": text(rng),
+            "stars": str(1 + i % 5),
+            "zip": "02134" if i % 2 else "12345",
+            "ok": ["true", "false"][i % 2],
+        }
+        for i in range(40)
+    ]
+    write_csv(tmp_path / "reviews.csv", rows)
+    init_project(tmp_path / "reviews.csv", root=tmp_path, target="stars", answer="label")
+    loaded = load_contract(tmp_path / "data_contracts/reviews.yaml")
+    assert loaded.fields["stars"].type == "integer" and loaded.fields["stars"].enum == [1, 2, 3, 4, 5]
+    assert loaded.fields["zip"].type == "string"  # "02134" is not a JSON number, so the column is text
+    assert loaded.fields["zip"].max_length == 8  # 5 characters, also for the cells that look like numbers
+    assert loaded.fields["ok"].type == "boolean"
+    # Without --answer an integer target is a number.
+    init_project(tmp_path / "reviews.csv", root=tmp_path, target="stars", name="stars")
+    assert yaml.safe_load((tmp_path / "recipes/stars.yaml").read_text())["task"]["answer"] == "number"
+
+
+def test_a_long_label_set_is_written_one_label_a_line(tmp_path):
+    rng = random.Random(9)
+    labels = [f"topic-{i:02d}" for i in range(60)]
+    rows = [{"text": text(rng), "labels": rng.sample(labels, 2)} for _ in range(90)]
+    write_jsonl(tmp_path / "topics.jsonl", rows)
+    init_project(tmp_path / "topics.jsonl", root=tmp_path)
+    contract_text = (tmp_path / "data_contracts/topics.yaml").read_text()
+    assert max(len(line) for line in contract_text.splitlines()) <= 118
+    assert "      - topic-00" in contract_text
+    assert load_contract(tmp_path / "data_contracts/topics.yaml").fields["labels"].items.enum == sorted(
+        {label for r in rows for label in r["labels"]}
+    )
