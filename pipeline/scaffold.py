@@ -293,8 +293,10 @@ def find_parent(root: Path, base: str, chat: bool) -> Parent:
     return Parent(file, extends, parent.model.path, parent.hardware.device, overrides)
 
 
-def recipe_nodes(name: str, prof: Profile, ch: Choices, parent: Parent, data: dict[str, str], split: str) -> list[Y]:
-    """The recipe: extends the parent, replaces its task, data, description and experiment."""
+def recipe_nodes(
+    name: str, prof: Profile, ch: Choices, parent: Parent, data: dict[str, str], split: str, limits: list[Y] = ()
+) -> list[Y]:
+    """The recipe: extends the parent, replaces its task, data, description, experiment and (``limits``) lengths."""
     if ch.target is None:
         task: Any = "chat"
         what = "task chat: every assistant message of each conversation (docs/chat.md)"
@@ -322,6 +324,7 @@ def recipe_nodes(name: str, prof: Profile, ch: Choices, parent: Parent, data: di
         Y("task", task),
         *parent.overrides,
         Y("data", [Y(key, data[key]) for key in ("contract", "train", "eval")]),
+        *limits,
         Y("tracking", [Y("experiment", name)]),
     ]
 
@@ -434,8 +437,46 @@ def init_project(
         data |= {"train": _rel(source, root), "eval": _rel(Path(eval_file), root)}
         split = f"train {data['train']}, eval {data['eval']} (as given)"
     write_text(recipe, _document(recipe_nodes(name, prof, ch, parent, data, split)))
-    lines.append(f"wrote {data['contract']} (the data contract) and {_rel(recipe, root)} (extends {parent.extends})")
+    limits, said = _limits(recipe, root)
+    if limits:
+        write_text(recipe, _document(recipe_nodes(name, prof, ch, parent, data, split, limits)))
+    lines += [said, f"wrote {data['contract']} (the data contract) and {_rel(recipe, root)} (extends {parent.extends})"]
     return Scaffold(name, data["contract"], _rel(recipe, root), data["train"], data["eval"], lines)
+
+
+def _limits(recipe_path: Path, root: Path) -> tuple[list[Y], str]:
+    """``training.max_length`` and ``eval.max_new_tokens`` the rows need, when the parent's are too small.
+
+    Counted with the base's tokenizer as validate counts them (``lengths.fit_lengths``); without it (the base is
+    not on this machine) the parent's values stay, and validate or train quarantine a row that does not fit.
+    """
+    from pipeline.lengths import ANSWER_MARGIN, MARGIN, fit_lengths
+    from pipeline.recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(recipe_path)
+    except RecipeError as exc:  # validate, next, reports it in full
+        return [], f"  token lengths not measured: {exc.lines()[0]}"
+    fit, why = fit_lengths(recipe, root)
+    parent = f"training.max_length {recipe.training.max_length}, eval.max_new_tokens {recipe.eval.max_new_tokens}"
+    if fit is None:
+        return [], f"  token lengths not measured ({why}): the parent's {parent} stay"
+    seen = f"in {fit.rows:,} rows, with {fit.tokenizer}'s tokenizer"
+    nodes = []
+    if fit.max_length:
+        note = f"longest example {fit.longest:,} tokens (prompt + answer) {seen}; {MARGIN}x, rounded up to 64"
+        if fit.too_long:
+            note += f"; the base has {fit.context:,} positions: {fit.too_long:,} longer rows are quarantined"
+        nodes.append(Y("training", [Y("max_length", fit.max_length, note)]))
+    if fit.max_new_tokens:
+        note = f"longest answer {fit.longest_answer:,} tokens {seen}; {ANSWER_MARGIN}x, rounded up to 8"
+        nodes.append(Y("eval", [Y("max_new_tokens", fit.max_new_tokens, note)]))
+    chosen = ", ".join(f"{n.key}.{n.value[0].key} {n.value[0].value}" for n in nodes)
+    said = f"  token lengths {seen}: longest example {fit.longest:,}, longest answer {fit.longest_answer:,}; "
+    said += f"set {chosen}" if nodes else f"the parent's {parent} fit"
+    if fit.too_long:
+        said += f"; {fit.too_long:,} rows are longer than the base's {fit.context:,} positions and will be quarantined"
+    return nodes, said
 
 
 def _name(name: str | None, source: Path) -> str:
