@@ -299,17 +299,17 @@ def recipe_nodes(
     """The recipe: extends the parent, replaces its task, data, description, experiment and (``limits``) lengths."""
     if ch.target is None:
         task: Any = "chat"
-        what = "task chat: every assistant message of each conversation (docs/chat.md)"
+        what = "chat: the model learns every assistant message of each conversation (docs/chat.md)"
     else:
         task = [
             Y("answer", ch.answer, ch.answer_why),
             Y("target", ch.target, ch.target_why),
             Y("user_prompt", _template(ch.prompt_fields), _prompt_note(prof, ch)),
         ]
-        what = f"answer {ch.answer} from {ch.target}"
+        what = f"answer {ch.answer} from {ch.target}; edit task: to change the prompt (docs/tasks.md)"
     header = [
         f"Recipe written by `python -m pipeline init` from {prof.source}.",
-        f"Task: {what}; edit task: to change the prompt (docs/tasks.md).",
+        f"Task: {what}.",
         f"Base: extends {parent.extends} ({parent.model_path}, {parent.device}); every setting not below is its "
         f"own. {_BASE_HINTS[parent.file]}.",
         f"Data: {split}; checked against {data['contract']}.",

@@ -147,17 +147,7 @@ def test_parquet_with_a_number_field(tmp_path):
 
 
 def test_openai_chat_file_trains_as_task_chat(tmp_path):
-    rng = random.Random(3)
-    rows = [
-        {
-            "messages": [
-                {"role": "system", "content": "Route the ticket."},
-                {"role": "user", "content": text(rng)},
-                {"role": "assistant", "content": rng.choice(["billing", "shipping"])},
-            ]
-        }
-        for _ in range(30)
-    ]
+    rows = chat_rows(30, seed=3)
     write_jsonl(tmp_path / "openai_train.jsonl", rows)
     result = init_project(tmp_path / "openai_train.jsonl", root=tmp_path)
 
@@ -297,3 +287,39 @@ def test_a_long_label_set_is_written_one_label_a_line(tmp_path):
     assert load_contract(tmp_path / "data_contracts/topics.yaml").fields["labels"].items.enum == sorted(
         {label for r in rows for label in r["labels"]}
     )
+
+
+def chat_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "Route the ticket."},
+                {"role": "user", "content": text(rng)},
+                {"role": "assistant", "content": rng.choice(["billing", "shipping"])},
+            ]
+        }
+        for _ in range(n)
+    ]
+
+
+def run_init(tmp_path, monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``python -m pipeline init`` in-process, in ``tmp_path`` as the working directory."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["init", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_init_then_validate_on_a_chat_file(tmp_path, monkeypatch, capsys):
+    write_jsonl(tmp_path / "openai_train.jsonl", chat_rows(40, seed=10))
+    code, out, err = run_init(tmp_path, monkeypatch, capsys, "openai_train.jsonl", "--name", "support")
+    assert code == 0, out + err
+    assert "OpenAI chat file" in out and "task chat" in out
+    assert "Recipe recipes/support.yaml is valid; data meets the contract." in out
+    assert out.rstrip().endswith("Next: python -m pipeline train recipes/support.yaml")
+    assert (tmp_path / "runs" / "support").is_dir()  # validate's reports
+    code, _, err = run_init(tmp_path, monkeypatch, capsys, "openai_train.jsonl", "--name", "support")
+    assert code == 2 and "already exist(s); init never overwrites: pass --force" in err
