@@ -99,7 +99,7 @@ def _header(recipe: Recipe, *, model_name: str, kind: str, lic: Any, mlflow_run_
         f"license: {license_tag}",
         f"base_model: {recipe.model.path}",
         f"library_name: {'peft' if kind == 'adapter' else 'transformers'}",
-        f"tags: [pipeline, qlora, {recipe.task}]",
+        f"tags: [pipeline, qlora, {recipe.task.name}]",
         "---",
         "",
         f"# {model_name}",
@@ -109,7 +109,7 @@ def _header(recipe: Recipe, *, model_name: str, kind: str, lic: Any, mlflow_run_
         lines += [f"**{lic.attribution}**", ""]
     what = "A LoRA adapter (PEFT format)" if kind == "adapter" else "Merged weights (base + LoRA adapter)"
     return lines + [
-        f"{what}, fine-tuned from `{recipe.model.path}` for the `{recipe.task}` task with pipeline {__version__} "
+        f"{what}, fine-tuned from `{recipe.model.path}` for the `{recipe.task.name}` task with pipeline {__version__} "
         f"(4-bit QLoRA). {recipe.description or ''}".rstrip(),
         "",
         f"- MLflow run: `{mlflow_run_id or 'not tracked'}`",
@@ -291,8 +291,8 @@ def _use_and_limitations(
     lines = [
         "## Intended use",
         "",
-        f"Assisting people with `{recipe.task}` on data like the training split (the contract above describes it), "
-        "with a person reviewing each output. Evaluate it on your own held-out data before relying on it.",
+        f"Assisting people with `{recipe.task.name}` on data like the training split (the contract above describes "
+        "it), with a person reviewing each output. Evaluate it on your own held-out data before relying on it.",
         "",
         "## Limitations",
         "",

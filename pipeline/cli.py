@@ -114,8 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = commands.add_parser("validate", help="check the recipe and the data against its contract (no model)")
+    p = commands.add_parser(
+        "validate", help="check the recipe, its task, the tokenizer and the data against its contract (no weights)"
+    )
     _recipe_args(p)
+    p.add_argument(
+        "--data-only",
+        action="store_true",
+        help="check the data without the base (a laptop checking data for a big model): no tokenizer needed, "
+        "token-length and chat-template checks skipped with a warning",
+    )
     p.set_defaults(handler=cmd_validate)
 
     p = commands.add_parser("plan", help="print the derived numbers: batch, steps, tokens, parameters (no weights)")
@@ -426,7 +434,8 @@ def cmd_validate(args: argparse.Namespace, outcome: Outcome) -> int:
     out = rundir.new_run_dir(recipe.name, args.run_dir)
     outcome.run_dir = out
     rundir.write_text(out / "recipe.resolved.yaml", recipe.to_yaml())
-    validate_data(recipe, out, tokenizer_or_reason, args.recipe, keep_rows=False)  # only the reports, not the rows
+    # keep_rows=False: only the reports, not the rows
+    validate_data(recipe, out, tokenizer_or_reason, args.recipe, keep_rows=False, require_tokenizer=not args.data_only)
     _warn_refused_hosts(recipe, args.recipe)
     print(f"Recipe {args.recipe} is valid; data meets the contract. Reports: {out / 'validation'}")
     return EXIT_OK
@@ -461,7 +470,7 @@ def cmd_plan(args: argparse.Namespace, outcome: Outcome) -> int:
     plan = make_plan(recipe, rows, config, exact=args.exact, model_dir=model_dir)
     print(render_plan(plan, source))
     _warn_refused_hosts(recipe, args.recipe)
-    if recipe.task == "chat":
+    if recipe.task.is_chat:
         from pipeline.data import check_tool_rendering
         from pipeline.model import tokenizer_or_reason
 

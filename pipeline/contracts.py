@@ -293,7 +293,7 @@ def _resolve_files(name: str, rule: FieldRule, base: Path, errors: list[str], so
         file = Path(rule.vocabulary_file)
         file = file if file.is_absolute() else base / file
         try:
-            if not _vocabulary(str(file)):
+            if not vocabulary_values(str(file)):
                 errors.append(f"{source}: fields.{name}.vocabulary_file: {file} lists no value")
         except (OSError, UnicodeDecodeError) as exc:
             errors.append(f"{source}: fields.{name}.vocabulary_file: cannot read {file}: {exc}")
@@ -304,7 +304,7 @@ def _resolve_files(name: str, rule: FieldRule, base: Path, errors: list[str], so
 
 
 @cache
-def _vocabulary(path: str) -> frozenset[str]:
+def vocabulary_values(path: str) -> frozenset[str]:
     """Values of a vocabulary file: one per line, blank lines and '#' comments ignored."""
     lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     return frozenset(v for v in (line.split("#", 1)[0].strip() for line in lines) if v)
@@ -353,7 +353,7 @@ def _check_value(name: str, value: Any, rule: FieldRule) -> list[Reason]:
     if (
         rule.vocabulary_file is not None
         and not isinstance(value, list)
-        and str(value) not in _vocabulary(rule.vocabulary_file)
+        and str(value) not in vocabulary_values(rule.vocabulary_file)
     ):
         message = f"{_shown(value, rule)} is not in {Path(rule.vocabulary_file).name}"
         reasons.append(Reason("vocabulary", name, message))
@@ -483,7 +483,7 @@ def _value_passes(rule: FieldRule, memo: bool = False) -> Callable[[Any], bool]:
     if rule.type == "string" and rule.enum is None:
         low, high = rule.min_length, rule.max_length
         match = _regex(rule.pattern).fullmatch if rule.pattern is not None else None
-        vocabulary = _vocabulary(rule.vocabulary_file) if rule.vocabulary_file is not None else None
+        vocabulary = vocabulary_values(rule.vocabulary_file) if rule.vocabulary_file is not None else None
         icd = rule.vocabulary == "icd10cm"
         billable_only = rule.billable_only
 

@@ -6,6 +6,7 @@ tokenizer or a ``datasets.Dataset`` import those libraries inside.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,9 @@ from pipeline.contracts import DataContract, load_contract
 from pipeline.errors import JobFailed
 from pipeline.recipe import Recipe, RecipeError, check_data_files
 from pipeline.records import ContractFailed
+from pipeline.schema_errors import did_you_mean
 from pipeline.splits import ContractRun, SplitResult, TokenCounter, build_report, over_threshold
-from pipeline.tasks import Task, get_task
+from pipeline.tasks import SPECIAL_PLACEHOLDERS, Task, build_task, template_fields
 
 
 @dataclass
@@ -40,6 +42,7 @@ def validate_data(
     tokenizer_for: TokenizerSource | None = None,
     recipe_source: str | Path = "recipe",
     keep_rows: bool = True,
+    require_tokenizer: bool = False,
 ) -> ValidatedData:
     """Check both splits against the recipe's contract and write ``validation/`` in ``out_dir``.
 
@@ -61,17 +64,17 @@ def validate_data(
         recipe_source: The recipe file, for error messages and relative paths.
         keep_rows: Return the accepted rows (training needs them). ``validate`` passes False: memory then holds
             only the per-row state the dataset checks need, not the rows.
+        require_tokenizer: A tokenizer that cannot be found is an error (``validate``, ``train``), not a
+            skipped check (``validate --data-only``).
 
     Raises:
-        RecipeError: A file is missing or the contract is invalid (exit code 2).
+        RecipeError: A file is missing, the contract is invalid, or the task does not fit it (exit code 2).
         ContractFailed: Too many rows were quarantined, a split is too small, or a file cannot be read at all
             (exit code 1). The reports are written first when there is anything to report.
     """
     check_data_files(recipe, recipe_source)
     contract = load_contract(recipe.data.contract)
-    counter, token_status = None, None
-    if contract.tokens is not None:
-        counter, token_status = _token_counter(recipe, recipe_source, tokenizer_for)
+    counter, token_status = preflight(recipe, contract, recipe_source, tokenizer_for, require_tokenizer)
     run = ContractRun(contract, measure_tokens=counter, max_length=recipe.training.max_length, keep_rows=keep_rows)
     splits = [run.split(name, getattr(recipe.data, name)) for name in ("train", "eval")]
     dataset = run.finish()
@@ -91,24 +94,51 @@ def validate_data(
     return ValidatedData(contract=contract, train=splits[0], eval=splits[1], report=report)
 
 
-def _token_counter(
-    recipe: Recipe, recipe_source: str | Path, tokenizer_for: TokenizerSource | None
-) -> tuple[TokenCounter | None, dict[str, Any]]:
-    """The recipe's tokenizer as a batch token counter, or a 'skipped' status when the model is not here.
+def preflight(
+    recipe: Recipe,
+    contract: DataContract,
+    recipe_source: str | Path,
+    tokenizer_for: TokenizerSource | None,
+    require_tokenizer: bool,
+) -> tuple[TokenCounter | None, dict[str, Any] | None]:
+    """Everything ``train`` would refuse before reading a row, all at once; then the contract's token counter.
 
-    ``validate`` runs where the base may not be (a laptop checking data for a 70B run): token checks are then
-    skipped with a warning in the terminal and the report. ``train`` always has the model, so they always run.
+    The task against the contract (``task_problems``), the tokenizer (when required, or for token checks) and
+    the chat template the recipe asks for. Without ``require_tokenizer`` a base that is not on this machine
+    (a laptop checking data for a 70B run: ``validate --data-only``) skips the token checks with a warning and
+    the reason in the report instead.
+
+    Returns:
+        The token counter (None without token checks or a tokenizer) and the report's ``tokens`` status.
+
+    Raises:
+        RecipeError: One line per problem, each naming the key that causes it (exit 2).
     """
-    if tokenizer_for is None:
-        raise ValueError(
-            f"{recipe.data.contract} has token checks: validate_data needs tokenizer_for (model.tokenizer_or_reason)"
-        )
-    tokenizer, reason = tokenizer_for(recipe)
-    if tokenizer is None:
-        print(f"warning: {recipe_source}: token-length checks skipped: {reason}")
-        return None, {"status": "skipped", "reason": reason}
-    task = get_task(recipe.task)
-    fmt = prompt_format(recipe, tokenizer)
+    problems = task_problems(recipe, contract, recipe_source)
+    tokenizer, status = None, None
+    if require_tokenizer or contract.tokens is not None:
+        if tokenizer_for is None:
+            raise ValueError(f"{recipe.data.contract}: validate_data needs tokenizer_for (model.tokenizer_or_reason)")
+        tokenizer, reason = tokenizer_for(recipe)
+        if tokenizer is None and require_tokenizer:
+            problems.append(
+                f"{recipe_source}: model.path: {reason}; fix the path (or HF_HOME for a model id), or run "
+                "`validate --data-only` to check the data without the base"
+            )
+        elif tokenizer is None:
+            print(f"warning: {recipe_source}: token-length checks skipped: {reason}")
+            status = {"status": "skipped", "reason": reason}
+    fmt: Literal["chat", "plain"] | None = None
+    if tokenizer is not None:
+        try:
+            fmt = prompt_format(recipe, tokenizer)
+        except RecipeError as exc:
+            problems += [f"{recipe_source}: {line}" for line in exc.lines()]
+    if problems:
+        raise RecipeError(problems)
+    if tokenizer is None or fmt is None or contract.tokens is None:
+        return None, status
+    task = task_for(recipe, contract, recipe_source)
     return token_counter(tokenizer, task, fmt), {
         "status": "measured",
         "tokenizer": recipe.model.path,
@@ -364,23 +394,107 @@ def save_validation_plots(out: Path, splits: list[SplitResult], max_tokens: int 
         plt.close(fig)
 
 
-def task_for(recipe: Recipe, contract: DataContract) -> Task:
-    """The recipe's task; a classifier takes its label set from the contract's ``label`` enum.
+def task_for(recipe: Recipe, contract: DataContract, source: str | Path = "recipe") -> Task:
+    """The recipe's task over the contract's fields, with the label set the contract gives its target.
 
     Raises:
-        RecipeError: A classification contract that does not list its labels.
+        RecipeError: Every mismatch between the task and the contract (``task_problems``).
     """
-    if recipe.task == "classification":
-        rule = contract.fields.get("label")
-        if rule is None or not rule.enum:
-            raise RecipeError(
-                [
-                    f"{recipe.data.contract}: fields.label.enum: the classification task needs the label set; "
-                    "list the labels under the contract's label field (enum: [a, b, c])"
-                ]
-            )
-        return get_task("classification", [str(label) for label in rule.enum])
-    return get_task(recipe.task)
+    problems = task_problems(recipe, contract, source)
+    if problems:
+        raise RecipeError(problems)
+    labels, vocabulary = label_set(contract, recipe.task.target or "", recipe.task.answer == "labels")
+    return build_task(recipe.task, labels, recipe.task.vocabulary or vocabulary)
+
+
+def label_set(contract: DataContract, target: str, items: bool) -> tuple[list[str] | None, str | None]:
+    """The target's allowed values (``enum`` or ``vocabulary_file``; a list's items' for ``items``) and code system."""
+    from pipeline.contracts import vocabulary_values
+
+    rule = contract.fields.get(target)
+    if rule is not None and items:
+        rule = rule.items
+    if rule is None:
+        return None, None
+    if rule.enum:
+        return [str(v) for v in rule.enum], rule.vocabulary
+    if rule.vocabulary_file:
+        return sorted(vocabulary_values(rule.vocabulary_file)), rule.vocabulary
+    return None, rule.vocabulary
+
+
+# The contract field types each answer type can be read from.
+_ANSWER_FIELD_TYPES = {
+    "label": ("string", "integer", "boolean"),
+    "labels": ("list",),
+    "json": ("object", "string"),
+    "text": ("string",),
+    "number": ("integer", "number"),
+    "chat": ("list",),
+}
+
+
+def task_problems(recipe: Recipe, contract: DataContract, source: str | Path = "recipe") -> list[str]:
+    """Every way the recipe's task does not fit the contract, one ``source: task.key: what and how`` line each.
+
+    What ``train`` would otherwise find after loading the data (a missing field, a template placeholder that
+    names no field, a label set the answer type needs), found by ``validate`` and ``plan`` before any row is read.
+    """
+    spec, fields = recipe.task, contract.fields
+    where = f"{source}: task"
+    named = f"{recipe.data.contract} (fields: {', '.join(fields)})"
+    rule = fields.get(spec.target or "")
+    if rule is None:
+        hint = did_you_mean(spec.target or "", list(fields))
+        return [
+            f"{where}.target: {spec.target!r} is not a field of {named}{hint}; name the field that holds the answer"
+        ]
+    problems = []
+    if rule.type not in _ANSWER_FIELD_TYPES[spec.answer or "text"]:
+        problems.append(
+            f"{where}.answer: {spec.answer!r} reads a {' or '.join(_ANSWER_FIELD_TYPES[spec.answer or 'text'])} "
+            f"field, and {recipe.data.contract} declares {spec.target!r} as {rule.type}; fix the answer type or "
+            "the target"
+        )
+    labels, vocabulary = label_set(contract, spec.target or "", spec.answer == "labels")
+    vocabulary = spec.vocabulary or vocabulary
+    if spec.answer == "label" and not labels:
+        problems.append(
+            f"{where}.answer: 'label' needs the label set: list the labels under {recipe.data.contract}: "
+            f"fields.{spec.target}.enum (enum: [a, b, c]), or use answer: text"
+        )
+    needs = {"invalid_label_rate": labels, "invalid_code_rate": vocabulary == "icd10cm"}
+    if spec.answer == "labels":
+        for metric in spec.metrics or ():
+            if metric in needs and not needs[metric]:
+                what = (
+                    "an items.enum (or items.vocabulary_file)"
+                    if metric == "invalid_label_rate"
+                    else "items.vocabulary: icd10cm (or task.vocabulary: icd10cm)"
+                )
+                problems.append(
+                    f"{where}.metrics: {metric} needs {what} on {recipe.data.contract}: fields.{spec.target}; "
+                    "add it, or drop the metric"
+                )
+    if spec.answer == "chat":
+        return problems
+    for key in ("system_prompt", "user_prompt", "plain_prompt"):
+        template = getattr(spec, key)
+        for name in template_fields(template) if template else ():
+            if name == "label_set" and not labels:
+                problems.append(
+                    f"{where}.{key}: {{label_set}} but {recipe.data.contract}: fields.{spec.target} lists no labels "
+                    "(enum)"
+                )
+            elif name == spec.target:
+                problems.append(
+                    f"{where}.{key}: {{{name}}} is the target: the answer would be in the prompt; remove it"
+                )
+            elif name not in fields and name not in SPECIAL_PLACEHOLDERS:
+                problems.append(
+                    f"{where}.{key}: {{{name}}} names no field of {named}{did_you_mean(name, list(fields))}"
+                )
+    return problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,7 +505,7 @@ def prompt_format(recipe: Recipe, tokenizer: Any) -> Literal["chat", "plain"]:
     """Chat template when asked for or (``auto``) when the tokenizer has one; else the task's plain template."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     wanted = recipe.data.prompt_format
-    if recipe.task == "chat" and not has_template:
+    if recipe.task.is_chat and not has_template:
         raise RecipeError(
             [
                 f"task: chat renders each conversation through the base's chat template, and the tokenizer of "
@@ -428,6 +542,103 @@ def sft_example(row: dict[str, Any], task: Task, fmt: Literal["chat", "plain"]) 
             example["tools"] = task.tools(row)
         return example
     return {"prompt": task.plain_prompt(row), "completion": " " + task.target(row), "row": row["_row"]}
+
+
+PROMPT_RECORD = "prompt.json"
+# The keys of a prompt record that decide what the model sees: a run is scored only with the same ones.
+RENDERING_KEYS = (
+    "answer",
+    "target",
+    "system_prompt",
+    "user_prompt",
+    "plain_prompt",
+    "label_set",
+    "parse",
+    "parse_pattern",
+    "prompt_format",
+    "chat_template_sha256",
+)
+
+
+def prompt_rendering(recipe: Recipe, task: Task, fmt: str, tokenizer: Any) -> dict[str, Any]:
+    """How the recipe's task renders a row and reads an answer: templates, label set, format, chat template.
+
+    The system prompt is as sent (labels filled in); the user and plain prompts are templates. The chat template
+    is identified by its SHA-256: the same templates through another chat template are another prompt.
+    """
+    import hashlib
+
+    spec = recipe.task
+    template = getattr(tokenizer, "chat_template", None) if fmt == "chat" else None
+    return {
+        "task": spec.name,
+        "answer": spec.answer,
+        "target": spec.target,
+        "system_prompt": task.system_prompt if not spec.is_chat else None,
+        "user_prompt": spec.user_prompt,
+        "plain_prompt": task.plain_template or None,
+        "label_set": list(task.labels),
+        "parse": spec.parse,
+        "parse_pattern": spec.parse_pattern,
+        "metrics": list(spec.metrics or ()),
+        "prompt_format": fmt,
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None,
+    }
+
+
+def prompt_record(
+    recipe: Recipe, task: Task, fmt: Literal["chat", "plain"], tokenizer: Any, row: dict[str, Any]
+) -> dict[str, Any]:
+    """``prompt.json``: the rendering, the prompt with its placeholders left in, and one row as training renders it.
+
+    ``row`` is an accepted row, so the contract's PII policy is already applied to it (redacted fields hold
+    ``<US_SSN>`` etc.). The skeleton renders the templates over placeholder text, through the chat template:
+    what a serving stack must send, without any row's data (the model card shows it).
+    """
+    record = {"rendering": prompt_rendering(recipe, task, fmt, tokenizer)}
+    if not recipe.task.is_chat:
+        fields = {name: "{" + name + "}" for name in template_fields(recipe.task.user_prompt or "")}
+        fields.update((n, "{" + n + "}") for n in template_fields(task.plain_template))
+        target = recipe.task.target or ""
+        value = row.get(target)
+        if recipe.task.answer == "json":  # the field names ({json_fields}), not this row's values
+            value = dict.fromkeys(json.loads(task.target(row)) or {})
+        skeleton = {**fields, target: value, "_row": 0}
+        record["skeleton"] = _rendered_text(tokenizer, sft_example(skeleton, task, fmt))["prompt"]
+    example = training_example(row, task, fmt, tokenizer)
+    if "input_ids" in example:  # a conversation: tokenized here with its turn masks
+        record["example"] = {"row": row["_row"], "text": tokenizer.decode(example["input_ids"])}
+    else:
+        record["example"] = {"row": row["_row"], **_rendered_text(tokenizer, example)}
+    return record
+
+
+def _rendered_text(tokenizer: Any, example: dict[str, Any]) -> dict[str, str]:
+    """A prompt/completion example as text: conversational ones through the chat template, as TRL renders them."""
+    if not isinstance(example["prompt"], list):
+        return {"prompt": example["prompt"], "completion": example["completion"]}
+    tools = example.get("tools") or None
+    prompt = tokenizer.apply_chat_template(example["prompt"], tools=tools, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tools=tools, tokenize=False)
+    return {"prompt": prompt, "completion": whole[len(prompt) :] if whole.startswith(prompt) else whole}
+
+
+def rendering_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``task.<key>: the run used X, the recipe renders Y`` for each rendering key that differs."""
+    out = []
+    for key in RENDERING_KEYS:
+        if recorded.get(key) != current.get(key):
+            where = (
+                "data.prompt_format"
+                if key == "prompt_format"
+                else "model.path (chat template)"
+                if key == "chat_template_sha256"
+                else f"task.{key}"
+            )
+            out.append(
+                f"{where}: the run was trained with {recorded.get(key)!r}, the recipe renders {current.get(key)!r}"
+            )
+    return out
 
 
 def training_example(row: dict[str, Any], task: Task, fmt: Literal["chat", "plain"], tokenizer: Any) -> dict[str, Any]:

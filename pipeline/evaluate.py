@@ -27,7 +27,7 @@ from typing import Any
 from pipeline import rundir
 from pipeline.baseline import run_baseline, snapshot_input
 from pipeline.cost import cost_of_ownership, cost_per_1000_examples, render_cost_lines, save_cost_plot
-from pipeline.data import ValidatedData, sft_example
+from pipeline.data import PROMPT_RECORD, ValidatedData, rendering_differences, sft_example
 from pipeline.errors import UsageError
 from pipeline.freeform import compare_systems, paired_bootstrap_stats, render_comparisons
 from pipeline.generation import (
@@ -650,11 +650,17 @@ class RunMismatch(UsageError):
         return list(self.problems)
 
 
-def check_run_matches(recipe: Recipe, run_dir: Path, data: ValidatedData) -> None:
+def check_run_matches(
+    recipe: Recipe, run_dir: Path, data: ValidatedData, rendering: dict[str, Any] | None = None
+) -> None:
     """Refuse to re-score a run with a recipe or eval split other than the ones it was trained with.
 
+    ``rendering`` is how the recipe renders prompts now (``data.prompt_rendering``): a run is scored on the
+    prompts it learned, so any difference from its ``prompt.json`` (a template, the label set, the prompt
+    format, the chat template) is refused, key by key.
+
     Raises:
-        RunMismatch: Naming the key (task, model.path, data.eval) and both values.
+        RunMismatch: Naming the key (task, model.path, data.eval, task.user_prompt...) and both values.
     """
     resolved = run_dir / "recipe.resolved.yaml"
     if not resolved.is_file():
@@ -662,14 +668,19 @@ def check_run_matches(recipe: Recipe, run_dir: Path, data: ValidatedData) -> Non
     import yaml
 
     ran = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    ran_task = ran.get("task")
+    ran_task = ran_task.get("preset") or f"custom-{ran_task.get('answer')}" if isinstance(ran_task, dict) else ran_task
     problems = [
         f"{key}: the run used {old!r}, the recipe says {new!r}"
         for key, old, new in (
-            ("task", ran.get("task"), recipe.task),
+            ("task", ran_task, recipe.task.name),
             ("model.path", ran.get("model", {}).get("path"), recipe.model.path),
         )
         if old != new
     ]
+    recorded = run_dir / PROMPT_RECORD
+    if rendering is not None and recorded.is_file():
+        problems += rendering_differences(rundir.read_json(recorded)["rendering"], rendering)
     report = run_dir / "validation" / "report.json"
     if report.is_file():
         before = json.loads(report.read_text(encoding="utf-8"))["splits"].get("eval", {}).get("sha256")
@@ -703,6 +714,16 @@ def check_adapter_files(adapter: Path) -> None:
         raise RunNotFound(str(exc)) from None
 
 
+def _run_tokenizer(recipe: Recipe, run_dir: Path) -> Any:
+    """The tokenizer saved with the run's adapter (the one it trained with), else the base's."""
+    from pipeline.model import load_tokenizer, resolve_model_path
+
+    adapter = run_dir / "adapter"
+    if (adapter / "tokenizer_config.json").is_file():
+        return load_tokenizer(adapter)
+    return load_tokenizer(resolve_model_path(recipe.model.path, recipe.model.revision))
+
+
 def load_local_model(recipe: Recipe, run_dir: Path) -> LocalModel:
     """The 4-bit base with the run's adapter, for generating what the run has not cached."""
     from peft import PeftModel
@@ -732,25 +753,22 @@ def evaluate_existing(
     """
     import tempfile
 
-    from pipeline.data import task_for, validate_data
+    from pipeline.data import prompt_format, prompt_rendering, task_for, validate_data
     from pipeline.model import tokenizer_or_reason
     from pipeline.tracking import Tracker, tracking_uri
 
     run_dir, run_id = resolve_run(run, tracking_uri(recipe), flag="--run ")
     with tempfile.TemporaryDirectory(prefix="pipeline-revalidate-") as scratch:
         data = validate_data(recipe, scratch, tokenizer_or_reason, recipe_source)
-    check_run_matches(recipe, run_dir, data)
-    task = task_for(recipe, data.contract)
+    task = task_for(recipe, data.contract, recipe_source)
     plan = rundir.read_json(run_dir / "plan.json")
     fmt, device = plan.get("prompt_format"), plan.get("device", "cpu")
-    if fmt is None:
-        from pipeline.data import prompt_format
-        from pipeline.model import load_tokenizer
-
-        fmt = prompt_format(recipe, load_tokenizer(run_dir / "adapter"))
+    tokenizer = _run_tokenizer(recipe, run_dir)
+    fmt = fmt or prompt_format(recipe, tokenizer)
+    check_run_matches(recipe, run_dir, data, prompt_rendering(recipe, task, fmt, tokenizer))
     tracker = Tracker(recipe, run_name=run_dir.name, run_dir=run_dir, run_id=run_id)
     if run_id is None:
-        tracker.set_tags({"run_dir": str(run_dir), "task": recipe.task})
+        tracker.set_tags({"run_dir": str(run_dir), "task": recipe.task.name})
     # A run this command created is closed FINISHED/FAILED by the context manager; an existing training run
     # keeps the status its training gave it.
     with tracker if run_id is None else contextlib.nullcontext(tracker):

@@ -36,6 +36,7 @@ from pipeline.card import model_card
 from pipeline.errors import JobFailed
 from pipeline.recipe import QuantizationSection, Recipe
 from pipeline.serving import render_serving, serving_report
+from pipeline.tasks import Task
 from pipeline.weights import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -357,6 +358,7 @@ def verify(
     merged_dir: Path,
     rows: list[dict[str, Any]],
     examples: list[dict[str, Any]],
+    task: Task,
 ) -> dict[str, Any]:
     """Compare the merged model with base-in-4-bit + adapter on eval prompts.
 
@@ -375,9 +377,7 @@ def verify(
     from pipeline.data import prompt_input_ids
     from pipeline.env import gather
     from pipeline.model import device_for, eos_token_ids, load_base, load_tokenizer
-    from pipeline.tasks import get_task
 
-    task = get_task(recipe.task)
     device = device_for(recipe, gather())
     tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_dir)
     prompts = [prompt_input_ids(tokenizer, ex) for ex in examples]
@@ -675,8 +675,8 @@ def _write_export(
         rundir.write_text(merged_out / "NOTICE", licenses.notice_text(lic, license_name, recipe.model.path, copied))
         adapter.lora.clear()  # the caller still holds the Adapter: free its tensors before verification loads models
         adapter.replaced.clear()
-        rows, examples = _verification_examples(recipe, stage)
-        verification = verify(recipe, model_dir, adapter_dir, merged_out, rows, examples)
+        rows, examples, task = _verification_examples(recipe, stage)
+        verification = verify(recipe, model_dir, adapter_dir, merged_out, rows, examples, task)
         final = out if verification["passed"] else out / FAILED_DIR
         serving = _serving(recipe, config, model_name, final, verification["passed"])
         rundir.write_text(
@@ -711,18 +711,17 @@ def _serving(recipe: Recipe, config: dict[str, Any], name: str, final: Path, mer
     return serving_report(config, base=recipe.model.path, name=name, merge_passed=merge_passed, **where)
 
 
-def _verification_examples(recipe: Recipe, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The first ``export.verify_examples`` accepted eval rows, validated like training saw them."""
-    from pipeline.data import prompt_format, sft_example, validate_data
+def _verification_examples(recipe: Recipe, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Task]:
+    """The first ``export.verify_examples`` accepted eval rows, validated like training saw them, and the task."""
+    from pipeline.data import prompt_format, sft_example, task_for, validate_data
     from pipeline.model import load_tokenizer, resolve_model_path, tokenizer_or_reason
-    from pipeline.tasks import get_task
 
     data = validate_data(recipe, out / "verification", tokenizer_or_reason)
     rows = data.eval.rows[: recipe.export.verify_examples]
     tokenizer = load_tokenizer(resolve_model_path(recipe.model.path, recipe.model.revision))
     fmt = prompt_format(recipe, tokenizer)
-    task = get_task(recipe.task)
-    return rows, [sft_example(row, task, fmt) for row in rows]
+    task = task_for(recipe, data.contract)
+    return rows, [sft_example(row, task, fmt) for row in rows], task
 
 
 def _track_export(
@@ -778,7 +777,7 @@ def _track_export(
             default = f"{recipe.tracking.registered_model or recipe.name}-merged"
             name = licenses.derived_name(None, default, lic)
         version_tags = {**tracker.run_lineage(), **tags, **{k: str(val) for k, val in metrics.items()}}
-        version_tags.update(kind="merged", task=recipe.task)
+        version_tags.update(kind="merged", task=recipe.task.name)
         tracker.log_artifact(out / "merged", "export/merged")
         version = tracker.register(name, "export/merged", version_tags, "merged weights (pipeline export)")
         if version is not None:

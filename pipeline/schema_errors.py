@@ -7,12 +7,24 @@ say where, what and how to fix. A value quoted back is masked when it holds a se
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
 from pipeline.egress import redact_secrets
+
+
+class KeyProblems(ValueError):
+    """Raised by a section's validator: several problems, each with the key (inside the section) that causes it.
+
+    Reported one line per key (``recipe.yaml: task.user_prompt: ...``), not as one line for the section.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {message}" for key, message in problems))
 
 
 def format_validation_errors(
@@ -37,12 +49,17 @@ def format_validation_errors(
         dotted = ".".join(loc) or "(top level)"
         source = _source_of(dotted, origin, default_file)
         kind = err["type"]
+        keyed = (err.get("ctx") or {}).get("error")
+        if isinstance(keyed, KeyProblems):
+            for key, message in keyed.problems:
+                where = f"{dotted}.{key}" if key else dotted
+                lines.append(f"{_source_of(where, origin, default_file)}: {where}: {message}")
+            continue
         if kind == "extra_forbidden":
             allowed = _fields_at(schema, loc[:-1])
             if not loc[:-1]:
                 allowed = allowed + list(top_level_extras)
-            hint = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
-            message = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            message = "unknown key" + did_you_mean(str(loc[-1]), allowed)
             if allowed:
                 message += f"; allowed here: {', '.join(sorted(allowed))}"
         elif kind == "missing":
@@ -111,3 +128,9 @@ def _model_in(annotation: Any) -> Any:
             ):
                 return member
     return annotation
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or "" when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

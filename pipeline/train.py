@@ -23,7 +23,16 @@ from trl import SFTConfig, SFTTrainer
 
 from pipeline import __version__, checkpoints, licenses, rundir
 from pipeline.contracts import ContractFailed
-from pipeline.data import check_loss_masks, prompt_format, task_for, to_dataset, training_example, validate_data
+from pipeline.data import (
+    PROMPT_RECORD,
+    check_loss_masks,
+    prompt_format,
+    prompt_record,
+    task_for,
+    to_dataset,
+    training_example,
+    validate_data,
+)
 from pipeline.egress import redact_secrets
 from pipeline.env import Env, environment_report, gather, project_commit
 from pipeline.evaluate import LocalModel, evaluate_run
@@ -196,22 +205,26 @@ def train(
         # wrong model.path is a recipe error that should cost seconds. Bad rows go to quarantine, not to training.
         model_dir = resolve_model_path(recipe.model.path, recipe.model.revision)
         try:
-            data = validate_data(recipe, reports_dir, tokenizer_or_reason, recipe_source)
+            data = validate_data(recipe, reports_dir, tokenizer_or_reason, recipe_source, require_tokenizer=True)
         except ContractFailed:
             _log_failed_contract(tracker, out)
             raise
         if resume_from is not None:
             checkpoints.check_train_split(out, data.report, recipe.data.train)
-        task = task_for(recipe, data.contract)
+        task = task_for(recipe, data.contract, recipe_source)
         _log_validation(tracker, out, data)
         lineage = _lineage(tracker, recipe, model_dir)  # prints the license's obligations
         tokenizer = load_tokenizer(model_dir)
         fmt = prompt_format(recipe, tokenizer)  # the same rendering serves training and evaluation
         train_examples = [training_example(row, task, fmt, tokenizer) for row in data.train.rows]
+        prompt = prompt_record(recipe, task, fmt, tokenizer, data.train.rows[0])
 
         # 3. Plan: the derived numbers, said out loud and saved before the expensive part.
         plan = _plan(recipe, model_dir, data.train.rows_accepted, env)
-        tracker.write_artifact(out / "plan.json", dict(plan, device=device, prompt_format=fmt, env=env.to_dict()))
+        tracker.write_artifact(
+            out / "plan.json",
+            dict(plan, device=device, prompt_format=fmt, prompt=prompt["rendering"], env=env.to_dict()),
+        )
         _record_environment(tracker, out)
         _refuse_if_it_does_not_fit(plan, recipe_source, force)
 
@@ -224,7 +237,10 @@ def train(
         trainer = _sft_trainer(
             recipe, model, tokenizer, train_examples, run_dir=out, device=device, env=env, progress=progress
         )
-        masks = _check_training_data(trainer, train_examples, data.train.rows, eos_ids, recipe)
+        masks, prepared = _check_training_data(trainer, train_examples, data.train.rows, eos_ids, recipe)
+        # The first example as TRL tokenized it, beside our rendering of it: prompt.json is what training saw.
+        prompt["example"]["trained_text"] = tokenizer.decode(prepared[0]["input_ids"])
+        tracker.write_artifact(out / PROMPT_RECORD, prompt)
 
         # 6. Train (from the checkpoint when resuming).
         train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -302,7 +318,7 @@ def _open_run(
     tracker.log_params(params_for(recipe))
     tags = {
         "pipeline.version": __version__,
-        "task": recipe.task,
+        "task": recipe.task.name,
         "base_model": recipe.model.path,
         "base_model.license": recipe.model.license or "unknown",
         "run_dir": str(out),
@@ -403,11 +419,14 @@ def _sft_trainer(
 
 def _check_training_data(
     trainer: Any, train_examples: list[dict[str, Any]], rows: list[dict[str, Any]], eos_ids: set[int], recipe: Recipe
-) -> dict[str, Any]:
-    """The loss-mask check on what TRL prepared (``data.check_loss_masks``), its counts printed and returned."""
+) -> tuple[dict[str, Any], Any]:
+    """The loss-mask check on what TRL prepared (``data.check_loss_masks``): its counts (printed) and the examples.
+
+    The examples are one per row, in order, as TRL tokenized them (before packing).
+    """
     t = recipe.training
     prepared = trainer.train_dataset if not t.packing else prepared_without_packing(trainer, to_dataset(train_examples))
-    per_turn = recipe.task == "chat"
+    per_turn = recipe.task.is_chat
     masks = check_loss_masks(prepared, [r["_row"] for r in rows], eos_ids, t.max_length, per_turn=per_turn)
     print(
         f"Training data: {masks['examples']:,} examples, {masks['completion_tokens']:,} completion tokens "
@@ -425,7 +444,7 @@ def _check_training_data(
             + (f", ... {len(rows_cut) - 10} more" if len(rows_cut) > 10 else "")
             + "): they train without their end-of-turn token; raise max_length or shorten them"
         )
-    return masks
+    return masks, prepared
 
 
 def _gather_adapter(trainer: Any, out: Path) -> Path:
@@ -497,7 +516,7 @@ def register_adapter(
     name = recipe.tracking.registered_model or recipe.name
     tags = {f"eval.{system}.{k}": str(v) for system, values in metrics.items() for k, v in values.items()}
     tags.update(lineage)
-    tags.update({"kind": "adapter", "task": recipe.task})
+    tags.update({"kind": "adapter", "task": recipe.task.name})
     version = tracker.register(name, "adapter", tags, description=f"LoRA adapter for {recipe.model.path}")
     if version:
         print(f"Registered the adapter as {name} version {version} in the MLflow Model Registry")

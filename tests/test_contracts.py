@@ -645,6 +645,6 @@ def test_validate_command_does_not_keep_the_rows(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(pipeline.data, "validate_data", lambda *args, **kwargs: seen.update(kwargs))
     recipe = str(ROOT / "recipes" / "quickstart.yaml")
-    args = argparse.Namespace(recipe=recipe, overrides=[], run_dir=str(tmp_path / "run"))
+    args = argparse.Namespace(recipe=recipe, overrides=[], run_dir=str(tmp_path / "run"), data_only=False)
     assert cli.cmd_validate(args, cli.Outcome()) == cli.EXIT_OK
-    assert seen == {"keep_rows": False}  # train keeps its rows for TRL; validate only writes the reports
+    assert seen == {"keep_rows": False, "require_tokenizer": True}  # train keeps its rows for TRL; validate only writes the reports

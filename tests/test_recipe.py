@@ -34,7 +34,7 @@ def test_every_shipped_recipe_loads_and_builds_library_configs(path, tmp_path, m
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
 
     recipe = load_recipe(path)
-    assert recipe.name and recipe.task in {"medical_coding", "chat"}
+    assert recipe.name and recipe.task.name in {"medical_coding", "chat"}
     assert path.read_text().startswith("#"), "a recipe opens with its header comment"
     lora = lora_config(recipe.lora)
     assert lora.r == recipe.lora.r and lora.lora_alpha == recipe.lora.alpha
