@@ -749,15 +749,23 @@ def cmd_init(args: argparse.Namespace, outcome: Outcome) -> int:
     )
     for line in result.lines:
         print(line)
-    print(f"validate {result.recipe}:")
+    # The base may not be here (the 70B, or the demo base not built yet): then the data is checked alone, as
+    # `validate --data-only` does, and the next command says what is missing.
+    data_only = not result.base_here
+    print(f"python -m pipeline validate {result.recipe}{' --data-only' * data_only}:")
     try:
-        cmd_validate(argparse.Namespace(recipe=result.recipe, overrides=[], run_dir=None), outcome)
+        cmd_validate(argparse.Namespace(recipe=result.recipe, overrides=[], run_dir=None, data_only=data_only), outcome)
     except (UsageError, JobFailed):
         print(
             f"The files are written, and the data does not pass them yet (errors below): fix the data or edit "
             f"{result.contract}, then run: python -m pipeline validate {result.recipe}"
         )
         raise
+    if data_only:
+        print(
+            f"The base of {result.recipe} is not on this machine (its token checks were skipped): put it there "
+            f"(the demo base: python scripts/make_demo_assets.py), then: python -m pipeline validate {result.recipe}"
+        )
     print(f"Next: python -m pipeline train {result.recipe}")
     return EXIT_OK
 

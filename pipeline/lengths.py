@@ -40,8 +40,8 @@ class Fit:
     too_long: int  # rows longer than the max_length chosen (above the base's context)
 
 
-def fit_lengths(recipe: Recipe, root: Path) -> tuple[Fit | None, str]:
-    """Count every row's tokens and choose the limits; (None, why) when they cannot be counted.
+def fit_lengths(recipe: Recipe, root: Path) -> tuple[Fit | None, str, bool]:
+    """Count every row's tokens and choose the limits: (fit, "", True), or (None, why not, whether the base is here).
 
     Args:
         recipe: The recipe as loaded (its paths relative to ``root``).
@@ -53,11 +53,14 @@ def fit_lengths(recipe: Recipe, root: Path) -> tuple[Fit | None, str]:
     local = root / recipe.model.path
     try:
         model_dir = resolve_model_path(str(local) if local.is_dir() else recipe.model.path, recipe.model.revision)
+    except (ModelNotFound, RevisionMismatch) as exc:
+        return None, str(exc), False
+    try:
         tokenizer = load_tokenizer(model_dir)
         contract = load_contract(root / recipe.data.contract)
         measure = token_counter(tokenizer, task_for(recipe, contract), prompt_format(recipe, tokenizer))
-    except (ModelNotFound, RevisionMismatch, RecipeError) as exc:
-        return None, str(exc)
+    except RecipeError as exc:  # validate, next, reports it with the rest
+        return None, exc.lines()[0], True
     counted: list[tuple[int, int]] = []
     passes, types = row_passes(contract), {name: rule.type for name, rule in contract.fields.items()}
     batch = []
@@ -73,10 +76,10 @@ def fit_lengths(recipe: Recipe, root: Path) -> tuple[Fit | None, str]:
                     counted += [n for n in measure(batch) if isinstance(n, tuple)]
                     batch = []
         except DataFileError as exc:
-            return None, str(exc)
+            return None, str(exc), True
     counted += [n for n in measure(batch) if isinstance(n, tuple)]
     if not counted:
-        return None, "no row passes the contract"
+        return None, "no row passes the contract", True
     longest = max(total for _, total in counted)
     answer = max(total - prompt for prompt, total in counted)
     context = _context(model_dir)
@@ -88,7 +91,7 @@ def fit_lengths(recipe: Recipe, root: Path) -> tuple[Fit | None, str]:
         new_tokens = 8 * math.ceil(ANSWER_MARGIN * answer / 8)
     limit = max_length or recipe.training.max_length
     too_long = sum(total > limit for _, total in counted)
-    return Fit(len(counted), longest, answer, recipe.model.path, context, max_length, new_tokens, too_long), ""
+    return Fit(len(counted), longest, answer, recipe.model.path, context, max_length, new_tokens, too_long), "", True
 
 
 def _context(model_dir: Path) -> int | None:

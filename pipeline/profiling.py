@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import icd10cm
+from pipeline import icd10cm, tasks
 from pipeline.errors import UsageError
 from pipeline.records import DataFileError, file_format, iter_records, json_type
 
@@ -224,10 +224,24 @@ def choose(prof: Profile, target: str | None, answer: str | None) -> Choices:
     id_field = _id_field(prof, target)
     others = {n: s for n, s in prof.fields.items() if n not in (target, id_field) and s.kind in CONTRACT_TYPES}
     text = [n for n, s in others.items() if s.is_free_text()]
-    prompt = text or [n for n, s in others.items() if s.kind == "string"] or list(others)
+    candidates = text or [n for n, s in others.items() if s.kind == "string"] or list(others)
+    prompt = [n for n in candidates if _placeholder(n)]
     if not prompt:
+        if candidates:
+            raise UsageError(
+                f"{where}: {', '.join(map(repr, candidates))}: a prompt template names a field as {{name}}, with "
+                "letters, digits and '_' only; rename the column(s)"
+            )
         raise UsageError(f"{where}: no field besides {target!r} (the answer) to build the prompt from")
     return Choices(target, answer, target_why, answer_why, id_field, text, prompt)
+
+
+def _placeholder(name: str) -> bool:
+    """``{name}`` is a placeholder of a task template (``tasks.compile_template``'s rule)."""
+    try:
+        return tasks.template_fields("{" + name + "}") == [name]
+    except tasks.TemplateError:
+        return False
 
 
 def choose_target(prof: Profile, target: str | None) -> tuple[str, str]:

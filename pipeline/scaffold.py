@@ -48,6 +48,7 @@ from pipeline.profiling import (
 )
 from pipeline.records import file_format
 from pipeline.rundir import write_text
+from pipeline.tasks import ANSWER_DEFAULTS
 
 BASES = ("quickstart", "production")
 WIDTH = 118  # characters a line of the written YAML may take
@@ -305,6 +306,11 @@ def recipe_nodes(
             Y("answer", ch.answer, ch.answer_why),
             Y("target", ch.target, ch.target_why),
             Y("user_prompt", _template(ch.prompt_fields), _prompt_note(prof, ch)),
+            Y(
+                None,
+                note=f"system_prompt (unset: answer {ch.answer}'s default): "
+                f"{json.dumps(ANSWER_DEFAULTS[ch.answer]['system_prompt'])}; say what the task is here",
+            ),  # fmt: skip
         ]
         what = f"answer {ch.answer} from {ch.target}; edit task: to change the prompt (docs/tasks.md)"
     header = [
@@ -355,6 +361,7 @@ class Scaffold:
     train: str
     eval: str
     lines: list[str]
+    base_here: bool  # the recipe's base is on this machine (else validate checks the data only)
 
 
 def init_project(
@@ -437,18 +444,19 @@ def init_project(
         data |= {"train": _rel(source, root), "eval": _rel(Path(eval_file), root)}
         split = f"train {data['train']}, eval {data['eval']} (as given)"
     write_text(recipe, _document(recipe_nodes(name, prof, ch, parent, data, split)))
-    limits, said = _limits(recipe, root)
+    limits, said, base_here = _limits(recipe, root)
     if limits:
         write_text(recipe, _document(recipe_nodes(name, prof, ch, parent, data, split, limits)))
     lines += [said, f"wrote {data['contract']} (the data contract) and {_rel(recipe, root)} (extends {parent.extends})"]
-    return Scaffold(name, data["contract"], _rel(recipe, root), data["train"], data["eval"], lines)
+    return Scaffold(name, data["contract"], _rel(recipe, root), data["train"], data["eval"], lines, base_here)
 
 
-def _limits(recipe_path: Path, root: Path) -> tuple[list[Y], str]:
+def _limits(recipe_path: Path, root: Path) -> tuple[list[Y], str, bool]:
     """``training.max_length`` and ``eval.max_new_tokens`` the rows need, when the parent's are too small.
 
     Counted with the base's tokenizer as validate counts them (``lengths.fit_lengths``); without it (the base is
     not on this machine) the parent's values stay, and validate or train quarantine a row that does not fit.
+    Also returns whether the base is on this machine.
     """
     from pipeline.lengths import ANSWER_MARGIN, MARGIN, fit_lengths
     from pipeline.recipe import RecipeError, load_recipe
@@ -456,11 +464,11 @@ def _limits(recipe_path: Path, root: Path) -> tuple[list[Y], str]:
     try:
         recipe = load_recipe(recipe_path)
     except RecipeError as exc:  # validate, next, reports it in full
-        return [], f"  token lengths not measured: {exc.lines()[0]}"
-    fit, why = fit_lengths(recipe, root)
+        return [], f"  token lengths not measured: {exc.lines()[0]}", True
+    fit, why, base_here = fit_lengths(recipe, root)
     parent = f"training.max_length {recipe.training.max_length}, eval.max_new_tokens {recipe.eval.max_new_tokens}"
     if fit is None:
-        return [], f"  token lengths not measured ({why}): the parent's {parent} stay"
+        return [], f"  token lengths not measured ({why}): the parent's {parent} stay", base_here
     seen = f"in {fit.rows:,} rows, with {fit.tokenizer}'s tokenizer"
     nodes = []
     if fit.max_length:
@@ -476,7 +484,7 @@ def _limits(recipe_path: Path, root: Path) -> tuple[list[Y], str]:
     said += f"set {chosen}" if nodes else f"the parent's {parent} fit"
     if fit.too_long:
         said += f"; {fit.too_long:,} rows are longer than the base's {fit.context:,} positions and will be quarantined"
-    return nodes, said
+    return nodes, said, True
 
 
 def _name(name: str | None, source: Path) -> str:
