@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,69 @@ def test_init_then_validate_on_a_chat_file(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs" / "support").is_dir()  # validate's reports
     code, _, err = run_init(tmp_path, monkeypatch, capsys, "openai_train.jsonl", "--name", "support")
     assert code == 2 and "already exist(s); init never overwrites: pass --force" in err
+
+
+def test_init_then_validate_on_a_csv_and_the_task_it_declares(tmp_path, monkeypatch, capsys):
+    from pipeline.data import task_for
+    from pipeline.recipe import load_recipe
+
+    rows = clause_rows(60, seed=11)
+    write_csv(tmp_path / "clauses.csv", rows)
+    code, out, err = run_init(tmp_path, monkeypatch, capsys, "clauses.csv")
+    assert code == 0, out + err
+    assert "Recipe recipes/clauses.yaml is valid; data meets the contract." in out
+    assert out.rstrip().endswith("Next: python -m pipeline train recipes/clauses.yaml")
+    recipe = load_recipe(tmp_path / "recipes/clauses.yaml")  # working directory: tmp_path (run_init)
+    assert (recipe.task.answer, recipe.task.target, recipe.task.user_prompt) == ("label", "category", "{clause_text}")
+    task = task_for(recipe, load_contract(tmp_path / "data_contracts/clauses.yaml"))
+    assert task.labels == ("liability", "payment", "termination")
+    assert "liability, payment, termination" in task.system_prompt
+    assert task.user_prompt(rows[0]) == rows[0]["clause_text"] and task.target(rows[0]) == "payment"
+    # The 70B base is not on this machine: the data is validated alone and the next steps say what is missing.
+    code, out, err = run_init(tmp_path, monkeypatch, capsys, "clauses.csv", "--base", "production", "--name", "big")
+    assert code == 0, out + err
+    assert "python -m pipeline validate recipes/big.yaml --data-only:" in out
+    assert "The base of recipes/big.yaml is not on this machine" in out and "token lengths not measured" in out
+    assert load_recipe(tmp_path / "recipes/big.yaml").model.path == "meta-llama/Llama-3.3-70B-Instruct"
+
+
+def test_a_boolean_target_is_a_label_written_as_the_gold_is(tmp_path):
+    from pipeline.data import task_for
+    from pipeline.recipe import load_recipe
+
+    rng = random.Random(12)
+    write_jsonl(tmp_path / "mail.jsonl", [{"body": text(rng), "spam": i % 3 == 0} for i in range(30)])
+    result = init_project(tmp_path / "mail.jsonl", root=tmp_path, target="spam")
+    contract = load_contract(tmp_path / result.contract)
+    assert contract.fields["spam"].type == "boolean" and contract.fields["spam"].enum == [False, True]
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as patch:
+        patch.chdir(tmp_path)
+        task = task_for(load_recipe(result.recipe), contract)
+    assert task.labels == ("false", "true") and task.gold({"spam": True}) == "true"
+    assert task.parse("true") == task.gold({"spam": True})
+
+
+def test_token_limits_sized_with_the_base_tokenizer(tmp_path, tiny_assets):
+    # A parent like the quickstart whose limits are too small for these rows, beside the new recipe.
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes/medical_coding.yaml").write_text((ROOT / "recipes/medical_coding.yaml").read_text())
+    parent = yaml.safe_load((ROOT / "recipes/quickstart.yaml").read_text())
+    parent["model"]["path"] = str(tiny_assets["model"])  # 256 positions
+    parent["training"]["max_length"], parent["eval"]["max_new_tokens"] = 64, 4
+    (tmp_path / "recipes/quickstart.yaml").write_text(yaml.safe_dump(parent))
+    rng = random.Random(13)
+    docs = [{"document": text(rng, 5, 15), "summary": text(rng, 8, 16)} for _ in range(30)]
+    docs[7]["document"] = text(rng, 400, 400)  # longer than the base's 256 positions
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    result = init_project(tmp_path / "docs.jsonl", root=tmp_path)
+
+    recipe_text = (tmp_path / result.recipe).read_text()
+    recipe = yaml.safe_load(recipe_text)
+    assert recipe["training"]["max_length"] == 256  # capped at the base's positions
+    notes = " ".join(line.split("#", 1)[1].strip() for line in recipe_text.splitlines() if "#" in line)
+    assert re.search(r"the base has 256 positions: [1-9][0-9]* longer rows are quarantined", notes)
+    new_tokens = recipe["eval"]["max_new_tokens"]
+    assert new_tokens % 8 == 0 and new_tokens > 4 and "longest answer" in notes
+    said = next(line for line in result.lines if "token lengths" in line)
+    assert "set training.max_length 256, eval.max_new_tokens" in said and "rows are longer than the base's 256" in said
