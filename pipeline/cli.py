@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         help="the field holding the answer (default: one named label, labels, category, class, codes, "
-        "answer, output, summary or target)",
+        "answer, output, summary, fields or target)",
     )
     p.add_argument(
         "--answer",

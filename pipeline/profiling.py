@@ -22,7 +22,7 @@ from pipeline.records import DataFileError, file_format, iter_records, json_type
 
 ANSWERS = ("label", "labels", "json", "text", "number")
 # A field named like one of these (any case) is the target when --target is not given; the first in this order wins.
-TARGET_NAMES = ("label", "labels", "category", "class", "codes", "answer", "output", "summary", "target")
+TARGET_NAMES = ("label", "labels", "category", "class", "codes", "answer", "output", "summary", "fields", "target")
 SAMPLE_ROWS = 100_000  # rows profiled; a larger file is inferred from its first SAMPLE_ROWS rows (and says so)
 ENUM_MAX = 50  # without --answer: a string target with at most this many values, each seen twice on average, is a label
 LABELS_MAX = 500  # the most values a label set may have (--answer label/labels)
@@ -49,6 +49,7 @@ class FieldStats:
     repeats: int = 0  # lists that repeat an item
     roles: int = 0  # lists of message objects with a role (OpenAI chat)
     text: bool = False  # CSV cells: every value is text, typed only when all of them parse
+    json_objects: int = 0  # strings that hold a JSON object (a json answer may be one)
     items: FieldStats | None = None
 
     def add(self, value: Any, kind: str | None = None) -> None:
@@ -62,6 +63,7 @@ class FieldStats:
             self.shortest = n if self.shortest is None else min(self.shortest, n)
             self.longest, self.chars = max(self.longest, n), self.chars + n
             self.with_space += " " in value.strip()
+            self.json_objects += value.lstrip().startswith("{") and isinstance(_json_or_none(value), dict)
         if kind in ("string", "integer", "number", "boolean"):
             key = (kind, value)  # a CSV cell keeps its text: the column may yet turn out to be text
             if key in self.values or (
@@ -236,6 +238,13 @@ def choose(prof: Profile, target: str | None, answer: str | None) -> Choices:
     return Choices(target, answer, target_why, answer_why, id_field, text, prompt)
 
 
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def _placeholder(name: str) -> bool:
     """``{name}`` is a placeholder of a task template (``tasks.compile_template``'s rule)."""
     try:
@@ -266,15 +275,20 @@ def _answer(where: Path, target: str, stats: FieldStats, answer: str | None, row
     kind, seen = stats.kind, _seen(stats, rows)
     if answer is None:
         by_kind = {"list": "labels", "object": "json", "integer": "number", "number": "number"}
+        if kind == "string" and stats.json_objects == stats.present:
+            by_kind["string"] = "json"  # every value is a JSON object written as text (a CSV cell, say)
         answer = by_kind.get(kind) or ("label" if kind == "boolean" or stats.is_category() else "text")
         why = f"inferred: {target} holds {seen}"
     else:
         why = f"--answer; {target} holds {seen}"
-    wanted = {"label": ("string", "integer", "boolean"), "labels": ("list",), "json": ("object",)}
+    objects = kind == "object" or stats.json_objects == stats.present  # a json answer: objects, or their JSON text
+    wanted = {"label": ("string", "integer", "boolean"), "labels": ("list",), "json": (kind,) if objects else ()}
     wanted |= {"number": ("integer", "number"), "text": ("string",)}
     if kind not in wanted[answer]:
         fix = {"list": "labels", "object": "json", "integer": "number", "number": "number", "string": "label or text"}
         hint = f"; use --answer {fix[kind]}" if kind in fix else ""
+        if answer == "json" and kind == "string":
+            hint = f", of which {stats.json_objects:,} hold a JSON object (json needs every one to){hint}"
         raise UsageError(f"{where}: --answer {answer}: field {target!r} holds {kind} values ({seen}){hint}")
     labels = stats.items if answer == "labels" else stats
     if answer == "labels" and (labels is None or labels.kind not in ("string", "integer")):

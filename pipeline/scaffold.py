@@ -23,13 +23,10 @@ import contextlib
 import json
 import math
 import re
-import textwrap
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from pipeline import holdout, icd10cm
 from pipeline.errors import UsageError
@@ -49,9 +46,9 @@ from pipeline.profiling import (
 from pipeline.records import file_format
 from pipeline.rundir import write_text
 from pipeline.tasks import ANSWER_DEFAULTS
+from pipeline.yamlnotes import Y, document
 
 BASES = ("quickstart", "production")
-WIDTH = 118  # characters a line of the written YAML may take
 HEADROOM = 1.5  # max_length / max_items = HEADROOM x the longest seen, rounded up
 PARENTS = {  # (--base, chat file) -> the shipped recipe the new one extends
     ("quickstart", False): "quickstart.yaml",
@@ -60,58 +57,6 @@ PARENTS = {  # (--base, chat file) -> the shipped recipe the new one extends
     ("production", True): "openai_migration.yaml",
 }
 CHECKOUT = Path(__file__).resolve().parents[1]  # the pipeline checkout this module runs from (its recipes/)
-
-
-# --------------------------------------------------------------------------------------------------
-# YAML with comments
-
-
-@dataclass
-class Y:
-    """One YAML key: a scalar (written in flow style) or a nested block (a list of Y), with an end-of-line comment.
-
-    ``key=None`` is a comment line of its own.
-    """
-
-    key: str | None
-    value: Any = None
-    note: str = ""
-
-
-def emit(nodes: list[Y], indent: int = 0) -> list[str]:
-    """The YAML lines for ``nodes``; scalars go through ``yaml.safe_dump`` so quoting is YAML's own.
-
-    A comment that does not fit after its value within ``WIDTH`` goes above the key, wrapped.
-    """
-    pad, lines = " " * indent, []
-    for node in nodes:
-        if node.key is None:
-            lines += _comment(node.note, indent)
-            continue
-        block = isinstance(node.value, list) and node.value and isinstance(node.value[0], Y)
-        line = f"{pad}{_flow(node.key)}:" + ("" if block else f" {_flow(node.value)}")
-        sequence = isinstance(node.value, list) and not block and len(line) > WIDTH  # a long label set: one a line
-        if sequence:
-            line = f"{pad}{_flow(node.key)}:"
-        if node.note and len(line) + len(node.note) + 4 > WIDTH:
-            lines += _comment(node.note, indent)
-        elif node.note:
-            line += f"  # {node.note}"
-        lines.append(line)
-        if block:
-            lines += emit(node.value, indent + 2)
-        elif sequence:
-            lines += [f"{pad}  - {_flow(item)}" for item in node.value]
-    return lines
-
-
-def _comment(text: str, indent: int) -> list[str]:
-    return [f"{' ' * indent}# {part}" for part in textwrap.wrap(text, WIDTH - indent - 2, break_on_hyphens=False)]
-
-
-def _flow(value: Any) -> str:
-    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True).strip()
-    return text[: -len("...")].strip() if text.endswith("\n...") or text.endswith("...") else text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,7 +367,7 @@ def init_project(
     parent = find_parent(root, base, ch.target is None)
 
     lines, had_contract = _summary(prof, ch), contract.exists()
-    write_text(contract, _document(contract_nodes(name, prof, ch), _contract_header(name, prof)))
+    write_text(contract, document(contract_nodes(name, prof, ch), _contract_header(name, prof)))
     data = {"contract": _rel(contract, root)}
     if eval_file is None:
         # Grouped by the new contract's text fields, threshold and shingles: what validate's leakage check compares.
@@ -443,10 +388,10 @@ def init_project(
     else:
         data |= {"train": _rel(source, root), "eval": _rel(Path(eval_file), root)}
         split = f"train {data['train']}, eval {data['eval']} (as given)"
-    write_text(recipe, _document(recipe_nodes(name, prof, ch, parent, data, split)))
+    write_text(recipe, document(recipe_nodes(name, prof, ch, parent, data, split)))
     limits, said, base_here = _limits(recipe, root)
     if limits:
-        write_text(recipe, _document(recipe_nodes(name, prof, ch, parent, data, split, limits)))
+        write_text(recipe, document(recipe_nodes(name, prof, ch, parent, data, split, limits)))
     lines += [said, f"wrote {data['contract']} (the data contract) and {_rel(recipe, root)} (extends {parent.extends})"]
     return Scaffold(name, data["contract"], _rel(recipe, root), data["train"], data["eval"], lines, base_here)
 
@@ -517,10 +462,6 @@ def _contract_header(name: str, prof: Profile) -> list[str]:
     if prof.unreadable:
         lines.append(f"Rows that could not be read ({counts(prof.unreadable)}) are quarantined by validate.")
     return lines
-
-
-def _document(nodes: list[Y], header: list[str] = ()) -> str:
-    return "\n".join([*(c for line in header for c in _comment(line, 0)), *emit(nodes)]) + "\n"
 
 
 def _summary(prof: Profile, ch: Choices) -> list[str]:

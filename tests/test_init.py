@@ -223,7 +223,8 @@ def test_csv_labels_separated_by_semicolons_and_text_answers(tmp_path):
     [
         ({"target": "nope"}, "--target nope: no such field; the rows have: clause_id (string), clause_text (string)"),
         ({"target": "clause_text", "answer": "label"}, "every value of 'clause_text' is distinct"),
-        ({"target": "clause_text", "answer": "json"}, "field 'clause_text' holds string values"),
+        ({"target": "clause_text", "answer": "json"}, "string values (60 distinct values in 60 rows, up to"),
+        ({"target": "clause_text", "answer": "json"}, "of which 0 hold a JSON object (json needs every one to)"),
         ({"target": "clause_id", "answer": "number"}, "--answer number: field 'clause_id' holds string values"),
         ({"name": "bad name!"}, "--name 'bad name!': use 1-64 letters"),
         ({"eval_fraction": 0.001}, "leaves no eval row"),
@@ -274,6 +275,19 @@ def test_csv_cells_are_typed_as_the_reader_types_them(tmp_path):
     # Without --answer an integer target is a number.
     init_project(tmp_path / "reviews.csv", root=tmp_path, target="stars", name="stars")
     assert yaml.safe_load((tmp_path / "recipes/stars.yaml").read_text())["task"]["answer"] == "number"
+
+
+def test_json_answers_from_objects_or_their_text_in_csv(tmp_path):
+    rng = random.Random(14)
+    rows = [{"text": text(rng), "fields": {"vendor": rng.choice(["ACME", "Initech"]), "total": i}} for i in range(30)]
+    write_jsonl(tmp_path / "invoices.jsonl", rows)
+    init_project(tmp_path / "invoices.jsonl", root=tmp_path)
+    assert yaml.safe_load((tmp_path / "recipes/invoices.yaml").read_text())["task"]["answer"] == "json"
+    assert load_contract(tmp_path / "data_contracts/invoices.yaml").fields["fields"].type == "object"
+    write_csv(tmp_path / "invoices.csv", [{**r, "fields": json.dumps(r["fields"])} for r in rows])
+    init_project(tmp_path / "invoices.csv", root=tmp_path, name="invoices-csv")
+    recipe = yaml.safe_load((tmp_path / "recipes/invoices-csv.yaml").read_text())
+    assert recipe["task"] == {"answer": "json", "target": "fields", "user_prompt": "{text}"}
 
 
 def test_a_long_label_set_is_written_one_label_a_line(tmp_path):
