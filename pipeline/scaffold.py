@@ -428,7 +428,10 @@ def _limits(recipe_path: Path, root: Path) -> tuple[list[Y], str, bool]:
     said = f"  token lengths {seen}: longest example {fit.longest:,}, longest answer {fit.longest_answer:,}; "
     said += f"set {chosen}" if nodes else f"the parent's {parent} fit"
     if fit.too_long:
-        said += f"; {fit.too_long:,} rows are longer than the base's {fit.context:,} positions and will be quarantined"
+        said += (
+            f"; {fit.too_long:,} rows are longer than the base's {fit.context:,} positions and will be quarantined "
+            "(a base with a longer context: --base production or model.path; or shorter rows)"
+        )
     return nodes, said, True
 
 
