@@ -99,24 +99,22 @@ def contract_nodes(name: str, prof: Profile, ch: Choices) -> list[Y]:
     if ch.target is None:
         nodes.append(Y("conversation", [Y("legacy_functions", "convert"), Y("pii", "warn", _PII_NOTE)]))
     nodes += [
-        Y(
-            "tokens",
-            [Y("min_tokens", 1)],
-            "each row as the training example, with the recipe's tokenizer: one longer "
-            "than training.max_length (max_tokens) would lose its answer to truncation, so it is quarantined",
-        ),  # fmt: skip
-        Y(
-            "pii",
-            [Y("entities", list(PII_ENTITIES)), Y("min_score", 0.4)],
-            "what the scan of fields with a pii "
-            "policy looks for (PERSON needs a spaCy model; the report says when none is installed)",
-        ),  # fmt: skip
+        Y("tokens", [Y("min_tokens", 1)], _TOKENS_NOTE),
+        Y("pii", [Y("entities", list(PII_ENTITIES)), Y("min_score", 0.4)], _ENTITIES_NOTE),
         Y("dataset", dataset),
         Y("fields", rules),
     ]
     return nodes
 
 
+_TOKENS_NOTE = (
+    "each row as the training example, with the recipe's tokenizer: one longer than training.max_length (max_tokens) "
+    "would lose its answer to truncation, so it is quarantined"
+)
+_ENTITIES_NOTE = (
+    "what the scan of fields with a pii policy looks for (PERSON needs a spaCy model; the report says when none is "
+    "installed)"
+)
 _PII_NOTE = "report rows with SSNs, phones, e-mails...; 'redact' replaces them with <US_SSN> etc., 'block' quarantines"
 
 
@@ -358,6 +356,8 @@ def init_project(
 
     contract, recipe = root / "data_contracts" / f"{name}.yaml", root / "recipes" / f"{name}.yaml"
     splits = holdout.output_paths(root / "data" / name, file_format(source)) if eval_file is None else {}
+    if f"{name}.yaml" in PARENTS.values():  # the parents and what they extend: --force would make a cycle
+        raise UsageError(f"--name {name}: recipes/{name}.yaml is a recipe init extends; choose another --name")
     existing = [str(p) for p in (contract, recipe, *splits.values()) if p.exists()]
     if existing and not force:
         raise UsageError(

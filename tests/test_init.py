@@ -227,6 +227,7 @@ def test_csv_labels_separated_by_semicolons_and_text_answers(tmp_path):
         ({"target": "clause_text", "answer": "json"}, "of which 0 hold a JSON object (json needs every one to)"),
         ({"target": "clause_id", "answer": "number"}, "--answer number: field 'clause_id' holds string values"),
         ({"name": "bad name!"}, "--name 'bad name!': use 1-64 letters"),
+        ({"name": "medical_coding", "force": True}, "recipes/medical_coding.yaml is a recipe init extends"),
         ({"eval_fraction": 0.001}, "leaves no eval row"),
     ],
 )
