@@ -115,3 +115,17 @@ def start_mlflow_server(root: Path):
                     os.killpg(proc.pid, signal.SIGKILL)
 
     return server()
+
+
+def shipped_contract_without_dataset_checks(name: str, out_dir: Path) -> tuple[dict, Path]:
+    """A shipped contract (as a dict, and written to ``out_dir``) with its dataset checks off.
+
+    For tests that evaluate on the rows they train on (train/eval leakage by design) and care about something else.
+    """
+    import yaml
+
+    contract = yaml.safe_load((ROOT / "data_contracts" / f"{name}.yaml").read_text(encoding="utf-8"))
+    contract.pop("dataset", None)
+    path = out_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(contract), encoding="utf-8")
+    return contract, path

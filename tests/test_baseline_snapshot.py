@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, write_recipe
 from fake_llm import FakeLLM
+from helpers import shipped_contract_without_dataset_checks
 
 from pipeline.baseline import run_baseline
 from pipeline.evaluate import score_system
@@ -170,7 +171,8 @@ def test_evaluation_with_a_judge_and_a_snapshot_end_to_end(tmp_path, monkeypatch
         "name": "summ",
         "task": "summarization",
         "data": {
-            "contract": str(ROOT / "data_contracts" / "summarization.yaml"),
+            # Eval includes the train rows, and its rows differ by a number: the dataset checks are off here.
+            "contract": str(shipped_contract_without_dataset_checks("summarization", tmp_path)[1]),
             "train": str(data_dir / "train.jsonl"),
             "eval": str(data_dir / "eval.jsonl"),
         },

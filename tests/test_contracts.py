@@ -647,4 +647,7 @@ def test_validate_command_does_not_keep_the_rows(tmp_path, monkeypatch):
     recipe = str(ROOT / "recipes" / "quickstart.yaml")
     args = argparse.Namespace(recipe=recipe, overrides=[], run_dir=str(tmp_path / "run"), data_only=False)
     assert cli.cmd_validate(args, cli.Outcome()) == cli.EXIT_OK
-    assert seen == {"keep_rows": False, "require_tokenizer": True}  # train keeps its rows for TRL; validate only writes the reports
+    assert seen == {
+        "keep_rows": False,
+        "require_tokenizer": True,
+    }  # train keeps its rows for TRL; validate only writes the reports

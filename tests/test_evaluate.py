@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, write_recipe
 from fake_llm import FakeLLM
+from helpers import shipped_contract_without_dataset_checks
 
 from pipeline.cost import cost_of_ownership, cost_per_1000_examples
 from pipeline.evaluate import paired_bootstrap
@@ -346,7 +347,8 @@ def test_classification_against_a_baseline_only_and_a_skipped_one(tmp_path, monk
     from pipeline.evaluate import evaluate_run
 
     rows = _messages(12)
-    recipe_data = _classification_recipe(tmp_path, ROOT / "data_contracts" / "classification.yaml", rows[:4], rows)
+    _, contract = shipped_contract_without_dataset_checks("classification", tmp_path)  # eval includes train rows
+    recipe_data = _classification_recipe(tmp_path, contract, rows[:4], rows)
     # The fake labels "other" messages as billing: 3 of 12 wrong, accuracy 0.75.
     server = FakeLLM("anthropic", lambda m: m[-1]["content"].split()[-1].replace("other", "billing"))
     monkeypatch.setenv(KEY_ENV, KEY)
@@ -387,7 +389,7 @@ def test_a_row_under_a_block_policy_never_reaches_the_baseline(tmp_path, monkeyp
     from pipeline.data import task_for, validate_data
     from pipeline.evaluate import evaluate_run
 
-    contract = yaml.safe_load((ROOT / "data_contracts" / "classification.yaml").read_text())
+    contract, _ = shipped_contract_without_dataset_checks("classification", tmp_path)  # eval includes train rows
     contract["pii"] = {"entities": ["US_SSN", "PHONE_NUMBER"]}
     contract["fields"]["text"]["pii"] = "block"
     contract["max_quarantine_fraction"] = 0.5
