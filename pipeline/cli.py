@@ -11,6 +11,7 @@
 * ``runs``: tracked runs, each system's main metric and the verdict against the baseline.
 * ``promote``: point a registry alias (``champion``) at a run's adapter version, refused if it lost.
 * ``split``: one data file into train and eval with no leakage between them, and a manifest.
+* ``init``: a data contract and a recipe inferred from one data file (split for eval), then ``validate`` on them.
 
 Exit codes: 0 success; 1 the job ran and failed (``errors.JobFailed``: a contract broken, training or
 evaluation failed); 2 the request itself is wrong (``errors.UsageError``: recipe, arguments, a missing file or
@@ -233,6 +234,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace splits already in --out")
     p.set_defaults(handler=cmd_split)
+
+    p = commands.add_parser(
+        "init", help="write a data contract and a recipe inferred from one data file, split it, and validate"
+    )
+    p.add_argument("file", help="the data file: JSON Lines, CSV or Parquet (an OpenAI chat file is recognised)")
+    p.add_argument(
+        "--target",
+        help="the field holding the answer (default: one named label, labels, category, class, codes, "
+        "answer, output, summary, fields or target)",
+    )
+    p.add_argument(
+        "--answer",
+        choices=["label", "labels", "json", "text", "number"],
+        help="what the answer is (default: inferred: a list -> labels, an object -> json, a number -> number, a "
+        "string with few distinct values -> label, else text)",
+    )
+    p.add_argument("--name", help="recipe, contract and data directory name (default: the file's stem)")
+    p.add_argument("--eval", dest="eval_file", metavar="FILE", help="an eval file of its own (default: split FILE)")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of rows split off for eval (default 0.1)")
+    p.add_argument(
+        "--base",
+        choices=["quickstart", "production"],
+        default="quickstart",
+        help="the recipe to extend: quickstart (the tiny demo base on a CPU, default) or production (Llama-3.3-70B "
+        "on one 80 GB GPU); a chat file gets the OpenAI migration recipes",
+    )
+    p.add_argument("--force", action="store_true", help="replace files init wrote before (never without it)")
+    p.set_defaults(handler=cmd_init)
 
     p = commands.add_parser(
         "promote", help="point a registry alias (champion) at a run's adapter version; refused if it lost"
@@ -709,6 +738,43 @@ def cmd_split(args: argparse.Namespace, outcome: Outcome) -> int:
         print(line)
     train, evaluation = (manifest["outputs"][name]["path"] for name in ("train", "eval"))
     print(f"Use them with: --set data.train={train} --set data.eval={evaluation}")
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace, outcome: Outcome) -> int:
+    """Infer and write a contract and a recipe (``scaffold.init_project``), then ``validate`` the recipe as it is."""
+    from pipeline.scaffold import init_project
+
+    result = init_project(
+        args.file,
+        target=args.target,
+        answer=args.answer,
+        name=args.name,
+        eval_file=args.eval_file,
+        eval_fraction=args.eval_fraction,
+        base=args.base,
+        force=args.force,
+    )
+    for line in result.lines:
+        print(line)
+    # The base may not be here (the 70B, or the demo base not built yet): then the data is checked alone, as
+    # `validate --data-only` does, and the next command says what is missing.
+    data_only = not result.base_here
+    print(f"python -m pipeline validate {result.recipe}{' --data-only' * data_only}:")
+    try:
+        cmd_validate(argparse.Namespace(recipe=result.recipe, overrides=[], run_dir=None, data_only=data_only), outcome)
+    except (UsageError, JobFailed):
+        print(
+            f"The files are written, and the data does not pass them yet (errors below): fix the data or edit "
+            f"{result.contract}, then run: python -m pipeline validate {result.recipe}"
+        )
+        raise
+    if data_only:
+        print(
+            f"The base of {result.recipe} is not on this machine (its token checks were skipped): put it there "
+            f"(the demo base: python scripts/make_demo_assets.py), then: python -m pipeline validate {result.recipe}"
+        )
+    print(f"Next: python -m pipeline train {result.recipe}")
     return EXIT_OK
 
 

@@ -19,7 +19,7 @@ from pipeline.recipe import Recipe, RecipeError, check_data_files
 from pipeline.records import ContractFailed
 from pipeline.schema_errors import did_you_mean
 from pipeline.splits import ContractRun, SplitResult, TokenCounter, build_report, over_threshold
-from pipeline.tasks import SPECIAL_PLACEHOLDERS, Task, build_task, template_fields
+from pipeline.tasks import SPECIAL_PLACEHOLDERS, Task, build_task, template_fields, value_text
 
 
 @dataclass
@@ -417,7 +417,7 @@ def label_set(contract: DataContract, target: str, items: bool) -> tuple[list[st
     if rule is None:
         return None, None
     if rule.enum:
-        return [str(v) for v in rule.enum], rule.vocabulary
+        return [value_text(v) for v in rule.enum], rule.vocabulary  # as the gold is written: true, not True
     if rule.vocabulary_file:
         return sorted(vocabulary_values(rule.vocabulary_file)), rule.vocabulary
     return None, rule.vocabulary

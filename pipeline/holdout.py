@@ -106,8 +106,9 @@ def split_file(
     contract = load_contract(contract_path) if contract_path is not None else None
     fmt = file_format(source, contract.format if contract is not None else "auto")
     out = Path(out_dir)
-    targets = {name: out / f"{name}{_suffix(fmt)}" for name in ("train", "eval")}
-    existing = [str(p) for p in (*targets.values(), out / MANIFEST) if p.exists()]
+    paths = output_paths(out, fmt)
+    targets = {name: paths[name] for name in ("train", "eval")}
+    existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not force:
         raise SplitRefused(f"{', '.join(existing)} already exist(s); choose another --out or pass --force")
     if source.resolve() in {p.resolve() for p in targets.values()}:
@@ -164,8 +165,10 @@ def split_file(
     return manifest
 
 
-def _suffix(fmt: str) -> str:
-    return {"csv": ".csv", "parquet": ".parquet"}.get(fmt, ".jsonl")
+def output_paths(out_dir: str | Path, fmt: str) -> dict[str, Path]:
+    """The files ``split_file`` writes in ``out_dir`` for a source in format ``fmt``: train, eval, the manifest."""
+    out, suffix = Path(out_dir), {"csv": ".csv", "parquet": ".parquet"}.get(fmt, ".jsonl")
+    return {"train": out / f"train{suffix}", "eval": out / f"eval{suffix}", "manifest": out / MANIFEST}
 
 
 @dataclass

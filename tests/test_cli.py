@@ -45,6 +45,8 @@ def test_help_imports_no_heavy_library():
         "pipeline.freeform",
         "pipeline.snapshot",
         "pipeline.judge",
+        "pipeline.scaffold",
+        "pipeline.profiling",
     ],
 )
 def test_light_modules_import_no_heavy_library(module):
