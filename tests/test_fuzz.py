@@ -284,3 +284,54 @@ def test_any_csv_file_is_split_into_accepted_and_quarantined_rows(tmp_path_facto
     assert result.rows_in == len(records) == result.rows_accepted + result.rows_quarantined
     for quarantined in result.quarantined:
         assert quarantined["reasons"] and all(r["message"] for r in quarantined["reasons"])
+
+
+task_values = st.one_of(
+    scalars,
+    st.sampled_from(["label", "labels", "json", "text", "number", "chat", "note", "codes", "regex", "list"]),
+    st.text(alphabet="{}ab_ note", max_size=20),
+    st.lists(st.sampled_from(["micro_f1", "accuracy", "exact_match", "mae", "nope"]), max_size=3),
+)
+task_keys = st.sampled_from(
+    [
+        "preset",
+        "answer",
+        "target",
+        "system_prompt",
+        "user_prompt",
+        "plain_prompt",
+        "parse",
+        "parse_pattern",
+        "metrics",
+        "tolerance",
+        "vocabulary",
+        "bogus",
+    ]
+)
+
+
+@FUZZ
+@given(task=st.one_of(st.dictionaries(task_keys, task_values, max_size=6), scalars))
+def test_any_declared_task_is_refused_by_key_or_renders_a_row(tmp_path_factory, task):
+    from pipeline.contracts import load_contract
+    from pipeline.data import task_problems
+    from pipeline.tasks import build_task
+
+    doc = {**deepcopy(QUICK), "task": task}
+    doc.pop("extends", None)
+    path = tmp_path_factory.mktemp("t") / "r.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    try:
+        recipe = load_recipe(path)
+    except RecipeError as exc:
+        assert exc.errors and all(line.startswith(str(path)) for line in exc.errors)
+        return
+    contract = load_contract(ROOT / "data_contracts" / "medical_coding.yaml")
+    problems = task_problems(recipe, contract, path)
+    if problems:
+        assert all(line.startswith(f"{path}: task.") for line in problems)
+        return
+    built = build_task(recipe.task, None, "icd10cm")
+    row = {"note": "Type 2 diabetes.", "codes": ["E11.9"], "_row": 1}
+    assert isinstance(built.user_prompt(row), str) and isinstance(built.target(row), str)
+    built.score([built.gold(row)], [built.parse("E11.9")])
