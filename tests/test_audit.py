@@ -69,6 +69,7 @@ def test_every_command_is_audited_and_verify_exits_1_on_tampering(tmp_path, tiny
             run_cli(
                 "validate",
                 "recipes/quickstart.yaml",
+                "--data-only",  # a fresh clone has no demo base until make demo
                 "--set",
                 f"data.train={data / 'train.jsonl'}",
                 "--set",

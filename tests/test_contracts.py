@@ -66,6 +66,7 @@ def test_counts_reconcile_and_nothing_is_lost_through_the_cli(tmp_path):
     result = run_main(
         "validate",
         "recipes/quickstart.yaml",
+        "--data-only",  # the data only: a fresh clone has no demo base until make demo
         "--set",
         f"data.train={train}",
         "--set",
@@ -92,6 +93,7 @@ def test_validate_passes_on_clean_data(tmp_path, tiny_assets):
     result = run_main(
         "validate",
         "recipes/quickstart.yaml",
+        "--data-only",  # the data only: a fresh clone has no demo base until make demo
         "--set",
         f"data.train={data / 'train.jsonl'}",
         "--set",
@@ -617,7 +619,8 @@ def test_cli_validate_empty_file_and_over_long_csv_record(tmp_path):
     def validate(train_file, eval_file, run):
         sets = [f"data.train={train_file}", f"data.eval={eval_file}", f"data.contract={contract}"]
         args = [a for s in sets for a in ("--set", s)]
-        return run_cli("validate", "recipes/quickstart.yaml", *args, "--run-dir", str(tmp_path / run))
+        # --data-only: a fresh clone has no demo base until make demo
+        return run_cli("validate", "recipes/quickstart.yaml", "--data-only", *args, "--run-dir", str(tmp_path / run))
 
     result = validate(train, evalf, "csv")
     assert result.returncode == 0, result.stderr
