@@ -138,8 +138,7 @@ def preflight(
         raise RecipeError(problems)
     if tokenizer is None or fmt is None or contract.tokens is None:
         return None, status
-    task = task_for(recipe, contract, recipe_source)
-    return token_counter(tokenizer, task, fmt), {
+    return token_counter(tokenizer, _build_task(recipe, contract), fmt), {
         "status": "measured",
         "tokenizer": recipe.model.path,
         "prompt_format": fmt,
@@ -403,6 +402,11 @@ def task_for(recipe: Recipe, contract: DataContract, source: str | Path = "recip
     problems = task_problems(recipe, contract, source)
     if problems:
         raise RecipeError(problems)
+    return _build_task(recipe, contract)
+
+
+def _build_task(recipe: Recipe, contract: DataContract) -> Task:
+    """The task once ``task_problems`` found nothing wrong."""
     labels, vocabulary = label_set(contract, recipe.task.target or "", recipe.task.answer == "labels")
     return build_task(recipe.task, labels, recipe.task.vocabulary or vocabulary)
 

@@ -43,6 +43,7 @@ from pipeline.recipe import Recipe
 from pipeline.review import NOTE_TAG, run_note
 from pipeline.runlookup import RunNotFound, resolve_run  # one lookup for evaluate --run and export (re-exported)
 from pipeline.tasks import Task
+from pipeline.taskspec import TaskSection
 
 # Metrics shown in the terminal table and report, in this order.
 TABLE_METRICS = (
@@ -668,12 +669,10 @@ def check_run_matches(
     import yaml
 
     ran = yaml.safe_load(resolved.read_text(encoding="utf-8"))
-    ran_task = ran.get("task")
-    ran_task = ran_task.get("preset") or f"custom-{ran_task.get('answer')}" if isinstance(ran_task, dict) else ran_task
     problems = [
         f"{key}: the run used {old!r}, the recipe says {new!r}"
         for key, old, new in (
-            ("task", ran_task, recipe.task.name),
+            ("task", TaskSection.model_validate(ran.get("task")).name, recipe.task.name),
             ("model.path", ran.get("model", {}).get("path"), recipe.model.path),
         )
         if old != new

@@ -36,24 +36,27 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-# Metric -> (statistics it is rebuilt from, summed over examples) -> value. Every ratio is 0 on an empty set.
-_RATIO: Callable[[Sequence[float]], float] = lambda t: t[0] / t[1] if t[1] else 0.0  # noqa: E731
+
+def ratio(totals: Sequence[float]) -> float:
+    """A rate from summed (hits, examples): 0 for no examples."""
+    return totals[0] / totals[1] if totals[1] else 0.0
 
 
 def _f1_from(t: Sequence[float]) -> float:
     return prf(t[0], t[1], t[2])[2]
 
 
+# Metric -> (statistics it is rebuilt from, summed over examples) -> value. Every ratio is 0 on an empty set.
 FROM_TOTALS: dict[str, Callable[[Sequence[float]], float]] = {
-    "exact_match": _RATIO,
-    "token_f1": _RATIO,
-    "rougeL_f": _RATIO,
-    "json_valid_rate": _RATIO,
+    "exact_match": ratio,
+    "token_f1": ratio,
+    "rougeL_f": ratio,
+    "json_valid_rate": ratio,
     "json_field_precision": lambda t: prf(t[0], t[1], t[2])[0],
     "json_field_recall": lambda t: prf(t[0], t[1], t[2])[1],
     "json_field_f1": _f1_from,
-    "tool_call_accuracy": _RATIO,
-    "tool_name_accuracy": _RATIO,
+    "tool_call_accuracy": ratio,
+    "tool_name_accuracy": ratio,
 }
 # Metrics defined on a subset of examples, and the statistic that says an example belongs to it.
 _SUBSET = {

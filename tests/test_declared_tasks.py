@@ -206,8 +206,8 @@ def test_a_wrong_task_section_is_refused_by_its_key(recipe_with, task, key, says
 
 
 def test_declared_answer_types_parse_and_score(recipe_with):
-    from pipeline.recipe import TaskSection
     from pipeline.tasks import build_task
+    from pipeline.taskspec import TaskSection
 
     number = build_task(
         TaskSection.model_validate({"answer": "number", "target": "n", "user_prompt": "{q}", "tolerance": 0.5})

@@ -17,7 +17,8 @@ from helpers import shipped_contract_without_dataset_checks
 from pipeline.cost import cost_of_ownership, cost_per_1000_examples
 from pipeline.evaluate import paired_bootstrap
 from pipeline.recipe import load_recipe
-from pipeline.tasks import INVALID_LABEL, get_task
+from pipeline.scoring import INVALID_LABEL
+from pipeline.tasks import get_task
 
 KEY_ENV = "PIPELINE_TEST_EVAL_KEY"
 KEY = "sk-eval-NEVER-WRITE-ME-93b1"

@@ -89,16 +89,23 @@ def mutated(draw, base):
     return doc
 
 
-@FUZZ
-@given(doc=mutated(QUICK))
-def test_mutated_recipes_load_or_fail_with_located_errors(tmp_path_factory, doc):
+def load_or_located_errors(tmp_path_factory, doc):
+    """The recipe ``doc`` (without ``extends``) loaded, or None after checking every error names its file."""
     doc.pop("extends", None)
     path = tmp_path_factory.mktemp("r") / "r.yaml"
     path.write_text(yaml.safe_dump(doc))
     try:
-        recipe = load_recipe(path)
+        return load_recipe(path), path
     except RecipeError as exc:
         assert exc.errors and all(line.startswith(str(path)) for line in exc.errors)
+        return None, path
+
+
+@FUZZ
+@given(doc=mutated(QUICK))
+def test_mutated_recipes_load_or_fail_with_located_errors(tmp_path_factory, doc):
+    recipe, _ = load_or_located_errors(tmp_path_factory, doc)
+    if recipe is None:
         return
     plan = make_plan(recipe, 1000, None)  # a valid recipe always plans
     assert plan["optimizer_steps"] >= 1
@@ -317,14 +324,8 @@ def test_any_declared_task_is_refused_by_key_or_renders_a_row(tmp_path_factory, 
     from pipeline.data import task_problems
     from pipeline.tasks import build_task
 
-    doc = {**deepcopy(QUICK), "task": task}
-    doc.pop("extends", None)
-    path = tmp_path_factory.mktemp("t") / "r.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    try:
-        recipe = load_recipe(path)
-    except RecipeError as exc:
-        assert exc.errors and all(line.startswith(str(path)) for line in exc.errors)
+    recipe, path = load_or_located_errors(tmp_path_factory, {**deepcopy(QUICK), "task": task})
+    if recipe is None:
         return
     contract = load_contract(ROOT / "data_contracts" / "medical_coding.yaml")
     problems = task_problems(recipe, contract, path)

@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.tasks import get_task, parse_codes, per_label_f1, score_codes
+from pipeline.scoring import parse_codes, per_label_f1, score_codes
+from pipeline.tasks import get_task
 
 
 def test_parse_codes_keeps_order_and_drops_repeats_and_noise():
@@ -54,13 +55,13 @@ def test_medical_coding_prompt_and_target():
 # --------------------------------------------------------------------------------------------------
 # Classification, extraction, summarization: metrics against values worked out by hand.
 
-from pipeline.tasks import (  # noqa: E402
+from pipeline.freeform import rouge_l  # noqa: E402
+from pipeline.scoring import (  # noqa: E402
     INVALID_LABEL,
     confusion_matrix,
     parse_json_object,
     per_field_f1,
     per_label_classes,
-    rouge_l,
     score_fields,
     score_labels,
     score_summaries,
