@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # override it, e.g. `make TORCH_SPEC="torch==2.13.0" install` with its own index.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install quickstart demo test test-all lint clean
+.PHONY: install quickstart demo test test-all lint docs clean
 
 # uv installs the rest ~2x faster than pip (60 s vs 137 s here) and keeps the torch above; pip if uv fails.
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +32,10 @@ test: install
 # Includes the slow end-to-end quickstart acceptance test (minutes).
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# docs/recipe.md is generated from the recipe schema; tests/test_recipe_reference.py fails when it is stale.
+docs: install
+	$(PY) -m pipeline.recipe_reference --output docs/recipe.md
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests scripts
